@@ -1,0 +1,220 @@
+"""The one place that loads and validates ``params.yaml``.
+
+Every stage and the app call :func:`load_params`; nothing else parses the file. Each section is a
+frozen pydantic model that forbids unknown keys, so a typo or a bad value fails at load time with
+the dotted key and the allowed values (see :class:`ParamsError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "no_tumor", "pituitary")
+
+
+class ParamsError(ValueError):
+    """``params.yaml`` is missing, unreadable, or has a bad key or value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- download
+
+
+class KaggleSource(_Section):
+    kind: Literal["kaggle"]
+    slug: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/dataset on Kaggle")
+    version: int | None = Field(default=None, ge=1, description="dataset version; None = latest")
+    subdir: str = Field(default="", description="folder inside the download holding the class folders")
+
+
+class LocalSource(_Section):
+    kind: Literal["local"]
+    path: str = Field(description="existing folder, relative to the project root or absolute")
+    mode: Literal["copy", "hardlink"] = "copy"
+    subdir: str = ""
+
+
+class PhantomDuplicates(_Section):
+    """How many planted copies of each kind the phantom source writes (ground truth for dedup)."""
+
+    exact: int = Field(default=8, ge=0)
+    resized: int = Field(default=8, ge=0)
+    reencoded: int = Field(default=8, ge=0)
+    grayscale_rgb: int = Field(default=8, ge=0)
+    cropped: int = Field(default=8, ge=0)
+    padded: int = Field(default=8, ge=0)
+    rotated: int = Field(default=8, ge=0)
+    flipped: int = Field(default=8, ge=0)
+    rescaled: int = Field(default=8, ge=0)
+    conflicting_label: int = Field(default=4, ge=0)
+
+
+class PhantomSource(_Section):
+    kind: Literal["phantom"]
+    images_per_class: int = Field(default=200, ge=1)
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    image_size: int = Field(default=256, ge=32, le=1024)
+    seed: int = 0
+    duplicates: PhantomDuplicates = PhantomDuplicates()
+    subdir: str = ""
+
+
+Source = Annotated[Union[KaggleSource, LocalSource, PhantomSource], Field(discriminator="kind")]
+
+
+class DownloadParams(_Section):
+    use: tuple[str, ...] = Field(min_length=1, description="names of the sources to fetch and merge")
+    sources: dict[str, Source]
+
+    @model_validator(mode="after")
+    def _used_sources_exist(self) -> "DownloadParams":
+        for name in self.use:
+            if name not in self.sources:
+                raise ValueError(
+                    f"download.use names {name!r}, which is not in download.sources "
+                    f"(defined: {sorted(self.sources)})"
+                )
+        for name in self.sources:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"download.sources: name {name!r} must be letters, digits, '_' or '-'")
+        if len(set(self.use)) != len(self.use):
+            raise ValueError(f"download.use lists a source twice: {list(self.use)}")
+        return self
+
+
+# --------------------------------------------------------------------------- merge
+
+
+class NearDuplicateParams(_Section):
+    """Near-duplicate search: a k-nearest-neighbour shortlist confirmed by an aligned comparison."""
+
+    enabled: bool = True
+    neighbours: int = Field(default=10, ge=1, le=100, description="shortlist size per image")
+    shortlist_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
+    verify_similarity: float = Field(default=0.92, ge=0.0, le=1.0)
+    max_rotation_deg: float = Field(default=8.0, ge=0.0, le=45.0)
+    rotation_step_deg: float = Field(default=2.0, gt=0.0, le=10.0)
+
+
+class MergeParams(_Section):
+    label_map: dict[str, tuple[str, ...]]
+    keep: Literal["largest", "first_source"] = "largest"
+    near_duplicates: NearDuplicateParams = NearDuplicateParams()
+
+    @model_validator(mode="after")
+    def _labels_are_known_and_folders_unique(self) -> "MergeParams":
+        unknown = sorted(set(self.label_map) - set(CLASS_NAMES))
+        if unknown:
+            raise ValueError(f"merge.label_map: unknown label(s) {unknown}; allowed: {list(CLASS_NAMES)}")
+        missing = sorted(set(CLASS_NAMES) - set(self.label_map))
+        if missing:
+            raise ValueError(f"merge.label_map: no folders given for label(s) {missing}")
+        seen: dict[str, str] = {}
+        for label, folders in self.label_map.items():
+            for folder in folders:
+                key = folder.lower()
+                if key in seen and seen[key] != label:
+                    raise ValueError(
+                        f"merge.label_map: folder {folder!r} maps to both {seen[key]!r} and {label!r}"
+                    )
+                seen[key] = label
+        return self
+
+    def folder_to_label(self) -> dict[str, str]:
+        """Lower-cased class-folder name -> canonical label."""
+        return {f.lower(): label for label, folders in self.label_map.items() for f in folders}
+
+
+# --------------------------------------------------------------------------- preprocess
+
+
+class PreprocessParams(_Section):
+    image_size: int = Field(default=224, ge=32, le=1024)
+    crop_to_head: bool = True
+    head_threshold: int = Field(default=12, ge=0, le=254, description="grey level that separates head from background")
+    clahe_clip_limit: float = Field(default=2.0, ge=0.0, description="0 disables CLAHE")
+    clahe_tile_grid: int = Field(default=8, ge=1, le=64)
+    sharpen_sigma: float = Field(default=1.0, gt=0.0)
+    sharpen_amount: float = Field(default=0.5, ge=0.0, description="0 disables sharpening")
+    workers: int = Field(default=0, ge=0, description="processes; 0 = one per core")
+
+
+# --------------------------------------------------------------------------- split
+
+
+class SplitParams(_Section):
+    strategy: Literal["leak_free", "source_folders"] = "leak_free"
+    train: float = Field(default=0.7, gt=0.0, lt=1.0)
+    val: float = Field(default=0.15, gt=0.0, lt=1.0)
+    test: float = Field(default=0.15, gt=0.0, lt=1.0)
+    seed: int = 42
+    test_source: str = Field(default="", description="source_folders: the source whose folders are reproduced")
+    test_folder: str = Field(default="Testing", description="source_folders: that source's test folder")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.4f}")
+        if self.strategy == "source_folders" and not self.test_source:
+            raise ValueError("split.test_source must name a source when split.strategy is 'source_folders'")
+        return self
+
+
+# --------------------------------------------------------------------------- all
+
+
+class Params(_Section):
+    download: DownloadParams
+    merge: MergeParams
+    preprocess: PreprocessParams = PreprocessParams()
+    split: SplitParams = SplitParams()
+
+    @model_validator(mode="after")
+    def _split_source_is_used(self) -> "Params":
+        if self.split.strategy == "source_folders" and self.split.test_source not in self.download.use:
+            raise ValueError(
+                f"split.test_source {self.split.test_source!r} is not in download.use {list(self.download.use)}"
+            )
+        return self
+
+
+def _describe(error: dict[str, Any]) -> str:
+    # pydantic puts the union member's tag in the location ("kaggle", "function-after[...]"); users
+    # only know their own keys, so keep the parts that are keys or list indices.
+    parts = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    key = ".".join(parts) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling against params.yaml's documented keys)"
+    return f"{key}: {message}"
+
+
+def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
+    """Validate an already-parsed params mapping; raise :class:`ParamsError` naming each bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise ParamsError(f"invalid {origin}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, origin=str(path))

@@ -107,6 +107,7 @@ class MergeParams(_Section):
     label_map: dict[str, tuple[str, ...]]
     keep: Literal["largest", "first_source"] = "largest"
     near_duplicates: NearDuplicateParams = NearDuplicateParams()
+    workers: int = Field(default=0, ge=0, description="processes for decoding and hashing; 0 = one per core")
 
     @model_validator(mode="after")
     def _labels_are_known_and_folders_unique(self) -> "MergeParams":

@@ -1,0 +1,228 @@
+"""Exact and near-duplicate detection for MRI slices.
+
+Public versions of the brain-tumor datasets hold the same slice resized, re-encoded, converted to
+grey or RGB, cropped to the head or padded, and lightly rotated, flipped or rescaled. A global
+perceptual hash with a small Hamming radius misses most of these (slices are mostly black and low in
+contrast, and a crop or a rotation moves every hash bit), so the method here is:
+
+1. Canonicalise: crop each slice to its head's bounding box and resize that box to a fixed square.
+   This removes borders, padding, crops, rescaling and aspect changes in one step.
+2. Shortlist: a left-right symmetrised low-resolution descriptor of the canonical image (so a mirror
+   copy gets the same descriptor), centred on the dataset mean; k nearest neighbours by cosine
+   similarity with an exact inner-product index (faiss), which scales to 100k images in seconds.
+3. Verify: for each shortlisted pair, the best normalised cross-correlation of the two canonical
+   images over mirror x small rotations. Only pairs above ``verify_similarity`` are duplicates.
+
+Exact duplicates (identical decoded pixels, whatever the file bytes) are found by hashing pixels.
+Duplicate pairs are joined into groups with a union-find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from braintumor.imageio import collapse_equal_channels, to_grayscale
+from braintumor.preprocess import head_bbox
+
+CANONICAL_SIZE = 64
+DESCRIPTOR_GRID = 16
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What deduplication needs to know about one decoded image."""
+
+    pixel_hash: str
+    height: int
+    width: int
+    channels: int
+    canonical: np.ndarray  # (CANONICAL_SIZE, CANONICAL_SIZE) uint8, head box squeezed to a square
+
+
+def pixel_hash(image: np.ndarray) -> str:
+    """Hash of the decoded pixels: equal for byte-different files that decode identically."""
+    pixels = np.ascontiguousarray(collapse_equal_channels(image))
+    digest = hashlib.sha1(str((pixels.shape, pixels.dtype.str)).encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()
+
+
+def canonical_head(gray: np.ndarray, threshold: int, size: int = CANONICAL_SIZE) -> np.ndarray:
+    """The head's bounding box resized (aspect ratio not kept) to ``size`` x ``size``.
+
+    Squeezing the box to a square, instead of padding it, also matches copies whose crop was
+    stretched to a square, which real re-uploads of these datasets do.
+    """
+    y0, y1, x0, x1 = head_bbox(gray, threshold)
+    return cv2.resize(gray[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+
+
+def fingerprint_image(image: np.ndarray, threshold: int) -> Fingerprint:
+    """Fingerprint a decoded image (any channel layout OpenCV returns)."""
+    gray = to_grayscale(image)
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    return Fingerprint(
+        pixel_hash=pixel_hash(image),
+        height=int(image.shape[0]),
+        width=int(image.shape[1]),
+        channels=int(channels),
+        canonical=canonical_head(gray, threshold),
+    )
+
+
+def shortlist_descriptors(canonical: np.ndarray, grid: int = DESCRIPTOR_GRID) -> np.ndarray:
+    """Unit-length, mirror-invariant descriptors (N, grid * grid / 2) of canonical images (N, S, S).
+
+    Block means give a ``grid`` x ``grid`` thumbnail; adding its mirror image and keeping the left
+    half makes a flipped copy's descriptor identical. Centring on the dataset mean removes what all
+    head slices share, so that the cosine similarity measures what distinguishes them.
+    """
+    n, size, _ = canonical.shape
+    if size % grid:
+        raise ValueError(f"canonical size {size} is not a multiple of the descriptor grid {grid}")
+    block = size // grid
+    thumbs = canonical.astype(np.float32).reshape(n, grid, block, grid, block).mean(axis=(2, 4))
+    symmetric = (thumbs + thumbs[:, :, ::-1])[:, :, : grid // 2].reshape(n, -1)
+    symmetric -= symmetric.mean(axis=1, keepdims=True)
+    symmetric -= symmetric.mean(axis=0, keepdims=True)
+    return _unit_rows(symmetric)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def shortlist_pairs(descriptors: np.ndarray, neighbours: int, min_similarity: float) -> np.ndarray:
+    """Candidate pairs (M, 2), i < j, among each row's ``neighbours`` nearest rows by cosine.
+
+    Exact k-nearest-neighbour search with faiss's flat inner-product index: no Python loop over
+    pairs, so 100,000 descriptors take seconds (benchmarks/bench_dedup.py).
+    """
+    import faiss  # imported here: only the merge stage and its benchmark need it
+
+    n = len(descriptors)
+    if n < 2:
+        return np.empty((0, 2), np.int64)
+    k = min(neighbours + 1, n)  # +1: each row finds itself first
+    index = faiss.IndexFlatIP(descriptors.shape[1])
+    index.add(descriptors)
+    similarity, nearest = index.search(descriptors, k)
+    rows = np.repeat(np.arange(n), k)
+    cols = nearest.ravel()
+    keep = (cols >= 0) & (cols != rows) & (similarity.ravel() >= min_similarity)
+    pairs = np.sort(np.stack([rows[keep], cols[keep]], axis=1), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def _standardised(image: np.ndarray) -> np.ndarray:
+    # A light blur absorbs JPEG blocking and resampling differences between copies.
+    x = cv2.GaussianBlur(image.astype(np.float32), (3, 3), 0).ravel()
+    x -= x.mean()
+    return x / max(float(np.linalg.norm(x)), 1e-6)
+
+
+def aligned_variants(canonical: np.ndarray, max_rotation_deg: float, step_deg: float) -> np.ndarray:
+    """Standardised copies (V, S*S) of one canonical image: mirror x rotations in the given range."""
+    size = canonical.shape[0]
+    centre = ((size - 1) / 2.0, (size - 1) / 2.0)
+    angles = np.arange(-max_rotation_deg, max_rotation_deg + 1e-9, step_deg) if max_rotation_deg > 0 else [0.0]
+    variants = []
+    for image in (canonical, canonical[:, ::-1]):
+        for angle in angles:
+            matrix = cv2.getRotationMatrix2D(centre, float(angle), 1.0)
+            rotated = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+            variants.append(_standardised(rotated))
+    return np.stack(variants)
+
+
+def verify_pairs(
+    canonical: np.ndarray, pairs: np.ndarray, max_rotation_deg: float, step_deg: float
+) -> np.ndarray:
+    """Best normalised cross-correlation of each pair over mirror x rotation, shape (M,).
+
+    The rotated variants of each right-hand image are built once and scored against all of its
+    left-hand partners with one matrix product.
+    """
+    scores = np.zeros(len(pairs), np.float32)
+    if len(pairs) == 0:
+        return scores
+    order = np.argsort(pairs[:, 1], kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(pairs[order, 1]) != 0])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts, ends):
+        members = order[start:end]
+        right = pairs[members[0], 1]
+        variants = aligned_variants(canonical[right], max_rotation_deg, step_deg)
+        lefts = np.stack([_standardised(canonical[i]) for i in pairs[members, 0]])
+        scores[members] = (lefts @ variants.T).max(axis=1)
+    return scores
+
+
+def exact_pairs(pixel_hashes: list[str]) -> np.ndarray:
+    """Pairs (M, 2) linking every image to the first image with the same pixel hash."""
+    first: dict[str, int] = {}
+    pairs = []
+    for i, h in enumerate(pixel_hashes):
+        if h in first:
+            pairs.append((first[h], i))
+        else:
+            first[h] = i
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+def group_ids(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of the pair graph: a group id per item, numbered by first member."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(pairs) == 0:
+        return np.arange(n)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # Renumber so that ids follow the order of each group's first member: stable across runs.
+    _, first_index, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first_index))
+    return rank[inverse]
+
+
+@dataclass(frozen=True)
+class DuplicateSearch:
+    groups: np.ndarray  # (N,) group id per image
+    exact: np.ndarray  # (M1, 2) exact pairs
+    near: np.ndarray  # (M2, 2) verified near pairs (not exact)
+    near_scores: np.ndarray  # (M2,) their aligned similarity
+    shortlisted: int  # candidate pairs checked
+
+
+def find_duplicate_groups(
+    fingerprints: list[Fingerprint],
+    *,
+    near: bool,
+    neighbours: int,
+    shortlist_similarity: float,
+    verify_similarity: float,
+    max_rotation_deg: float,
+    rotation_step_deg: float,
+) -> DuplicateSearch:
+    """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups."""
+    n = len(fingerprints)
+    exact = exact_pairs([f.pixel_hash for f in fingerprints])
+    near_pairs = np.empty((0, 2), np.int64)
+    near_scores = np.empty(0, np.float32)
+    shortlisted = 0
+    if near and n > 1:
+        canonical = np.stack([f.canonical for f in fingerprints])
+        candidates = shortlist_pairs(shortlist_descriptors(canonical), neighbours, shortlist_similarity)
+        shortlisted = len(candidates)
+        hashes = np.array([f.pixel_hash for f in fingerprints])
+        candidates = candidates[hashes[candidates[:, 0]] != hashes[candidates[:, 1]]]
+        scores = verify_pairs(canonical, candidates, max_rotation_deg, rotation_step_deg)
+        accepted = scores >= verify_similarity
+        near_pairs, near_scores = candidates[accepted], scores[accepted]
+    groups = group_ids(n, np.concatenate([exact, near_pairs]))
+    return DuplicateSearch(groups, exact, near_pairs, near_scores, shortlisted)

@@ -1,0 +1,10 @@
+"""One log format for every stage: concise lines that read well in CI and `dvc repro` output."""
+
+from __future__ import annotations
+
+import logging
+
+
+def setup_logging(stage: str) -> logging.Logger:
+    logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", force=True)
+    return logging.getLogger(f"braintumor.{stage}")

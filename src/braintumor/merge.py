@@ -1,0 +1,313 @@
+"""Merge raw sources into one manifest: labels, quarantine, duplicate groups, representatives.
+
+One manifest row per raw file, whatever happened to it, so nothing is ever dropped silently:
+``status`` is ``ok`` or ``quarantined`` (with ``reason``), ``group`` ties duplicates together and
+``kept`` / ``drop_reason`` say which copy of each group goes on to training and why the others don't.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from braintumor.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
+from braintumor.imageio import IMAGE_SUFFIXES, UnreadableImageError, decode_image_bytes
+
+
+class UnmappedFolderError(ValueError):
+    """Image files sit in class folders that ``merge.label_map`` does not name."""
+
+
+@dataclass(frozen=True)
+class RawFile:
+    source: str
+    relpath: str  # below the source's images root, with forward slashes
+    path: Path
+    source_split: str  # folders between the root and the class folder, e.g. "Training"
+    folder: str  # the class folder as spelled on disk
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}/{self.relpath}"
+
+
+def list_source_files(source: str, images_root: Path) -> list[RawFile]:
+    """Every regular file below ``images_root``, in a stable order."""
+    if not images_root.is_dir():
+        raise FileNotFoundError(f"source {source!r}: no folder {images_root}")
+    files = []
+    for path in sorted(p for p in images_root.rglob("*") if p.is_file()):
+        rel = PurePosixPath(path.relative_to(images_root).as_posix())
+        files.append(
+            RawFile(
+                source=source,
+                relpath=str(rel),
+                path=path,
+                source_split="/".join(rel.parts[:-2]),
+                folder=rel.parts[-2] if len(rel.parts) >= 2 else "",
+            )
+        )
+    return files
+
+
+def map_labels(files: Sequence[RawFile], folder_to_label: dict[str, str]) -> list[str | None]:
+    """Canonical label per file from its class folder (case-insensitive).
+
+    Raises :class:`UnmappedFolderError` naming every (source, folder) that holds image files but is
+    not in the mapping. Files without an image suffix get ``None`` when their folder is unmapped:
+    they are not images of a class (a README, an OS file) and will be quarantined as such.
+    """
+    labels: list[str | None] = []
+    unmapped: dict[tuple[str, str], int] = {}
+    for f in files:
+        label = folder_to_label.get(f.folder.lower())
+        if label is None and PurePosixPath(f.relpath).suffix.lower() in IMAGE_SUFFIXES:
+            unmapped[(f.source, f.folder)] = unmapped.get((f.source, f.folder), 0) + 1
+        labels.append(label)
+    if unmapped:
+        listed = "; ".join(
+            f"source {s!r}: folder {d!r} ({n} images)" if d else f"source {s!r}: {n} images outside any class folder"
+            for (s, d), n in sorted(unmapped.items())
+        )
+        known = sorted(folder_to_label)
+        raise UnmappedFolderError(
+            f"class folders not in merge.label_map: {listed}. Add them to merge.label_map in params.yaml "
+            f"(known folders: {known}), or point the source's subdir at the folder that holds the class folders."
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class Inspection:
+    file_sha256: str
+    bytes: int
+    fingerprint: Fingerprint | None
+    reason: str  # "" when readable
+
+
+def inspect_file(path: Path, head_threshold: int) -> Inspection:
+    """Hash, decode and fingerprint one file; an unusable file gets a quarantine reason, not an error."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Inspection("", 0, None, f"unreadable_file: {exc.strerror or exc}")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        image = decode_image_bytes(data, path)
+    except UnreadableImageError as exc:
+        return Inspection(sha, len(data), None, exc.reason)
+    return Inspection(sha, len(data), fingerprint_image(image, head_threshold), "")
+
+
+def _inspect_worker(args: tuple[Path, int]) -> Inspection:
+    return inspect_file(*args)
+
+
+def _single_thread_opencv() -> None:
+    cv2.setNumThreads(1)
+
+
+def inspect_files(paths: Sequence[Path], head_threshold: int, workers: int) -> list[Inspection]:
+    """:func:`inspect_file` over many files, in ``workers`` processes (0 = one per core)."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, head_threshold) for p in paths]
+    if workers == 1 or len(jobs) < 64:
+        return [_inspect_worker(j) for j in jobs]
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_single_thread_opencv) as pool:
+        return pool.map(_inspect_worker, jobs, chunksize=64)
+
+
+def build_manifest(files: Sequence[RawFile], labels: Sequence[str | None], inspections: Sequence[Inspection], root: Path) -> pd.DataFrame:
+    """One row per raw file with everything known about it before deduplication."""
+    rows = []
+    for f, label, ins in zip(files, labels, inspections):
+        fp = ins.fingerprint
+        rows.append(
+            {
+                "id": f.id,
+                "source": f.source,
+                "path": f.path.relative_to(root).as_posix() if f.path.is_relative_to(root) else str(f.path),
+                "source_split": f.source_split,
+                "folder": f.folder,
+                "label": label or "",
+                "bytes": ins.bytes,
+                "file_sha256": ins.file_sha256,
+                "pixel_hash": fp.pixel_hash if fp else "",
+                "height": fp.height if fp else 0,
+                "width": fp.width if fp else 0,
+                "channels": fp.channels if fp else 0,
+                "status": "ok" if fp else "quarantined",
+                "reason": ins.reason,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def attach_groups(manifest: pd.DataFrame, search: DuplicateSearch, ok_rows: np.ndarray) -> pd.DataFrame:
+    """Add ``group``, ``group_size`` and ``duplicate_kind`` (none / exact / near) columns."""
+    groups = search.groups
+    sizes = np.bincount(groups)[groups] if len(groups) else np.empty(0, np.int64)
+    has_near = np.zeros(groups.max() + 1 if len(groups) else 0, bool)
+    has_near[groups[search.near.ravel()]] = True
+    manifest = manifest.copy()
+    manifest["group"] = -1
+    manifest["group_size"] = 0
+    manifest["duplicate_kind"] = "none"
+    manifest.loc[ok_rows, "group"] = groups
+    manifest.loc[ok_rows, "group_size"] = sizes
+    manifest.loc[ok_rows, "duplicate_kind"] = np.where(sizes == 1, "none", np.where(has_near[groups], "near", "exact"))
+    return manifest
+
+
+def choose_representatives(manifest: pd.DataFrame, keep: str, source_order: Sequence[str]) -> pd.DataFrame:
+    """Mark one ``kept`` row per label-consistent group; exclude every member of conflicting groups.
+
+    Args:
+        keep: ``largest`` keeps the copy with the most pixels (the least degraded), ``first_source``
+            the copy from the earliest source in ``download.use``; ties go to the earlier row.
+    """
+    manifest = manifest.copy()
+    manifest["kept"] = False
+    manifest["drop_reason"] = np.where(manifest["status"] == "quarantined", "quarantined", "")
+    ok = manifest[manifest["status"] == "ok"]
+    rank = {s: i for i, s in enumerate(source_order)}
+    order = ok.assign(
+        _pixels=-(ok["height"] * ok["width"]) if keep == "largest" else 0,
+        _source=ok["source"].map(rank),
+        _row=np.arange(len(ok)),
+    ).sort_values(["group", "_pixels", "_source", "_row"])
+    for _, members in order.groupby("group", sort=False):
+        if members["label"].nunique() > 1:
+            manifest.loc[members.index, "drop_reason"] = "label_conflict"
+            continue
+        representative = members.index[0]
+        manifest.loc[representative, "kept"] = True
+        rep_id = manifest.at[representative, "id"]
+        manifest.loc[members.index[1:], "drop_reason"] = f"duplicate_of:{rep_id}"
+    return manifest
+
+
+def merge_sources(
+    sources: Iterable[tuple[str, Path]],
+    folder_to_label: dict[str, str],
+    *,
+    root: Path,
+    head_threshold: int,
+    keep: str,
+    near: bool,
+    neighbours: int,
+    shortlist_similarity: float,
+    verify_similarity: float,
+    max_rotation_deg: float,
+    rotation_step_deg: float,
+    workers: int = 0,
+) -> tuple[pd.DataFrame, DuplicateSearch]:
+    """Walk, label, inspect and deduplicate every source; return the manifest and the raw search."""
+    sources = list(sources)
+    files = [f for name, images_root in sources for f in list_source_files(name, images_root)]
+    labels = map_labels(files, folder_to_label)
+    inspections = inspect_files([f.path for f in files], head_threshold, workers)
+    manifest = build_manifest(files, labels, inspections, root)
+    # A decodable file in an unmapped folder only happens for non-image suffixes; it has no class.
+    unlabelled = (manifest["status"] == "ok") & (manifest["label"] == "")
+    manifest.loc[unlabelled, ["status", "reason"]] = ["quarantined", "no_class_folder"]
+    ok_rows = np.flatnonzero(manifest["status"].to_numpy() == "ok")
+    fingerprints = [inspections[i].fingerprint for i in ok_rows]
+    search = find_duplicate_groups(
+        fingerprints,
+        near=near,
+        neighbours=neighbours,
+        shortlist_similarity=shortlist_similarity,
+        verify_similarity=verify_similarity,
+        max_rotation_deg=max_rotation_deg,
+        rotation_step_deg=rotation_step_deg,
+    )
+    manifest = attach_groups(manifest, search, ok_rows)
+    manifest = choose_representatives(manifest, keep, [name for name, _ in sources])
+    return manifest, search
+
+
+def _group_scope(members: pd.DataFrame) -> str:
+    return "within_source" if members["source"].nunique() == 1 else "across_sources"
+
+
+def merge_report(manifest: pd.DataFrame) -> dict:
+    """Counts for ``reports/data/merge.json``: per source and class, duplicates, conflicts, quarantine."""
+    ok = manifest[manifest["status"] == "ok"]
+    report: dict = {
+        "files": int(len(manifest)),
+        "readable": int(len(ok)),
+        "kept": int(manifest["kept"].sum()),
+        "quarantined": int((manifest["status"] == "quarantined").sum()),
+        "quarantined_by_reason": dict(Counter(manifest.loc[manifest["status"] == "quarantined", "reason"])),
+        "per_source": {},
+        "duplicates": {},
+        "conflicts": {},
+    }
+    for source, rows in manifest.groupby("source", sort=False):
+        ok_rows = rows[rows["status"] == "ok"]
+        report["per_source"][source] = {
+            "files": int(len(rows)),
+            "quarantined": int((rows["status"] == "quarantined").sum()),
+            "per_class": {k: int(v) for k, v in ok_rows["label"].value_counts().sort_index().items()},
+            "kept_per_class": {k: int(v) for k, v in ok_rows[ok_rows["kept"]]["label"].value_counts().sort_index().items()},
+        }
+    dup = {f"{kind}_{scope}": {"groups": 0, "images": 0, "redundant": 0} for kind in ("exact", "near") for scope in ("within_source", "across_sources")}
+    spanning_folders = 0
+    conflict_groups = conflict_images = 0
+    for _, members in ok[ok["group_size"] > 1].groupby("group"):
+        key = f"{members['duplicate_kind'].iloc[0]}_{_group_scope(members)}"
+        dup[key]["groups"] += 1
+        dup[key]["images"] += len(members)
+        dup[key]["redundant"] += len(members) - 1
+        if members.groupby("source")["source_split"].nunique().max() > 1:
+            spanning_folders += 1
+        if members["label"].nunique() > 1:
+            conflict_groups += 1
+            conflict_images += len(members)
+    report["duplicates"] = dup
+    report["duplicates"]["groups_spanning_a_sources_own_folders"] = spanning_folders
+    report["duplicates"]["removed_as_duplicates"] = int(manifest["drop_reason"].str.startswith("duplicate_of:").sum())
+    report["conflicts"] = {"groups": conflict_groups, "images": conflict_images}
+    return report
+
+
+MANIFEST_COLUMNS = [
+    "id", "source", "path", "source_split", "folder", "label", "bytes", "height", "width", "channels",
+    "file_sha256", "pixel_hash", "status", "reason", "group", "group_size", "duplicate_kind", "kept", "drop_reason",
+]
+
+
+def planted_duplicate_recall(manifest: pd.DataFrame, source: str, planted: list[dict]) -> dict:
+    """Score the groups against a phantom source's planted duplicates.
+
+    Returns recall per planted kind (share of planted copies grouped with their original) and the
+    number of false merges: extra distinct slices pulled into a group (a group holding k distinct
+    originals counts k - 1).
+    """
+    rows = manifest[(manifest["source"] == source) & (manifest["status"] == "ok")]
+    group_of = dict(zip(rows["id"].str.removeprefix(f"{source}/"), rows["group"]))
+    found: dict[str, list[bool]] = {}
+    origin_of = {rel: rel for rel in group_of}
+    for record in planted:
+        origin_of[record["copy"]] = record["original"]
+        same = group_of.get(record["copy"], -2) == group_of.get(record["original"], -3)
+        found.setdefault(record["kind"], []).append(bool(same))
+    origins_per_group: dict[int, set[str]] = {}
+    for rel, group in group_of.items():
+        origins_per_group.setdefault(group, set()).add(origin_of[rel])
+    false_merges = sum(len(origins) - 1 for origins in origins_per_group.values())
+    return {
+        "recall": {kind: round(float(np.mean(hits)), 4) for kind, hits in sorted(found.items())},
+        "planted": {kind: len(hits) for kind, hits in sorted(found.items())},
+        "false_merges": int(false_merges),
+    }

@@ -1,0 +1,63 @@
+"""Stage merge: label, quarantine and deduplicate every used source into one manifest.
+
+Params: download.use, merge (but merge.workers), preprocess.head_threshold
+Inputs: data/raw/<name>/ for each name in download.use
+Outputs: data/interim/manifest.csv, reports/data/merge.json (metrics),
+         reports/data/quarantine.csv, reports/data/conflicts.csv
+"""
+
+from __future__ import annotations
+
+import json
+
+from braintumor import atomic
+from braintumor.config import PhantomSource, load_params
+from braintumor.download import class_root_of
+from braintumor.logs import setup_logging
+from braintumor.merge import MANIFEST_COLUMNS, merge_report, merge_sources, planted_duplicate_recall
+from braintumor.paths import ProjectPaths
+
+
+def main() -> dict:
+    log = setup_logging("merge")
+    paths = ProjectPaths.discover()
+    params = load_params(paths.params)
+    sources = [(name, class_root_of(paths.raw_source(name))) for name in params.download.use]
+
+    near = params.merge.near_duplicates
+    manifest, search = merge_sources(
+        sources,
+        params.merge.folder_to_label(),
+        root=paths.root,
+        head_threshold=params.preprocess.head_threshold,
+        keep=params.merge.keep,
+        near=near.enabled,
+        neighbours=near.neighbours,
+        shortlist_similarity=near.shortlist_similarity,
+        verify_similarity=near.verify_similarity,
+        max_rotation_deg=near.max_rotation_deg,
+        rotation_step_deg=near.rotation_step_deg,
+        workers=params.merge.workers,
+    )
+    report = merge_report(manifest)
+    report["near_duplicate_search"] = {"shortlisted_pairs": search.shortlisted, "verified_pairs": int(len(search.near))}
+    for name in params.download.use:
+        if isinstance(params.download.sources[name], PhantomSource):
+            planted = json.loads((paths.raw_source(name) / "planted.json").read_text())
+            report.setdefault("planted", {})[name] = planted_duplicate_recall(manifest, name, planted)
+
+    atomic.write_csv(paths.manifest, manifest[MANIFEST_COLUMNS])
+    atomic.write_csv(paths.data_reports / "quarantine.csv", manifest.loc[manifest["status"] == "quarantined", ["id", "path", "reason"]])
+    conflicts = manifest[manifest["drop_reason"] == "label_conflict"]
+    atomic.write_csv(paths.data_reports / "conflicts.csv", conflicts[["group", "id", "path", "folder", "label"]])
+    atomic.write_json(paths.data_reports / "merge.json", report)
+    log.info(
+        "%d files: %d kept, %d removed as duplicates, %d in %d label conflicts, %d quarantined",
+        report["files"], report["kept"], report["duplicates"]["removed_as_duplicates"],
+        report["conflicts"]["images"], report["conflicts"]["groups"], report["quarantined"],
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Stage split: stratified, leak-free train/val/test (or a source's own folders, for comparison).
+
+Params: split
+Inputs: data/interim/manifest.csv, data/processed/index.csv
+Outputs: data/split/split.csv (row in images.npy, id, label, group, split), reports/data/split.json (metrics)
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from braintumor import atomic
+from braintumor.config import load_params
+from braintumor.logs import setup_logging
+from braintumor.paths import ProjectPaths
+from braintumor.split import leak_free_split, source_folders_split, split_fingerprint, split_report
+
+
+def main() -> dict:
+    log = setup_logging("split")
+    paths = ProjectPaths.discover()
+    params = load_params(paths.params).split
+    manifest = pd.read_csv(paths.manifest, keep_default_na=False)
+    if params.strategy == "leak_free":
+        rows = leak_free_split(manifest, (params.train, params.val, params.test), params.seed)
+    else:
+        rows = source_folders_split(manifest, params.test_source, params.test_folder, params.val / (params.train + params.val), params.seed)
+    index = pd.read_csv(paths.images_index, keep_default_na=False)
+    rows = rows.merge(index[["id", "row"]], on="id", how="left", validate="one_to_one")
+    if rows["row"].isna().any():
+        raise RuntimeError("split rows missing from data/processed/index.csv: rerun `dvc repro preprocess`")
+    table = rows[["row", "id", "source", "label", "group", "split"]].astype({"row": int}).sort_values("row")
+    report = split_report(table, params.strategy)
+    report["fingerprint"] = split_fingerprint(table)
+    leaks = report["leakage"]["groups_spanning_splits"]
+    if params.strategy == "leak_free" and leaks:
+        raise AssertionError(f"leak_free split leaks {leaks} duplicate groups across splits")
+    if leaks:
+        log.warning("LEAKY split (%s): %d duplicate groups span train/val/test; numbers on it are inflated", params.strategy, leaks)
+    atomic.write_csv(paths.split_csv, table)
+    atomic.write_json(paths.data_reports / "split.json", report)
+    log.info("%s: %s, leakage %d groups", params.strategy, report["per_split"], leaks)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -30,17 +30,24 @@ def main() -> dict:
         params.merge.folder_to_label(),
         root=paths.root,
         head_threshold=params.preprocess.head_threshold,
+        max_colour_share=params.merge.max_colour_share,
         keep=params.merge.keep,
         near=near.enabled,
         neighbours=near.neighbours,
         shortlist_similarity=near.shortlist_similarity,
         verify_similarity=near.verify_similarity,
+        related_similarity=near.related_similarity,
         max_rotation_deg=near.max_rotation_deg,
         rotation_step_deg=near.rotation_step_deg,
         workers=params.merge.workers,
     )
     report = merge_report(manifest)
-    report["near_duplicate_search"] = {"shortlisted_pairs": search.shortlisted, "verified_pairs": int(len(search.near))}
+    report["near_duplicate_search"] = {
+        "shortlisted_pairs": search.shortlisted,
+        "exact_pairs": int(len(search.exact)),
+        "near_duplicate_pairs": int(len(search.near)),
+        "related_pairs": int(len(search.related_pairs)),
+    }
     for name in params.download.use:
         if isinstance(params.download.sources[name], PhantomSource):
             planted = json.loads((paths.raw_source(name) / "planted.json").read_text())

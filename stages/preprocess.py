@@ -25,7 +25,7 @@ def main() -> dict:
     manifest = pd.read_csv(paths.manifest, keep_default_na=False)
     rows = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     stats = preprocess_to_array([paths.root / p for p in rows["path"]], params.preprocess, paths.images_npy)
-    index = rows[["id", "label", "source", "source_split", "group", "kept"]].copy()
+    index = rows[["id", "label", "source", "source_split", "group", "split_group", "kept"]].copy()
     index.insert(0, "row", range(len(index)))
     atomic.write_csv(paths.images_index, index)
     log.info("%d images -> %s in %.1f s (%.0f images/s, %d workers)", stats["images"], paths.images_npy.relative_to(paths.root),

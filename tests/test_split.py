@@ -42,9 +42,11 @@ def test_deterministic_for_seed_and_changes_with_seed():
     assert (a != c).any()
 
 
-def test_group_with_two_labels_is_refused():
-    with pytest.raises(ValueError, match="more than one label"):
-        stratified_group_split(np.array(["glioma", "pituitary"]), np.array([0, 0]), (0.5, 0.25, 0.25), 0)
+def test_group_with_two_labels_stays_whole():
+    labels = np.array(["glioma", "glioma", "pituitary"] + ["pituitary"] * 20)
+    groups = np.array([0, 0, 0] + list(range(1, 21)))
+    codes = stratified_group_split(labels, groups, (0.5, 0.25, 0.25), 0)
+    assert len(set(codes[:3])) == 1
 
 
 def test_leakage_counter_on_hand_built_case():
@@ -61,6 +63,7 @@ def _manifest() -> pd.DataFrame:
         *[(f"b/{i}", "b", "", "pituitary", 200 + i, True) for i in range(10)],
     ]
     frame = pd.DataFrame(rows, columns=["id", "source", "source_split", "label", "group", "kept"])
+    frame["split_group"] = frame["group"]
     frame["status"] = "ok"
     return frame
 
@@ -68,7 +71,7 @@ def _manifest() -> pd.DataFrame:
 def test_leak_free_split_uses_kept_rows_only():
     rows = leak_free_split(_manifest(), (0.6, 0.2, 0.2), seed=0)
     assert "a/2" not in set(rows["id"])
-    assert split_report(rows, "leak_free")["leakage"]["groups_spanning_splits"] == 0
+    assert split_report(rows, "leak_free")["leakage"]["duplicate_groups_spanning_splits"] == 0
 
 
 def test_source_folders_split_reproduces_folders_and_counts_the_leak():
@@ -77,7 +80,7 @@ def test_source_folders_split_reproduces_folders_and_counts_the_leak():
     assert (rows.loc[rows["source_split"] == "Testing", "split"] == "test").all()
     assert set(rows.loc[rows["source_split"] == "Training", "split"]) == {"train", "val"}
     report = split_report(rows, "source_folders")
-    assert report["leakage"]["groups_spanning_splits"] == 1  # the planted a/1 ~ a/2 pair
+    assert report["leakage"]["duplicate_groups_spanning_splits"] == 1  # the planted a/1 ~ a/2 pair
     assert report["per_split"]["test"] == 11
 
 

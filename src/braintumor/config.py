@@ -98,14 +98,26 @@ class NearDuplicateParams(_Section):
     enabled: bool = True
     neighbours: int = Field(default=10, ge=1, le=100, description="shortlist size per image")
     shortlist_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
-    verify_similarity: float = Field(default=0.92, ge=0.0, le=1.0)
+    verify_similarity: float = Field(default=0.95, ge=0.0, le=1.0, description="copies of one slice")
+    related_similarity: float = Field(default=0.93, ge=0.0, le=1.0, description="look-alike slices: same split")
     max_rotation_deg: float = Field(default=8.0, ge=0.0, le=45.0)
     rotation_step_deg: float = Field(default=2.0, gt=0.0, le=10.0)
+
+
+    @model_validator(mode="after")
+    def _related_below_verify(self) -> "NearDuplicateParams":
+        if self.related_similarity > self.verify_similarity:
+            raise ValueError(
+                f"merge.near_duplicates.related_similarity ({self.related_similarity}) must not exceed "
+                f"verify_similarity ({self.verify_similarity})"
+            )
+        return self
 
 
 class MergeParams(_Section):
     label_map: dict[str, tuple[str, ...]]
     keep: Literal["largest", "first_source"] = "largest"
+    max_colour_share: float = Field(default=0.06, ge=0.0, le=1.0, description="more coloured pixels: not an MRI slice")
     near_duplicates: NearDuplicateParams = NearDuplicateParams()
     workers: int = Field(default=0, ge=0, description="processes for decoding and hashing; 0 = one per core")
 

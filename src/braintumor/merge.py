@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
-from braintumor.imageio import IMAGE_SUFFIXES, UnreadableImageError, decode_image_bytes
+from braintumor.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
 
 
 class UnmappedFolderError(ValueError):
@@ -94,8 +94,14 @@ class Inspection:
     reason: str  # "" when readable
 
 
-def inspect_file(path: Path, head_threshold: int) -> Inspection:
-    """Hash, decode and fingerprint one file; an unusable file gets a quarantine reason, not an error."""
+def inspect_file(path: Path, head_threshold: int, max_colour_share: float) -> Inspection:
+    """Hash, decode and fingerprint one file; an unusable file gets a quarantine reason, not an error.
+
+    Args:
+        path: the file.
+        head_threshold: grey level separating head from background (for the canonical head crop).
+        max_colour_share: a larger share of coloured pixels marks a colour photograph, not an MRI slice.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -105,10 +111,13 @@ def inspect_file(path: Path, head_threshold: int) -> Inspection:
         image = decode_image_bytes(data, path)
     except UnreadableImageError as exc:
         return Inspection(sha, len(data), None, exc.reason)
+    share = colour_pixel_share(image)
+    if share > max_colour_share:
+        return Inspection(sha, len(data), None, f"not_mri_like: {share:.0%} of pixels coloured")
     return Inspection(sha, len(data), fingerprint_image(image, head_threshold), "")
 
 
-def _inspect_worker(args: tuple[Path, int]) -> Inspection:
+def _inspect_worker(args: tuple[Path, int, float]) -> Inspection:
     return inspect_file(*args)
 
 
@@ -116,10 +125,10 @@ def _single_thread_opencv() -> None:
     cv2.setNumThreads(1)
 
 
-def inspect_files(paths: Sequence[Path], head_threshold: int, workers: int) -> list[Inspection]:
+def inspect_files(paths: Sequence[Path], head_threshold: int, max_colour_share: float, workers: int) -> list[Inspection]:
     """:func:`inspect_file` over many files, in ``workers`` processes (0 = one per core)."""
     workers = workers or os.cpu_count() or 1
-    jobs = [(p, head_threshold) for p in paths]
+    jobs = [(p, head_threshold, max_colour_share) for p in paths]
     if workers == 1 or len(jobs) < 64:
         return [_inspect_worker(j) for j in jobs]
     with multiprocessing.get_context("fork").Pool(workers, initializer=_single_thread_opencv) as pool:
@@ -153,7 +162,7 @@ def build_manifest(files: Sequence[RawFile], labels: Sequence[str | None], inspe
 
 
 def attach_groups(manifest: pd.DataFrame, search: DuplicateSearch, ok_rows: np.ndarray) -> pd.DataFrame:
-    """Add ``group``, ``group_size`` and ``duplicate_kind`` (none / exact / near) columns."""
+    """Add ``group``, ``group_size``, ``duplicate_kind`` (none / exact / near) and ``split_group``."""
     groups = search.groups
     sizes = np.bincount(groups)[groups] if len(groups) else np.empty(0, np.int64)
     has_near = np.zeros(groups.max() + 1 if len(groups) else 0, bool)
@@ -162,6 +171,8 @@ def attach_groups(manifest: pd.DataFrame, search: DuplicateSearch, ok_rows: np.n
     manifest["group"] = -1
     manifest["group_size"] = 0
     manifest["duplicate_kind"] = "none"
+    manifest["split_group"] = -1
+    manifest.loc[ok_rows, "split_group"] = search.related
     manifest.loc[ok_rows, "group"] = groups
     manifest.loc[ok_rows, "group_size"] = sizes
     manifest.loc[ok_rows, "duplicate_kind"] = np.where(sizes == 1, "none", np.where(has_near[groups], "near", "exact"))
@@ -202,11 +213,13 @@ def merge_sources(
     *,
     root: Path,
     head_threshold: int,
+    max_colour_share: float,
     keep: str,
     near: bool,
     neighbours: int,
     shortlist_similarity: float,
     verify_similarity: float,
+    related_similarity: float,
     max_rotation_deg: float,
     rotation_step_deg: float,
     workers: int = 0,
@@ -215,7 +228,7 @@ def merge_sources(
     sources = list(sources)
     files = [f for name, images_root in sources for f in list_source_files(name, images_root)]
     labels = map_labels(files, folder_to_label)
-    inspections = inspect_files([f.path for f in files], head_threshold, workers)
+    inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers)
     manifest = build_manifest(files, labels, inspections, root)
     # A decodable file in an unmapped folder only happens for non-image suffixes; it has no class.
     unlabelled = (manifest["status"] == "ok") & (manifest["label"] == "")
@@ -228,6 +241,7 @@ def merge_sources(
         neighbours=neighbours,
         shortlist_similarity=shortlist_similarity,
         verify_similarity=verify_similarity,
+        related_similarity=related_similarity,
         max_rotation_deg=max_rotation_deg,
         rotation_step_deg=rotation_step_deg,
     )
@@ -248,7 +262,7 @@ def merge_report(manifest: pd.DataFrame) -> dict:
         "readable": int(len(ok)),
         "kept": int(manifest["kept"].sum()),
         "quarantined": int((manifest["status"] == "quarantined").sum()),
-        "quarantined_by_reason": dict(Counter(manifest.loc[manifest["status"] == "quarantined", "reason"])),
+        "quarantined_by_reason": dict(Counter(manifest.loc[manifest["status"] == "quarantined", "reason"].str.split(":").str[0])),
         "per_source": {},
         "duplicates": {},
         "conflicts": {},
@@ -283,7 +297,7 @@ def merge_report(manifest: pd.DataFrame) -> dict:
 
 MANIFEST_COLUMNS = [
     "id", "source", "path", "source_split", "folder", "label", "bytes", "height", "width", "channels",
-    "file_sha256", "pixel_hash", "status", "reason", "group", "group_size", "duplicate_kind", "kept", "drop_reason",
+    "file_sha256", "pixel_hash", "status", "reason", "group", "group_size", "duplicate_kind", "split_group", "kept", "drop_reason",
 ]
 
 

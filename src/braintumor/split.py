@@ -20,9 +20,10 @@ def stratified_group_split(
 ) -> np.ndarray:
     """Assign each item to 0 (train), 1 (val) or 2 (test), keeping groups whole.
 
+    Each group counts under its most common label (look-alike slices may carry different labels).
     Within each label, groups are shuffled (seeded) and laid end to end; a group goes to the split
     in which its midpoint falls, so every split receives its fraction of each label's images to
-    within one group. Groups must have a single label (conflicting groups are excluded upstream).
+    within one group.
 
     Args:
         labels: (N,) label per item.
@@ -32,8 +33,8 @@ def stratified_group_split(
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
     frame = pd.DataFrame({"label": labels, "group": groups})
-    if (frame.groupby("group")["label"].nunique() > 1).any():
-        raise ValueError("a duplicate group has more than one label; exclude conflicting groups first")
+    majority = frame.groupby("group")["label"].agg(lambda x: x.value_counts().sort_index().idxmax())
+    frame["label"] = frame["group"].map(majority)
     bounds = np.cumsum(fractions)[:-1]
     assignment = np.full(len(labels), -1, np.int64)
     rng = np.random.default_rng(seed)
@@ -55,9 +56,9 @@ def groups_spanning_splits(groups: np.ndarray, splits: np.ndarray) -> int:
 
 
 def leak_free_split(manifest: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> pd.DataFrame:
-    """Kept images only, split by :func:`stratified_group_split` on their duplicate groups."""
+    """Kept images only, split by :func:`stratified_group_split` on their related (split) groups."""
     rows = manifest[manifest["kept"]].copy()
-    codes = stratified_group_split(rows["label"].to_numpy(), rows["group"].to_numpy(), fractions, seed)
+    codes = stratified_group_split(rows["label"].to_numpy(), rows["split_group"].to_numpy(), fractions, seed)
     rows["split"] = np.asarray(SPLITS)[codes]
     return rows
 
@@ -81,10 +82,7 @@ def source_folders_split(
     rows["split"] = "test"
     train = rows[~is_test]
     fractions = (1.0 - val_fraction, val_fraction, 0.0)
-    # Within the training folder a group may still carry two labels (conflicts are kept here):
-    # stratify such items by their group's first label.
-    group_label = train.groupby("group")["label"].transform("first")
-    codes = stratified_group_split(group_label.to_numpy(), train["group"].to_numpy(), fractions, seed)
+    codes = stratified_group_split(train["label"].to_numpy(), train["split_group"].to_numpy(), fractions, seed)
     rows.loc[train.index, "split"] = np.asarray(SPLITS)[codes]
     return rows
 
@@ -101,7 +99,10 @@ def split_report(rows: pd.DataFrame, strategy: str) -> dict:
         "images": int(len(rows)),
         "per_split": {s: int(sum(c.values())) for s, c in per_split.items()},
         "per_split_per_class": per_split,
-        "leakage": {"groups_spanning_splits": groups_spanning_splits(rows["group"].to_numpy(), rows["split"].to_numpy())},
+        "leakage": {
+            "duplicate_groups_spanning_splits": groups_spanning_splits(rows["group"].to_numpy(), rows["split"].to_numpy()),
+            "related_groups_spanning_splits": groups_spanning_splits(rows["split_group"].to_numpy(), rows["split"].to_numpy()),
+        },
     }
 
 

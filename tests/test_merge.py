@@ -1,0 +1,122 @@
+"""Merge: label mapping, quarantine, exact and near duplicates, conflicts, representatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from braintumor.config import load_params
+from braintumor.merge import (
+    UnmappedFolderError,
+    list_source_files,
+    map_labels,
+    merge_report,
+    merge_sources,
+)
+
+from conftest import REPO
+
+FOLDERS = load_params(REPO / "params.yaml").merge.folder_to_label()
+NEAR = dict(neighbours=10, shortlist_similarity=0.5, verify_similarity=0.95, related_similarity=0.93,
+            max_rotation_deg=8.0, rotation_step_deg=2.0)
+
+
+def fake_slice(seed: int, size: int = 160) -> np.ndarray:
+    """A head-like ellipse with seeded blobs: distinct seeds give clearly distinct slices."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size), np.uint8)
+    centre = (size // 2 + int(rng.integers(-8, 8)), size // 2 + int(rng.integers(-8, 8)))
+    axes = (int(size * rng.uniform(0.3, 0.42)), int(size * rng.uniform(0.3, 0.42)))
+    cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360, 200, -1)
+    cv2.ellipse(image, centre, (axes[0] - 6, axes[1] - 6), 0, 0, 360, 90, -1)
+    for _ in range(8):
+        x, y = (int(v) for v in rng.integers(size // 3, 2 * size // 3, 2))
+        cv2.circle(image, (x, y), int(rng.integers(4, 14)), int(rng.integers(20, 255)), -1)
+    return cv2.GaussianBlur(image, (5, 5), 0)
+
+
+def write(path: Path, image: np.ndarray, params: list[int] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image, params or [])
+    return path
+
+
+def run(root: Path, sources: list[tuple[str, Path]], keep: str = "largest"):
+    return merge_sources(sources, FOLDERS, root=root, head_threshold=12, max_colour_share=0.06, keep=keep,
+                         near=True, workers=1, **NEAR)
+
+
+def test_label_mapping_is_case_insensitive_and_records_source_split(tmp_path):
+    write(tmp_path / "a" / "Training" / "Glioma_Tumor" / "x.png", fake_slice(1))
+    write(tmp_path / "a" / "Testing" / "notumor" / "y.png", fake_slice(2))
+    files = list_source_files("a", tmp_path / "a")
+    assert map_labels(files, FOLDERS) == ["no_tumor", "glioma"]  # sorted: Testing before Training
+    assert [f.source_split for f in files] == ["Testing", "Training"]
+
+
+def test_unmapped_folders_are_named_with_their_source(tmp_path):
+    write(tmp_path / "a" / "Training" / "astrocytoma" / "x.png", fake_slice(1))
+    write(tmp_path / "a" / "Training" / "glioma" / "y.png", fake_slice(2))
+    write(tmp_path / "a" / "stray.png", fake_slice(3))
+    with pytest.raises(UnmappedFolderError) as info:
+        map_labels(list_source_files("a", tmp_path / "a"), FOLDERS)
+    message = str(info.value)
+    assert "source 'a': folder 'astrocytoma' (1 images)" in message
+    assert "outside any class folder" in message
+
+
+def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
+    src = tmp_path / "a" / "Training" / "glioma"
+    good = write(src / "good.jpg", fake_slice(1))
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (src / "notes.txt").write_text("not an image")
+    (src / "fake.jpg").write_bytes(b"GIF89a not really")
+    colour = np.dstack([fake_slice(4), np.zeros((160, 160), np.uint8), np.full((160, 160), 255, np.uint8)])
+    write(src / "photo.png", colour)
+    manifest, _ = run(tmp_path, [("a", tmp_path / "a")])
+    reasons = dict(zip(manifest["id"].str.split("/").str[-1], manifest["reason"].str.split(":").str[0]))
+    assert reasons == {"empty.jpg": "empty_file", "fake.jpg": "not_an_image", "good.jpg": "",
+                       "notes.txt": "not_an_image", "photo.png": "not_mri_like", "truncated.jpg": "truncated"}
+    report = merge_report(manifest)
+    assert report["quarantined"] == 5 and report["kept"] == 1
+    assert report["quarantined_by_reason"]["truncated"] == 1
+
+
+def test_exact_near_and_conflicting_duplicates(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    original = fake_slice(10)
+    first = write(a / "Training" / "glioma" / "orig.png", original)
+    (a / "Testing" / "glioma").mkdir(parents=True)
+    (a / "Testing" / "glioma" / "byte_copy.png").write_bytes(first.read_bytes())
+    write(b / "glioma_tumor" / "bigger.jpg", cv2.resize(original, (320, 320)), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    write(b / "glioma_tumor" / "mirrored.jpg", original[:, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80])
+    write(a / "Training" / "pituitary" / "conflict.png", fake_slice(20))
+    write(b / "meningioma_tumor" / "conflict.jpg", fake_slice(20), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    for seed in range(30, 60):  # distinct slices: neighbours for the shortlist, none may merge
+        write(a / "Training" / "no_tumor" / f"n{seed}.png", fake_slice(seed))
+    manifest, search = run(tmp_path, [("a", a), ("b", b)])
+    by_name = manifest.set_index(manifest["id"].str.split("/").str[-1])
+    family = by_name.loc[["orig.png", "byte_copy.png", "bigger.jpg", "mirrored.jpg"]]
+    assert family["group"].nunique() == 1 and (family["duplicate_kind"] == "near").all()
+    assert family["kept"].sum() == 1 and by_name.at["bigger.jpg", "kept"]  # largest copy is kept
+    assert by_name.at["orig.png", "drop_reason"] == "duplicate_of:b/glioma_tumor/bigger.jpg"
+    assert (by_name.loc[["conflict.png", "conflict.jpg"], "drop_reason"] == "label_conflict").all()
+    distinct = by_name[by_name.index.str.startswith("n")]
+    assert distinct["group"].nunique() == 30 and distinct["kept"].all()
+    assert len(search.exact) == 1
+    report = merge_report(manifest)
+    assert report["duplicates"]["near_across_sources"] == {"groups": 2, "images": 6, "redundant": 4}
+    assert report["conflicts"] == {"groups": 1, "images": 2}
+    assert report["duplicates"]["groups_spanning_a_sources_own_folders"] == 1
+
+
+def test_first_source_rule_keeps_the_earlier_source(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "glioma" / "small.png", fake_slice(5))
+    write(b / "glioma" / "large.png", cv2.resize(fake_slice(5), (320, 320)))
+    manifest, _ = run(tmp_path, [("a", a), ("b", b)], keep="first_source")
+    assert manifest.set_index("id").at["a/glioma/small.png", "kept"]

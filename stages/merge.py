@@ -12,9 +12,8 @@ import json
 
 from braintumor import atomic
 from braintumor.config import PhantomSource, load_params
-from braintumor.download import class_root_of
 from braintumor.logs import setup_logging
-from braintumor.merge import MANIFEST_COLUMNS, merge_report, merge_sources, planted_duplicate_recall
+from braintumor.merge import MANIFEST_COLUMNS, fetched_class_root, merge_report, merge_sources, planted_duplicate_recall
 from braintumor.paths import ProjectPaths
 
 
@@ -22,7 +21,7 @@ def main() -> dict:
     log = setup_logging("merge")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    sources = [(name, class_root_of(paths.raw_source(name))) for name in params.download.use]
+    sources = [(name, fetched_class_root(paths.raw_source(name))) for name in params.download.use]
 
     near = params.merge.near_duplicates
     manifest, search = merge_sources(

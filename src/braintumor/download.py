@@ -113,15 +113,3 @@ def _replace_folder(new: Path, dest: Path) -> None:
     new.rename(dest)
     if old is not None:
         shutil.rmtree(old)
-
-
-def class_root_of(dest: Path) -> Path:
-    """Where a fetched source's class folders live, from its ``source.json``.
-
-    ``source.json`` is written last, just before the folder is renamed into place, so a folder
-    without it is not a complete fetch.
-    """
-    record_path = dest / "source.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{dest} is not a complete fetch (no source.json): run `dvc repro download@{dest.name}`")
-    return dest / json.loads(record_path.read_text())["class_root"]

@@ -8,6 +8,7 @@ One manifest row per raw file, whatever happened to it, so nothing is ever dropp
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 from collections import Counter
@@ -38,6 +39,20 @@ class RawFile:
     @property
     def id(self) -> str:
         return f"{self.source}/{self.relpath}"
+
+
+def fetched_class_root(source_folder: Path) -> Path:
+    """Where a fetched source's class folders live, from the ``source.json`` the download wrote.
+
+    ``source.json`` is written last, just before the folder is renamed into place, so a folder
+    without it is not a complete fetch.
+    """
+    record = source_folder / "source.json"
+    if not record.is_file():
+        raise FileNotFoundError(
+            f"{source_folder} is not a complete fetch (no source.json): run `dvc repro download@{source_folder.name}`"
+        )
+    return source_folder / json.loads(record.read_text())["class_root"]
 
 
 def list_source_files(source: str, images_root: Path) -> list[RawFile]:

@@ -86,3 +86,10 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("download: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_bare_no_reads_as_a_folder_name_like_dvc_writes_it(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml in YAML 1.2 and drops the quotes around "no".
+    text = (REPO / "params.yaml").read_text().replace('"no"', "no")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").merge.folder_to_label()["no"] == "no_tumor"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "no_tumor", "pituitary")
@@ -219,14 +218,27 @@ def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
         raise ParamsError(f"invalid {origin}:\n  " + "\n  ".join(lines)) from None
 
 
+def read_yaml(text: str) -> Any:
+    """Parse YAML 1.2, as DVC does: a bare ``no`` is the string "no" (YAML 1.1 would make it false).
+
+    ``dvc exp run -S`` rewrites params.yaml with a YAML 1.2 writer, which drops the quotes that
+    YAML 1.1 readers need, so reading it any other way would disagree with DVC.
+    """
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file."""
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"params file not found: {path}") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from braintumor.config import parse_params
+from braintumor.config import parse_params, read_yaml
 from braintumor.paths import ProjectPaths
 
 
 def load_overrides(path: Path) -> dict[str, object]:
     """The flat ``dotted.key: value`` overrides of a demo file."""
-    overrides = yaml.safe_load(path.read_text()) or {}
+    overrides = read_yaml(path.read_text()) or {}
     if not isinstance(overrides, dict):
         raise ValueError(f"{path} must map dotted params keys to values")
     return overrides
@@ -61,7 +61,7 @@ def run_experiment(root: Path, overrides: dict[str, object], name: str) -> None:
     params_file = root / "params.yaml"
     original = params_file.read_bytes()
     # Validate the overridden params up front: a bad demo file fails here, not mid-pipeline.
-    parse_params(apply_overrides(yaml.safe_load(original), overrides), origin="params.yaml + demo overrides")
+    parse_params(apply_overrides(read_yaml(original.decode()), overrides), origin="params.yaml + demo overrides")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     command = ["dvc", "exp", "run", "--name", name, *set_param_flags(overrides)]
     print("$", " ".join(command), flush=True)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = load_overrides(root / args.overrides)
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = read_yaml(value)
     run_experiment(root, overrides, args.name)
     print(summary(root))
 

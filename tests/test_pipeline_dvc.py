@@ -1,0 +1,123 @@
+"""End to end with real DVC in a temporary copy of the repo: repro, no-op rerun, targeted reruns,
+the demo mechanism, and the shared real datasets as `local` sources."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import SHARED_DATASETS, copy_repo, shared_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "download.use": ["phantom"],
+    "download.sources.phantom.images_per_class": 16,
+    "download.sources.phantom.image_size": 96,
+    "download.sources.phantom.duplicates": {k: 2 for k in (
+        "exact", "resized", "reencoded", "grayscale_rgb", "cropped", "padded", "rotated", "flipped", "rescaled",
+        "conflicting_label")},
+    "preprocess.image_size": 48,
+}
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    from braintumor.demo import apply_overrides
+
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), overrides), sort_keys=False))
+
+
+def dvc(repo: Path, env: dict, *args: str) -> str:
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def phantom_repo(tmp_path_factory, venv_env) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    set_params(repo, TINY)
+    output = dvc(repo, venv_env, "repro")
+    assert ran_stages(output) == {"download@phantom", "merge", "preprocess", "split"}
+    return repo
+
+
+def test_repro_writes_every_output(phantom_repo):
+    repo = phantom_repo
+    merge = json.loads((repo / "reports/data/merge.json").read_text())
+    split = json.loads((repo / "reports/data/split.json").read_text())
+    manifest = pd.read_csv(repo / "data/interim/manifest.csv", keep_default_na=False)
+    images = np.load(repo / "data/processed/images.npy", mmap_mode="r")
+    table = pd.read_csv(repo / "data/split/split.csv")
+    assert (repo / "data/raw/phantom/source.json").is_file() and (repo / "data/raw/phantom/masks").is_dir()
+    assert merge["files"] == len(manifest) == 4 * 16 + 10 * 2
+    assert all(r == 1.0 for r in merge["planted"]["phantom"]["recall"].values()), merge["planted"]
+    assert merge["planted"]["phantom"]["false_merges"] == 0
+    assert images.shape == ((manifest["status"] == "ok").sum(), 48, 48) and images.dtype == "uint8"
+    assert split["leakage"] == {"duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
+    assert len(table) == merge["kept"] and set(table["split"]) == {"train", "val", "test"}
+
+
+def test_rerun_is_a_noop_and_one_param_reruns_only_its_stages(phantom_repo, venv_env):
+    repo = phantom_repo
+    assert ran_stages(dvc(repo, venv_env, "repro")) == set()
+    assert "merge.json" in dvc(repo, venv_env, "metrics", "show")
+    set_params(repo, {"split.seed": 7})
+    assert ran_stages(dvc(repo, venv_env, "repro")) == {"split"}
+    # Sharpening changes pixels, not the index: split's inputs are unchanged, so it is skipped.
+    set_params(repo, {"preprocess.sharpen_amount": 0.25})
+    assert ran_stages(dvc(repo, venv_env, "repro")) == {"preprocess"}
+    set_params(repo, {"merge.near_duplicates.verify_similarity": 0.96})
+    assert "merge" in ran_stages(dvc(repo, venv_env, "repro"))
+    assert "download@phantom" in dvc(repo, venv_env, "dag")
+
+
+def test_demo_runs_an_experiment_and_leaves_params_untouched(tmp_path, venv_env):
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "tiny-demo.yaml").write_text(yaml.safe_dump(TINY))
+    before = (repo / "params.yaml").read_bytes()
+    result = subprocess.run(
+        ["python", "-m", "braintumor.demo", "--overrides", "tiny-demo.yaml", "--name", "tiny-demo"],
+        cwd=repo, env=venv_env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (repo / "params.yaml").read_bytes() == before
+    assert "== demo summary ==" in result.stdout and "false merges 0" in result.stdout
+    experiments = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=venv_env,
+                                            capture_output=True, text=True, check=True).stdout)
+    names = [e.get("name") for commit in experiments for e in (commit.get("experiments") or [])]
+    assert "tiny-demo" in names
+
+
+@pytest.mark.shared_data
+def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
+    shared_dataset("nickparvar-224"), shared_dataset("sartaj-sample")
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, {
+        "download.use": ["shared_nickparvar", "shared_sartaj"],
+        "download.sources.shared_nickparvar.path": str(SHARED_DATASETS / "nickparvar-224"),
+        "download.sources.shared_sartaj.path": str(SHARED_DATASETS / "sartaj-sample"),
+        "preprocess.image_size": 64,
+    })
+    dvc(repo, venv_env, "repro")
+    merge = json.loads((repo / "reports/data/merge.json").read_text())
+    split = json.loads((repo / "reports/data/split.json").read_text())
+    assert merge["files"] == 7023 + 457
+    # The shared "sartaj-sample" holds colour photographs of food, not MRI: all quarantined.
+    assert merge["per_source"]["shared_sartaj"]["quarantined"] == 457
+    assert merge["quarantined_by_reason"] == {"not_mri_like": 457}
+    dups = merge["duplicates"]
+    assert dups["exact_within_source"]["groups"] > 100 and dups["near_within_source"]["groups"] > 100
+    assert dups["groups_spanning_a_sources_own_folders"] > 100
+    assert split["leakage"]["duplicate_groups_spanning_splits"] == 0

@@ -5,13 +5,16 @@ grey or RGB, cropped to the head or padded, and lightly rotated, flipped or resc
 perceptual hash with a small Hamming radius misses most of these (slices are mostly black and low in
 contrast, and a crop or a rotation moves every hash bit), so the method here is:
 
-1. Canonicalise: crop each slice to its head's bounding box and resize that box to a fixed square.
-   This removes borders, padding, crops, rescaling and aspect changes in one step.
+1. Canonicalise: crop each slice to its head's bounding box and resize that box to a fixed square
+   (not keeping its aspect ratio). This removes borders, padding, crops, rescaling and aspect changes
+   in one step; histogram equalisation then removes contrast and windowing changes.
 2. Shortlist: a left-right symmetrised low-resolution descriptor of the canonical image (so a mirror
    copy gets the same descriptor), centred on the dataset mean; k nearest neighbours by cosine
    similarity with an exact inner-product index (faiss), which scales to 100k images in seconds.
 3. Verify: for each shortlisted pair, the best normalised cross-correlation of the two canonical
-   images over mirror x small rotations. Only pairs above ``verify_similarity`` are duplicates.
+   images over mirror x small rotations, each rotation applied to the head (kept with a margin)
+   before it is cropped and canonicalised again, exactly as a rotated copy would be. Only pairs
+   above ``verify_similarity`` are duplicates.
 
 Exact duplicates (identical decoded pixels, whatever the file bytes) are found by hashing pixels.
 Duplicate pairs are joined into groups with a union-find.
@@ -29,6 +32,8 @@ from braintumor.imageio import collapse_equal_channels, to_grayscale
 from braintumor.preprocess import head_bbox
 
 CANONICAL_SIZE = 64
+HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation
+HEAD_MARGIN = 0.15
 DESCRIPTOR_GRID = 16
 DESCRIPTOR_DIMS = 32
 
@@ -41,7 +46,8 @@ class Fingerprint:
     height: int
     width: int
     channels: int
-    canonical: np.ndarray  # (CANONICAL_SIZE, CANONICAL_SIZE) uint8, head box squeezed to a square
+    head: np.ndarray  # (HEAD_SIZE, HEAD_SIZE) uint8: the head, centred with a margin, aspect kept
+    canonical: np.ndarray  # (CANONICAL_SIZE, CANONICAL_SIZE) uint8: :func:`canonical_head` of ``head``
 
 
 def pixel_hash(image: np.ndarray) -> str:
@@ -50,6 +56,21 @@ def pixel_hash(image: np.ndarray) -> str:
     digest = hashlib.sha1(str((pixels.shape, pixels.dtype.str)).encode())
     digest.update(pixels.tobytes())
     return digest.hexdigest()
+
+
+def head_with_margin(gray: np.ndarray, threshold: int, size: int = HEAD_SIZE) -> np.ndarray:
+    """The head centred in a square ``HEAD_MARGIN`` larger than its box, resized to ``size``.
+
+    The margin leaves room to rotate the head a few degrees without cutting it.
+    """
+    y0, y1, x0, x1 = head_bbox(gray, threshold)
+    side = int(round(max(y1 - y0, x1 - x0) * (1 + 2 * HEAD_MARGIN)))
+    top, left = (y0 + y1 - side) // 2, (x0 + x1 - side) // 2
+    square = np.zeros((side, side), np.uint8)
+    sy0, sx0 = max(top, 0), max(left, 0)
+    sy1, sx1 = min(top + side, gray.shape[0]), min(left + side, gray.shape[1])
+    square[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = gray[sy0:sy1, sx0:sx1]
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def canonical_head(gray: np.ndarray, threshold: int, size: int = CANONICAL_SIZE) -> np.ndarray:
@@ -67,14 +88,15 @@ def canonical_head(gray: np.ndarray, threshold: int, size: int = CANONICAL_SIZE)
 
 def fingerprint_image(image: np.ndarray, threshold: int) -> Fingerprint:
     """Fingerprint a decoded image (any channel layout OpenCV returns)."""
-    gray = to_grayscale(image)
+    head = head_with_margin(to_grayscale(image), threshold)
     channels = 1 if image.ndim == 2 else image.shape[2]
     return Fingerprint(
         pixel_hash=pixel_hash(image),
         height=int(image.shape[0]),
         width=int(image.shape[1]),
         channels=int(channels),
-        canonical=canonical_head(gray, threshold),
+        head=head,
+        canonical=canonical_head(head, threshold),
     )
 
 
@@ -160,22 +182,31 @@ def _standardised(image: np.ndarray) -> np.ndarray:
     return x / max(float(np.linalg.norm(x)), 1e-6)
 
 
-def aligned_variants(canonical: np.ndarray, max_rotation_deg: float, step_deg: float) -> np.ndarray:
-    """Standardised copies (V, S*S) of one canonical image: mirror x rotations in the given range."""
-    size = canonical.shape[0]
+def aligned_variants(head: np.ndarray, threshold: int, max_rotation_deg: float, step_deg: float) -> np.ndarray:
+    """Standardised canonical images (V, S*S) of one head: mirror x rotations in the given range.
+
+    Each rotation turns the head with its margin and then canonicalises it again, so the variant is
+    what :func:`canonical_head` gives for a copy rotated by that angle.
+    """
+    size = head.shape[0]
     centre = ((size - 1) / 2.0, (size - 1) / 2.0)
     angles = np.arange(-max_rotation_deg, max_rotation_deg + 1e-9, step_deg) if max_rotation_deg > 0 else [0.0]
     variants = []
-    for image in (canonical, canonical[:, ::-1]):
+    for image in (head, np.ascontiguousarray(head[:, ::-1])):
         for angle in angles:
             matrix = cv2.getRotationMatrix2D(centre, float(angle), 1.0)
             rotated = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
-            variants.append(_standardised(rotated))
+            variants.append(_standardised(canonical_head(rotated, threshold)))
     return np.stack(variants)
 
 
 def verify_pairs(
-    canonical: np.ndarray, pairs: np.ndarray, max_rotation_deg: float, step_deg: float
+    heads: np.ndarray,
+    canonical: np.ndarray,
+    pairs: np.ndarray,
+    threshold: int,
+    max_rotation_deg: float,
+    step_deg: float,
 ) -> np.ndarray:
     """Best normalised cross-correlation of each pair over mirror x rotation, shape (M,).
 
@@ -191,7 +222,7 @@ def verify_pairs(
     for start, end in zip(starts, ends):
         members = order[start:end]
         right = pairs[members[0], 1]
-        variants = aligned_variants(canonical[right], max_rotation_deg, step_deg)
+        variants = aligned_variants(heads[right], threshold, max_rotation_deg, step_deg)
         lefts = np.stack([_standardised(canonical[i]) for i in pairs[members, 0]])
         scores[members] = (lefts @ variants.T).max(axis=1)
     return scores
@@ -238,6 +269,7 @@ class DuplicateSearch:
 def find_duplicate_groups(
     fingerprints: list[Fingerprint],
     *,
+    head_threshold: int,
     near: bool,
     neighbours: int,
     shortlist_similarity: float,
@@ -262,7 +294,8 @@ def find_duplicate_groups(
         shortlisted = len(candidates)
         hashes = np.array([f.pixel_hash for f in fingerprints])
         candidates = candidates[hashes[candidates[:, 0]] != hashes[candidates[:, 1]]]
-        scores = verify_pairs(canonical, candidates, max_rotation_deg, rotation_step_deg)
+        heads = np.stack([f.head for f in fingerprints])
+        scores = verify_pairs(heads, canonical, candidates, head_threshold, max_rotation_deg, rotation_step_deg)
         duplicate = scores >= verify_similarity
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
         related_pairs = candidates[~duplicate & (scores >= related_similarity)]

@@ -252,6 +252,7 @@ def merge_sources(
     fingerprints = [inspections[i].fingerprint for i in ok_rows]
     search = find_duplicate_groups(
         fingerprints,
+        head_threshold=head_threshold,
         near=near,
         neighbours=neighbours,
         shortlist_similarity=shortlist_similarity,

@@ -59,7 +59,9 @@ def head_bbox(gray: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
 
     The head is the largest (by pixel count) 8-connected component of pixels above ``threshold``
     after a 3x3 Gaussian blur, so JPEG noise, burnt-in text labels and specks in the background do
-    not enlarge the box. Exact at full resolution, ~0.12 ms at 224 px (see :func:`_largest_label`).
+    not enlarge the box, together with any sizeable component whose box encloses it: where dark CSF
+    and bone separate the scalp ring from the brain, the ring is a component of its own and the
+    brain alone would otherwise be taken for the head.
 
     Args:
         gray: uint8 (H, W) slice.
@@ -72,29 +74,14 @@ def head_bbox(gray: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
     if not 0 <= threshold <= 255:
         raise ValueError(f"threshold must be in 0..255, got {threshold}")
     _, mask = cv2.threshold(cv2.GaussianBlur(gray, (3, 3), 0), threshold, 255, cv2.THRESH_BINARY)
-    # Labels without stats: OpenCV's per-pixel stats cost 3x the labelling itself (~0.18 vs 0.05 ms).
-    count, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_32S)
     if count <= 1:  # label 0 is the background
         return 0, gray.shape[0], 0, gray.shape[1]
-    x, y, w, h = cv2.boundingRect(cv2.compare(labels, _largest_label(labels, count), cv2.CMP_EQ))
-    return y, y + h, x, x + w
-
-
-def _largest_label(labels: np.ndarray, count: int) -> int:
-    """The foreground label (1..count-1) with the most pixels.
-
-    Counts on every other row and column first (a quarter of the work); the full count decides
-    when that sample cannot: few sampled pixels, or a runner-up within 25% of the leader.
-    """
-    if count == 2:  # the common case: a single component
-        return 1
-    sampled = np.bincount(labels[::2, ::2].ravel(), minlength=count)[1:]
-    leader = int(np.argmax(sampled))
-    lead = int(sampled[leader])
-    sampled[leader] = 0
-    if lead >= 64 and sampled.max() < 0.75 * lead:
-        return 1 + leader
-    return 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=count)[1:]))
+    x, y, w, h, area = stats[1:].T
+    main = int(np.argmax(area))
+    encloses = (x <= x[main]) & (y <= y[main]) & (x + w >= x[main] + w[main]) & (y + h >= y[main] + h[main])
+    head = encloses & (area >= 0.02 * area[main])  # the main component always encloses itself
+    return int(y[head].min()), int((y + h)[head].max()), int(x[head].min()), int((x + w)[head].max())
 
 
 def crop_to_head(gray: np.ndarray, threshold: int) -> np.ndarray:

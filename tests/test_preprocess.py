@@ -272,3 +272,26 @@ def test_corrupt_file_is_named_and_leaves_no_output(slices, tmp_path, workers):
 def test_preprocess_error_survives_pickling():
     error = pickle.loads(pickle.dumps(PreprocessError("/data/x.jpg", "truncated")))
     assert error.path == "/data/x.jpg" and str(error) == "cannot preprocess /data/x.jpg: truncated"
+
+
+def test_parallel_workers_after_opencv_threads_ran_in_the_parent(tmp_path):
+    # The phantom generator runs OpenCV on threads; forking workers afterwards must not deadlock.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda i: cv2.GaussianBlur(np.full((256, 256), i, np.uint8), (0, 0), 3), range(20)))
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), np.full((40, 40), 30 * i, np.uint8))
+    stats = preprocess_to_array(paths, PreprocessParams(image_size=32), tmp_path / "out.npy", workers=2)
+    assert stats["images"] == 8
+
+
+def test_head_box_includes_a_scalp_ring_separated_from_the_brain():
+    image = np.zeros((100, 100), np.uint8)
+    cv2.circle(image, (50, 50), 40, 200, 3)  # scalp ring
+    cv2.circle(image, (50, 50), 30, 120, -1)  # brain, apart from the ring by a dark CSF gap
+    cv2.putText(image, "L", (2, 98), cv2.FONT_HERSHEY_SIMPLEX, 0.3, 255, 1)  # a burnt-in label
+    y0, y1, x0, x1 = head_bbox(image, 12)
+    assert (y0, y1, x0, x1) == pytest.approx((8, 93, 8, 93), abs=1)  # the ring, not the brain (20..81)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from braintumor.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
+from braintumor.parallel import single_threaded_opencv
 from braintumor.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
 
 
@@ -136,17 +136,13 @@ def _inspect_worker(args: tuple[Path, int, float]) -> Inspection:
     return inspect_file(*args)
 
 
-def _single_thread_opencv() -> None:
-    cv2.setNumThreads(1)
-
-
 def inspect_files(paths: Sequence[Path], head_threshold: int, max_colour_share: float, workers: int) -> list[Inspection]:
     """:func:`inspect_file` over many files, in ``workers`` processes (0 = one per core)."""
     workers = workers or os.cpu_count() or 1
     jobs = [(p, head_threshold, max_colour_share) for p in paths]
     if workers == 1 or len(jobs) < 64:
         return [_inspect_worker(j) for j in jobs]
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_single_thread_opencv) as pool:
+    with single_threaded_opencv(), multiprocessing.get_context("fork").Pool(workers) as pool:
         return pool.map(_inspect_worker, jobs, chunksize=64)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from braintumor.config import PreprocessParams
 from braintumor.imageio import UnreadableImageError, read_grayscale
+from braintumor.parallel import single_threaded_opencv
 
 # Rows a worker claims at a time. Small, so the slow tail (large images often sit together, one
 # source after another) is shared by all workers; claiming costs a lock, a few microseconds.
@@ -225,8 +226,6 @@ def _fill_claimed_rows(array_path: str, paths: Sequence[str | Path], params: Pre
     Rows go straight into the memory-mapped file, so no image travels back to the parent. The first
     error is sent to the parent and ends the claiming for every worker.
     """
-    # One OpenCV thread per process: N workers then use N cores instead of fighting over them.
-    cv2.setNumThreads(1)
     try:
         out = np.lib.format.open_memmap(array_path, mode="r+")
         while True:
@@ -255,14 +254,10 @@ def _resolve_workers(workers: int | None, params: PreprocessParams, count: int) 
 
 def _fill_serial(array_path: str, paths: Sequence[str | Path], params: PreprocessParams) -> None:
     # The same single-threaded OpenCV a worker runs, so workers=1 is a fair baseline for workers=N.
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with single_threaded_opencv():
         out = np.lib.format.open_memmap(array_path, mode="r+")
         _fill_rows(out, paths, params, 0, len(paths))
         del out  # unmap before os.replace (required on Windows)
-    finally:
-        cv2.setNumThreads(threads)
 
 
 def _fill_parallel(array_path: str, paths: Sequence[str | Path], params: PreprocessParams, workers: int) -> None:
@@ -273,8 +268,9 @@ def _fill_parallel(array_path: str, paths: Sequence[str | Path], params: Preproc
     args = (array_path, list(paths), params, next_row, errors)
     processes = [context.Process(target=_fill_claimed_rows, args=args, daemon=True) for _ in range(workers)]
     try:
-        for process in processes:
-            process.start()
+        with single_threaded_opencv():  # inherited by the forked workers (see braintumor.parallel)
+            for process in processes:
+                process.start()
         for process in processes:
             process.join()
     finally:  # on an interrupt in the parent, do not leave workers writing to a deleted file

@@ -54,11 +54,11 @@ def test_head_bbox_is_the_rectangle_grown_by_the_blur():
     assert head_bbox(_head_with_distractors(), 12) == (9, 41, 19, 61)
 
 
-def test_head_bbox_picks_most_pixels_even_when_the_subsample_disagrees():
+def test_head_bbox_prefers_enclosed_area_over_pixel_count():
     gray = np.zeros((60, 120), np.uint8)
-    gray[10:13, 5:106] = 200  # after the blur 5 x 103 = 515 px; every-other-pixel sample: 104
-    gray[30:50, 30:50] = 200  # after the blur 22 x 22 = 484 px; sample: 121
-    assert head_bbox(gray, 12) == (9, 14, 4, 107)
+    gray[10:13, 5:106] = 200  # a frame line: after the blur 5 x 103 = 515 px, enclosing 4 x 102 = 408
+    gray[30:50, 30:50] = 200  # the head: after the blur 22 x 22 = 484 px, enclosing 21 x 21 = 441
+    assert head_bbox(gray, 12) == (29, 51, 29, 51)
 
 
 def test_head_bbox_without_foreground_is_the_whole_image():

@@ -58,11 +58,11 @@ def _require_gray(gray: np.ndarray) -> None:
 def head_bbox(gray: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
     """Bounding box (y0, y1, x0, x1), end-exclusive, of the head in a slice.
 
-    The head is the largest (by pixel count) 8-connected component of pixels above ``threshold``
-    after a 3x3 Gaussian blur, so JPEG noise, burnt-in text labels and specks in the background do
-    not enlarge the box, together with any sizeable component whose box encloses it: where dark CSF
-    and bone separate the scalp ring from the brain, the ring is a component of its own and the
-    brain alone would otherwise be taken for the head.
+    The head is the foreground region (pixels above ``threshold`` after a 3x3 Gaussian blur) whose
+    outer contour encloses the largest area. Enclosed area rather than pixel count, because where dark
+    CSF and bone separate the scalp ring from the brain, the ring is a region of its own and the brain
+    alone would otherwise be taken for the head; JPEG noise, burnt-in text labels, specks and the
+    broken frame lines some scanners draw enclose little and do not enlarge the box. ~0.09 ms at 224 px.
 
     Args:
         gray: uint8 (H, W) slice.
@@ -75,14 +75,13 @@ def head_bbox(gray: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
     if not 0 <= threshold <= 255:
         raise ValueError(f"threshold must be in 0..255, got {threshold}")
     _, mask = cv2.threshold(cv2.GaussianBlur(gray, (3, 3), 0), threshold, 255, cv2.THRESH_BINARY)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_32S)
-    if count <= 1:  # label 0 is the background
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
         return 0, gray.shape[0], 0, gray.shape[1]
-    x, y, w, h, area = stats[1:].T
-    main = int(np.argmax(area))
-    encloses = (x <= x[main]) & (y <= y[main]) & (x + w >= x[main] + w[main]) & (y + h >= y[main] + h[main])
-    head = encloses & (area >= 0.02 * area[main])  # the main component always encloses itself
-    return int(y[head].min()), int((y + h)[head].max()), int(x[head].min()), int((x + w)[head].max())
+    # A one-pixel region has zero contour area; ties then go to the region with more outline points.
+    head = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
+    x, y, w, h = cv2.boundingRect(head)
+    return y, y + h, x, x + w
 
 
 def crop_to_head(gray: np.ndarray, threshold: int) -> np.ndarray:

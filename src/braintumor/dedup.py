@@ -242,21 +242,24 @@ def verify_pairs(
 ) -> np.ndarray:
     """Best normalised cross-correlation of each pair over mirror x rotation, shape (M,).
 
-    The rotated variants of each right-hand image are built once and scored against all of its
-    left-hand partners with one matrix product.
+    Symmetric: each image of a pair is turned to match the other and the better score counts, since
+    resampling makes "turn A onto B" and "turn B onto A" differ slightly. Every image's variants are
+    built once and scored against all of its partners with one matrix product.
     """
-    scores = np.zeros(len(pairs), np.float32)
+    scores = np.full(len(pairs), -1.0, np.float32)
     if len(pairs) == 0:
         return scores
-    order = np.argsort(pairs[:, 1], kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(pairs[order, 1]) != 0])
+    sides = np.concatenate([pairs, pairs[:, ::-1]])  # (2M, 2): (partner, turned image)
+    pair_of = np.tile(np.arange(len(pairs)), 2)
+    order = np.argsort(sides[:, 1], kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(sides[order, 1]) != 0])
     ends = np.r_[starts[1:], len(order)]
     for start, end in zip(starts, ends):
         members = order[start:end]
-        right = pairs[members[0], 1]
-        variants = aligned_variants(heads[right], threshold, max_rotation_deg, step_deg)
-        lefts = np.stack([_standardised(canonical[i]) for i in pairs[members, 0]])
-        scores[members] = (lefts @ variants.T).max(axis=1)
+        turned = sides[members[0], 1]
+        variants = aligned_variants(heads[turned], threshold, max_rotation_deg, step_deg)
+        partners = np.stack([_standardised(canonical[i]) for i in sides[members, 0]])
+        np.maximum.at(scores, pair_of[members], (partners @ variants.T).max(axis=1))
     return scores
 
 

@@ -121,3 +121,11 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     assert dups["exact_within_source"]["groups"] > 100 and dups["near_within_source"]["groups"] > 100
     assert dups["groups_spanning_a_sources_own_folders"] > 100
     assert split["leakage"]["duplicate_groups_spanning_splits"] == 0
+    # The dataset's own Training/Testing folders, as published numbers use them: only split reruns,
+    # and the leak is measured and warned about instead of failing the stage.
+    set_params(repo, {"split.strategy": "source_folders", "split.test_source": "shared_nickparvar"})
+    output = dvc(repo, venv_env, "repro")
+    assert ran_stages(output) == {"split"} and "LEAKY split" in output
+    leaky = json.loads((repo / "reports/data/split.json").read_text())
+    assert leaky["per_split"]["test"] == 1311 and leaky["images"] == 7023
+    assert leaky["leakage"]["duplicate_groups_spanning_splits"] > 500

@@ -33,17 +33,13 @@ def main() -> None:
     kinds = PhantomDuplicates.model_fields
     cfg = PhantomSource(kind="phantom", images_per_class=args.per_class, image_size=args.image_size, seed=args.seed,
                         duplicates=PhantomDuplicates(**{k: args.copies for k in kinds}))
-    near = params.merge.near_duplicates
     with tempfile.TemporaryDirectory() as tmp:
         generate_phantom_source(Path(tmp), cfg)
         start = time.perf_counter()
         manifest, search = merge_sources(
             [("phantom", Path(tmp) / "images")], params.merge.folder_to_label(), root=Path(tmp),
             head_threshold=params.preprocess.head_threshold, max_colour_share=params.merge.max_colour_share,
-            keep=params.merge.keep, near=near.enabled, neighbours=near.neighbours,
-            shortlist_similarity=near.shortlist_similarity, verify_similarity=near.verify_similarity,
-            related_similarity=near.related_similarity, max_rotation_deg=near.max_rotation_deg,
-            rotation_step_deg=near.rotation_step_deg, workers=params.merge.workers,
+            keep=params.merge.keep, near=params.merge.near_duplicates, workers=params.merge.workers,
         )
         seconds = time.perf_counter() - start
         scores = planted_duplicate_recall(manifest, "phantom", json.loads((Path(tmp) / "planted.json").read_text()))
@@ -51,7 +47,8 @@ def main() -> None:
     print(json.dumps({
         "images": int(len(manifest)), "merge_seconds": round(seconds, 1), **scores,
         "related_groups_joining_distinct_slices": related_extra,
-        "verify_similarity": near.verify_similarity, "related_similarity": near.related_similarity,
+        "verify_similarity": params.merge.near_duplicates.verify_similarity,
+        "related_similarity": params.merge.near_duplicates.related_similarity,
     }))
 
 

@@ -23,7 +23,6 @@ def main() -> dict:
     params = load_params(paths.params)
     sources = [(name, fetched_class_root(paths.raw_source(name))) for name in params.download.use]
 
-    near = params.merge.near_duplicates
     manifest, search = merge_sources(
         sources,
         params.merge.folder_to_label(),
@@ -31,13 +30,7 @@ def main() -> dict:
         head_threshold=params.preprocess.head_threshold,
         max_colour_share=params.merge.max_colour_share,
         keep=params.merge.keep,
-        near=near.enabled,
-        neighbours=near.neighbours,
-        shortlist_similarity=near.shortlist_similarity,
-        verify_similarity=near.verify_similarity,
-        related_similarity=near.related_similarity,
-        max_rotation_deg=near.max_rotation_deg,
-        rotation_step_deg=near.rotation_step_deg,
+        near=params.merge.near_duplicates,
         workers=params.merge.workers,
     )
     report = merge_report(manifest)

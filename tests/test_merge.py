@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.config import load_params
+from braintumor.config import NearDuplicateParams, load_params
 from braintumor.merge import (
     UnmappedFolderError,
     list_source_files,
@@ -20,8 +20,8 @@ from braintumor.merge import (
 from conftest import REPO
 
 FOLDERS = load_params(REPO / "params.yaml").merge.folder_to_label()
-NEAR = dict(neighbours=10, shortlist_similarity=0.5, verify_similarity=0.95, related_similarity=0.93,
-            max_rotation_deg=8.0, rotation_step_deg=2.0)
+NEAR = NearDuplicateParams(neighbours=10, shortlist_similarity=0.5, verify_similarity=0.95, related_similarity=0.93,
+                           max_rotation_deg=8.0, rotation_step_deg=2.0)
 
 
 def fake_slice(seed: int, size: int = 160) -> np.ndarray:
@@ -46,7 +46,7 @@ def write(path: Path, image: np.ndarray, params: list[int] | None = None) -> Pat
 
 def run(root: Path, sources: list[tuple[str, Path]], keep: str = "largest"):
     return merge_sources(sources, FOLDERS, root=root, head_threshold=12, max_colour_share=0.06, keep=keep,
-                         near=True, workers=1, **NEAR)
+                         near=NEAR, workers=1)
 
 
 def test_label_mapping_is_case_insensitive_and_records_source_split(tmp_path):

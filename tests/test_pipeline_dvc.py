@@ -64,6 +64,11 @@ def test_repro_writes_every_output(phantom_repo):
     assert merge["files"] == len(manifest) == 4 * 16 + 10 * 2
     assert all(r == 1.0 for r in merge["planted"]["phantom"]["recall"].values()), merge["planted"]
     assert merge["planted"]["phantom"]["false_merges"] == 0
+    # Exact counts: each of the 9 same-label kinds planted twice -> 18 copies removed; the 2 copies
+    # filed under another class make 2 conflicting groups of 2, excluded whole.
+    assert merge["duplicates"]["removed_as_duplicates"] == 18
+    assert merge["conflicts"] == {"groups": 2, "images": 4}
+    assert merge["kept"] == 4 * 16 - 2
     assert images.shape == ((manifest["status"] == "ok").sum(), 48, 48) and images.dtype == "uint8"
     assert split["leakage"] == {"duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
     assert len(table) == merge["kept"] and set(table["split"]) == {"train", "val", "test"}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from braintumor.config import NearDuplicateParams
 from braintumor.imageio import collapse_equal_channels, to_grayscale
 from braintumor.preprocess import head_bbox
 
@@ -301,39 +302,28 @@ class DuplicateSearch:
     shortlisted: int  # candidate pairs checked
 
 
-def find_duplicate_groups(
-    fingerprints: list[Fingerprint],
-    *,
-    head_threshold: int,
-    near: bool,
-    neighbours: int,
-    shortlist_similarity: float,
-    verify_similarity: float,
-    related_similarity: float,
-    max_rotation_deg: float,
-    rotation_step_deg: float,
-) -> DuplicateSearch:
+def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams) -> DuplicateSearch:
     """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups.
 
-    Two levels: pairs scoring ``verify_similarity`` or more are copies of one slice (one is kept);
-    pairs between ``related_similarity`` and that are different but look-alike slices, typically
-    neighbouring slices of one patient's series, which are all kept but must share a split.
+    Two levels: pairs scoring ``near.verify_similarity`` or more are copies of one slice (one is
+    kept); pairs between ``near.related_similarity`` and that are different but look-alike slices,
+    typically neighbouring slices of one patient's series, which are all kept but share a split.
     """
     n = len(fingerprints)
     exact = exact_pairs([f.pixel_hash for f in fingerprints])
     empty = np.empty((0, 2), np.int64)
     near_pairs, related_pairs, near_scores, shortlisted = empty, empty, np.empty(0, np.float32), 0
-    if near and n > 1:
+    if near.enabled and n > 1:
         canonical = np.stack([f.canonical for f in fingerprints])
-        candidates = shortlist_pairs(shortlist_descriptors(canonical), neighbours, shortlist_similarity)
+        candidates = shortlist_pairs(shortlist_descriptors(canonical), near.neighbours, near.shortlist_similarity)
         shortlisted = len(candidates)
         hashes = np.array([f.pixel_hash for f in fingerprints])
         candidates = candidates[hashes[candidates[:, 0]] != hashes[candidates[:, 1]]]
         heads = np.stack([f.head for f in fingerprints])
-        scores = verify_pairs(heads, canonical, candidates, head_threshold, max_rotation_deg, rotation_step_deg)
-        duplicate = scores >= verify_similarity
+        scores = verify_pairs(heads, canonical, candidates, head_threshold, near.max_rotation_deg, near.rotation_step_deg)
+        duplicate = scores >= near.verify_similarity
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
-        related_pairs = candidates[~duplicate & (scores >= related_similarity)]
+        related_pairs = candidates[~duplicate & (scores >= near.related_similarity)]
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
     return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted)

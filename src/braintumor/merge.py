@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from braintumor.config import NearDuplicateParams
 from braintumor.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
 from braintumor.parallel import single_threaded_opencv
 from braintumor.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
@@ -226,13 +227,7 @@ def merge_sources(
     head_threshold: int,
     max_colour_share: float,
     keep: str,
-    near: bool,
-    neighbours: int,
-    shortlist_similarity: float,
-    verify_similarity: float,
-    related_similarity: float,
-    max_rotation_deg: float,
-    rotation_step_deg: float,
+    near: NearDuplicateParams,
     workers: int = 0,
 ) -> tuple[pd.DataFrame, DuplicateSearch]:
     """Walk, label, inspect and deduplicate every source; return the manifest and the raw search."""
@@ -246,17 +241,7 @@ def merge_sources(
     manifest.loc[unlabelled, ["status", "reason"]] = ["quarantined", "no_class_folder"]
     ok_rows = np.flatnonzero(manifest["status"].to_numpy() == "ok")
     fingerprints = [inspections[i].fingerprint for i in ok_rows]
-    search = find_duplicate_groups(
-        fingerprints,
-        head_threshold=head_threshold,
-        near=near,
-        neighbours=neighbours,
-        shortlist_similarity=shortlist_similarity,
-        verify_similarity=verify_similarity,
-        related_similarity=related_similarity,
-        max_rotation_deg=max_rotation_deg,
-        rotation_step_deg=rotation_step_deg,
-    )
+    search = find_duplicate_groups(fingerprints, head_threshold, near)
     manifest = attach_groups(manifest, search, ok_rows)
     manifest = choose_representatives(manifest, keep, [name for name, _ in sources])
     return manifest, search

@@ -180,6 +180,38 @@ class SplitParams(_Section):
         return self
 
 
+# --------------------------------------------------------------------------- model and training
+
+BACKBONES = ("resnet50", "xception", "efficientnetb0", "densenet121", "mobilenetv3small")
+
+
+class ModelParams(_Section):
+    """The classifier: a keras.applications backbone and the seed's head (shared by all model stages)."""
+
+    backbone: Literal["resnet50", "xception", "efficientnetb0", "densenet121", "mobilenetv3small"] = "resnet50"
+    weights: str = Field(default="imagenet", description="imagenet | none | path to a .weights.h5 / .h5 file")
+    dense_units: tuple[int, int] = (512, 128)
+    dropout: tuple[float, float] = (0.5, 0.3)
+
+    @model_validator(mode="after")
+    def _dropout_in_range(self) -> "ModelParams":
+        if not all(0.0 <= rate < 1.0 for rate in self.dropout):
+            raise ValueError(f"model.dropout rates must be in [0, 1), got {list(self.dropout)}")
+        if not all(units >= 1 for units in self.dense_units):
+            raise ValueError(f"model.dense_units must be positive, got {list(self.dense_units)}")
+        return self
+
+
+class AugmentParams(_Section):
+    """Training-time augmentation, fused into one affine transform per image. 0 / false turns one off."""
+
+    rotation_deg: float = Field(default=15.0, ge=0.0, le=180.0, description="uniform in [-r, r]")
+    zoom: float = Field(default=0.1, ge=0.0, lt=1.0, description="scale uniform in [1 - z, 1 + z]")
+    shift: float = Field(default=0.1, ge=0.0, lt=1.0, description="fraction of the image size, per axis")
+    shear_deg: float = Field(default=5.0, ge=0.0, lt=45.0)
+    horizontal_flip: bool = True
+
+
 # --------------------------------------------------------------------------- all
 
 
@@ -188,6 +220,8 @@ class Params(_Section):
     merge: MergeParams
     preprocess: PreprocessParams = PreprocessParams()
     split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
     def _split_source_is_used(self) -> "Params":

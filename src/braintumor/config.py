@@ -212,6 +212,14 @@ class AugmentParams(_Section):
     horizontal_flip: bool = True
 
 
+class MlflowParams(_Section):
+    """Where runs are logged. A relative sqlite path is resolved against the project's main root."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = Field(default="braintumor", min_length=1)
+    registered_model: str = Field(default="braintumor-classifier", min_length=1)
+
+
 # --------------------------------------------------------------------------- all
 
 
@@ -222,6 +230,7 @@ class Params(_Section):
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
     augment: AugmentParams = AugmentParams()
+    mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")
     def _split_source_is_used(self) -> "Params":

@@ -33,11 +33,21 @@ def file_list_checksum(folder: Path) -> tuple[int, str]:
 
 
 def copy_local_folder(origin: Path, dest: Path, mode: str) -> None:
-    """Copy (or hard-link, which costs no space) an existing dataset folder to ``dest``."""
+    """Copy (or hard-link, which costs no space) every file of an existing dataset folder to ``dest``.
+
+    Contents only, not permissions: a read-only origin (a shared, write-protected copy) must not
+    give a read-only ``data/raw`` that DVC and the user then cannot replace.
+    """
     if not origin.is_dir():
         raise FileNotFoundError(f"local source folder not found: {origin}")
-    copy = os.link if mode == "hardlink" else shutil.copy2
-    shutil.copytree(origin, dest, copy_function=copy, symlinks=False)
+    for path in sorted(origin.rglob("*")):
+        if path.is_file():
+            target = dest / path.relative_to(origin)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if mode == "hardlink":
+                os.link(path, target)
+            else:
+                shutil.copyfile(path, target)
 
 
 def _fetch_into(staging: Path, source: Source, project_root: Path) -> dict:

@@ -212,6 +212,42 @@ class AugmentParams(_Section):
     horizontal_flip: bool = True
 
 
+class RuntimeParams(_Section):
+    """How training runs: seeds, determinism, precision, compilation, devices (shared by both phases)."""
+
+    seed: int = 42
+    deterministic: bool = Field(default=True, description="op determinism: identical metrics for identical params on CPU")
+    mixed_precision: Literal["auto", "on", "off"] = Field(default="auto", description="auto: on with a GPU")
+    xla: Literal["auto", "on", "off"] = Field(default="auto", description="auto: on with a GPU")
+    distribution: Literal["auto", "none", "mirrored"] = Field(default="auto", description="auto: mirrored with >1 GPU")
+
+
+class PhaseParams(_Section):
+    """One training phase: optimiser schedule and callbacks on validation loss."""
+
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    epochs: int = Field(default=30, ge=1, description="maximum; early stopping may end sooner")
+    early_stopping_patience: int = Field(default=5, ge=1)
+    reduce_lr_factor: float = Field(default=0.2, gt=0.0, lt=1.0)
+    reduce_lr_patience: int = Field(default=2, ge=1)
+    min_lr: float = Field(default=1e-6, ge=0.0)
+    class_weights: bool = Field(default=True, description="weight classes by inverse frequency")
+
+
+class TrainBaseParams(PhaseParams):
+    feature_cache: bool = Field(default=True, description="run the frozen backbone once per image, train the head on features")
+    feature_cache_copies: int = Field(default=2, ge=0, description="augmented copies per training image in the cache (plus the original)")
+
+
+class FinetuneParams(PhaseParams):
+    unfreeze: int | str = Field(default=30, description="the last N backbone layers, or every layer from this name on")
+    learning_rate: float = Field(default=1e-5, gt=0.0)
+    batch_size: int = Field(default=16, ge=1)
+    epochs: int = Field(default=10, ge=1)
+    early_stopping_patience: int = Field(default=3, ge=1)
+
+
 class MlflowParams(_Section):
     """Where runs are logged. A relative sqlite path is resolved against the project's main root."""
 
@@ -230,6 +266,9 @@ class Params(_Section):
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
     augment: AugmentParams = AugmentParams()
+    runtime: RuntimeParams = RuntimeParams()
+    train_base: TrainBaseParams = TrainBaseParams()
+    finetune: FinetuneParams = FinetuneParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")

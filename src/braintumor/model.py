@@ -1,0 +1,519 @@
+"""The classifier: a keras.applications backbone under the seed's dense head, in one flat model.
+
+Graph (S = image size, C = the backbone's feature channels)::
+
+    image (B, S, S, 1) float32 in 0..255          the cached grey slice
+    -> grey_to_rgb    (B, S, S, 3)                the same grey value in R, G and B
+    -> preprocess     (B, S, S, 3)                the backbone's ImageNet preprocessing (or none, see below)
+    -> backbone       (B, s, s, C)                layers inlined via ``input_tensor=``, not one nested layer
+    -> head_pool      (B, C)
+    -> head_dense_1 -> head_bn_1 -> head_dropout_1 -> head_dense_2 -> head_bn_2 -> head_dropout_2
+    -> predictions    (B, num_classes) float32 softmax
+
+Why the backbone is inlined: Grad-CAM needs the last conv layer's output as a model output, and a
+backbone nested as one sub-model layer hides it (keras-io issue 1999). Here
+``model.get_layer(last_conv_layer_name(params))`` works, also on a model reloaded from ``.keras``.
+
+Why the keras-io advice "call the backbone with training=False" holds without such a call: the
+backbone's BatchNormalization layers are kept ``trainable=False`` by :func:`freeze_backbone` and
+:func:`unfreeze_top`, and in Keras 3 a non-trainable BatchNormalization always uses its moving
+statistics. (EfficientNetB0's stochastic-depth Dropout layers do stay active while training, as in
+keras-io's EfficientNet fine-tuning example, which also builds with ``input_tensor=``.)
+
+Preprocessing is applied exactly once. ResNet50, Xception and DenseNet121 expect the caller to
+preprocess, which :class:`ImagenetPreprocessing` does inside the model. EfficientNetB0 and
+MobileNetV3Small rescale inside their own graphs, so their ``preprocess`` layer is the identity.
+
+Weights: the backbone is always built with ``weights=None`` and the file is loaded afterwards, so the
+architecture is the same whatever ``model.weights`` says. (keras.applications' EfficientNet adds one
+Rescaling layer only when ``weights="imagenet"``; :func:`_correct_imagenet_stddev` does its job on the
+loaded Normalization weights instead, so a path to the same ImageNet file gives the same model.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from braintumor.config import CLASS_NAMES, ModelParams
+
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications"
+
+# ImageNet channel statistics, RGB order (keras.applications.imagenet_utils).
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
+# The head's global pooling: where the backbone ends. Find it by this name, not by type: EfficientNet's
+# and MobileNetV3's squeeze-and-excitation blocks contain GlobalAveragePooling2D layers too.
+HEAD_POOL_LAYER = "head_pool"
+HEAD_LAYER_NAMES = (
+    HEAD_POOL_LAYER, "head_dense_1", "head_bn_1", "head_dropout_1",
+    "head_dense_2", "head_bn_2", "head_dropout_2", "predictions",
+)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights were asked for but Keras could not download them (no network)."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One keras.applications backbone and what the model needs to know about it.
+
+    Args:
+        name: the key used in ``params.yaml`` (``model.backbone``).
+        constructor: the keras.applications function; called with ``include_top=False``.
+        preprocessing: the mode of the model's ``preprocess`` layer, one of :data:`PREPROCESSING_MODES`.
+        preprocessing_note: what happens to a 0..255 RGB pixel before the first conv, in words.
+        last_conv_layer: name of the last conv block's output (the Grad-CAM layer); it is also the
+            backbone's output.
+        weights_file: the ImageNet no-top file Keras downloads into ``<KERAS_HOME>/models/``.
+        weights_url: where Keras downloads it from.
+        weights_hash: its md5, as Keras checks it.
+        min_size: the smallest input side keras.applications accepts.
+        constructor_kwargs: extra keyword arguments for ``constructor``.
+    """
+
+    name: str
+    constructor: Callable[..., keras.Model]
+    preprocessing: str
+    preprocessing_note: str
+    last_conv_layer: str
+    weights_file: str
+    weights_url: str
+    weights_hash: str
+    min_size: int = 32
+    constructor_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def imagenet_cache_path(self) -> Path:
+        """Where Keras keeps (and looks for) the downloaded ImageNet file: ``<KERAS_HOME>/models/<file>``."""
+        return keras_home() / "models" / self.weights_file
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet50": Backbone(
+        name="resnet50",
+        constructor=keras.applications.ResNet50,
+        preprocessing="caffe",
+        preprocessing_note="caffe: RGB -> BGR, minus the ImageNet channel means (103.939, 116.779, 123.68), no scaling",
+        last_conv_layer="conv5_block3_out",
+        weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=f"{_KERAS_APPS}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_hash="4d473c1dd8becc155b73f8504c6f6626",
+    ),
+    "xception": Backbone(
+        name="xception",
+        constructor=keras.applications.Xception,
+        preprocessing="tf",
+        preprocessing_note="tf: x / 127.5 - 1, to [-1, 1]",
+        last_conv_layer="block14_sepconv2_act",
+        weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=f"{_KERAS_APPS}/xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_hash="b0042744bf5b25fce3cb969f33bebb97",
+        min_size=71,
+    ),
+    "efficientnetb0": Backbone(
+        name="efficientnetb0",
+        constructor=keras.applications.EfficientNetB0,
+        preprocessing="none",
+        preprocessing_note=(
+            "inside the backbone: Rescaling(1/255) then Normalization with the ImageNet mean and std "
+            "that come with the weights (mean 0, variance 1, i.e. just x / 255, with weights none)"
+        ),
+        last_conv_layer="top_activation",
+        weights_file="efficientnetb0_notop.h5",
+        weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        weights_hash="50bc09e76180e00e4465e1a485ddc09d",
+    ),
+    "densenet121": Backbone(
+        name="densenet121",
+        constructor=keras.applications.DenseNet121,
+        preprocessing="torch",
+        preprocessing_note="torch: x / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
+        last_conv_layer="relu",
+        weights_file="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=f"{_KERAS_APPS}/densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_hash="30ee3e1110167f948a6b9946edeeb738",
+    ),
+    "mobilenetv3small": Backbone(
+        name="mobilenetv3small",
+        constructor=keras.applications.MobileNetV3Small,
+        preprocessing="none",
+        preprocessing_note="inside the backbone (include_preprocessing=True): Rescaling x / 127.5 - 1, to [-1, 1]",
+        # keras.applications leaves this hard-swish Activation auto-named ("activation_17" or so,
+        # depending on what the process built before); build_model gives it this stable name.
+        last_conv_layer="conv_1_act",
+        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        weights_url=f"{_KERAS_APPS}/mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        weights_hash="d3e8ec802a04aa4fc771ee12a9a9b836",
+        constructor_kwargs=(("include_preprocessing", True),),
+    ),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registry entry for ``name``; a ValueError lists the known names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}") from None
+
+
+def last_conv_layer_name(params_or_backbone: ModelParams | Backbone | str) -> str:
+    """Name of the layer Grad-CAM reads: the last conv block's output of the chosen backbone.
+
+    Args:
+        params_or_backbone: the model params, a registry entry, or a backbone name.
+    """
+    if isinstance(params_or_backbone, Backbone):
+        return params_or_backbone.last_conv_layer
+    name = params_or_backbone.backbone if isinstance(params_or_backbone, ModelParams) else params_or_backbone
+    return get_backbone(name).last_conv_layer
+
+
+# --------------------------------------------------------------------------- input layers
+
+
+def preprocess_rgb(rgb: Any, mode: str) -> Any:
+    """ImageNet preprocessing of RGB pixels in 0..255, as keras.applications' ``preprocess_input``.
+
+    Args:
+        rgb: tensor (..., 3), RGB order, values 0..255.
+        mode: "caffe" (BGR, minus channel means), "tf" (to [-1, 1]), "torch" (to [0, 1], then
+            standardised per channel) or "none" (unchanged: the backbone rescales itself).
+    """
+    if mode == "none":
+        return rgb
+    if mode == "tf":
+        return rgb / 127.5 - 1.0
+    if mode == "caffe":
+        bgr = ops.flip(rgb, axis=-1)
+        return bgr - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=rgb.dtype)
+    if mode == "torch":
+        mean = ops.convert_to_tensor(IMAGENET_MEAN_RGB, dtype=rgb.dtype)
+        std = ops.convert_to_tensor(IMAGENET_STD_RGB, dtype=rgb.dtype)
+        return (rgb / 255.0 - mean) / std
+    raise ValueError(f"unknown preprocessing mode {mode!r}; allowed: {list(PREPROCESSING_MODES)}")
+
+
+@keras.saving.register_keras_serializable(package="braintumor")
+class GreyToRGB(keras.layers.Layer):
+    """Repeat the one grey channel into R, G and B: (B, H, W, 1) -> (B, H, W, 3).
+
+    A layer rather than a Lambda so ``keras.saving.load_model(..., safe_mode=True)`` accepts it.
+    """
+
+    def build(self, input_shape):
+        if input_shape[-1] not in (1, None):
+            raise ValueError(f"{self.name}: expected one grey channel (B, H, W, 1), got shape {input_shape}")
+        self.built = True
+
+    def call(self, grey):
+        return ops.repeat(grey, 3, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+
+@keras.saving.register_keras_serializable(package="braintumor")
+class ImagenetPreprocessing(keras.layers.Layer):
+    """The backbone's own input preprocessing, as a serialisable layer (see :func:`preprocess_rgb`).
+
+    Args:
+        mode: one of :data:`PREPROCESSING_MODES`.
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; allowed: {list(PREPROCESSING_MODES)}")
+        self.mode = mode
+
+    def call(self, rgb):
+        return preprocess_rgb(rgb, self.mode)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def keras_home() -> Path:
+    """Keras's cache root, as Keras computes it: ``$KERAS_HOME``, else ``~/.keras`` (``/tmp/.keras`` if ~ is read-only).
+
+    Read at call time (Keras reads it once at import), and passed to ``get_file`` so both agree.
+    """
+    if env := os.environ.get("KERAS_HOME"):
+        return Path(env).expanduser()
+    home = Path.home()
+    return (home if os.access(home, os.W_OK) else Path("/tmp")) / ".keras"
+
+
+def unreachable_reason(url: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to ``url``'s host (or the HTTPS proxy) fails, or None if it opens.
+
+    Keras's download has no timeout, and a name lookup may hang on a firewalled machine, so the
+    probe runs in a daemon thread that is abandoned after ``timeout`` seconds.
+    """
+    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or url)
+    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{address[0]}:{address[1]} unreachable ({exc})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{address[0]}:{address[1]} did not answer within {timeout:g} s"
+
+
+def _unavailable_message(spec: Backbone, reason: str) -> str:
+    cache = spec.imagenet_cache_path()
+    return (
+        f"ImageNet weights for backbone {spec.name!r} are not available: Keras could not download "
+        f"{spec.weights_file} ({reason}).\n"
+        f"Keras caches that file at {cache} (<KERAS_HOME>/models/, KERAS_HOME defaults to ~/.keras). Either:\n"
+        f"  - download {spec.weights_url} on a machine with internet and copy it to {cache}, or\n"
+        f"  - set `model.weights: none` in params.yaml to train from a random initialisation, or\n"
+        f"  - set `model.weights: <path>` to a weights file for this backbone "
+        f"(absolute, or relative to the project root)."
+    )
+
+
+def fetch_imagenet_weights(spec: Backbone, timeout: float = 5.0) -> Path:
+    """Path of the backbone's ImageNet file, downloaded by Keras into its cache if not there yet.
+
+    Args:
+        spec: the backbone.
+        timeout: seconds to wait for the download host before giving up.
+
+    Raises:
+        WeightsUnavailableError: offline (checked first, so it fails in seconds) or the download failed.
+    """
+    cache = spec.imagenet_cache_path()
+    if not cache.is_file() and (reason := unreachable_reason(spec.weights_url, timeout)):
+        raise WeightsUnavailableError(_unavailable_message(spec, reason))
+    try:
+        path = keras.utils.get_file(
+            spec.weights_file, spec.weights_url, cache_dir=str(keras_home()),
+            cache_subdir="models", file_hash=spec.weights_hash,
+        )
+    except Exception as exc:  # get_file raises a bare Exception("URL fetch failure ...")
+        raise WeightsUnavailableError(_unavailable_message(spec, str(exc))) from exc
+    return Path(path)
+
+
+def resolve_weights(spec: Backbone, weights: str, root: Path) -> Path | None:
+    """The file to load into the backbone, or None for a random initialisation.
+
+    Args:
+        spec: the backbone.
+        weights: ``model.weights``: "imagenet", "none", or a path (relative paths against ``root``).
+        root: the project root.
+    """
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return fetch_imagenet_weights(spec)
+    path = Path(weights).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.weights: weights file {path} does not exist (from {weights!r}, relative paths are "
+            f"resolved against {root}); use 'imagenet', 'none' or the path of a {spec.name} weights file"
+        )
+    return path
+
+
+def _correct_imagenet_stddev(backbone: keras.Model) -> None:
+    """Make EfficientNet's Normalization divide by the ImageNet std, not by its square root.
+
+    The ImageNet EfficientNet files store the std (0.229, 0.224, 0.225) as the Normalization
+    layer's *variance* (tensorflow issue 49930); keras.applications compensates with an extra
+    Rescaling layer only when built with ``weights="imagenet"``. Squaring the stored values here
+    gives the same (x / 255 - mean) / std for a path too. Idempotent: corrected values no longer match.
+    """
+    for layer in backbone.layers:
+        if isinstance(layer, layers.Normalization) and getattr(layer, "adapt_variance", None) is not None:
+            variance = ops.convert_to_numpy(layer.adapt_variance)
+            if variance.shape == (3,) and np.allclose(variance, IMAGENET_STD_RGB, atol=1e-4):
+                layer.adapt_variance.assign(np.square(variance))
+                layer.finalize_state()
+
+
+def load_backbone_weights(backbone: keras.Model, path: Path, spec: Backbone) -> None:
+    """Load a weights file (Keras ``.weights.h5`` or legacy ``.h5``) into the backbone's layers.
+
+    Raises:
+        ValueError: the file does not fit this backbone; the message names the file and backbone.
+    """
+    try:
+        backbone.load_weights(str(path))
+    except (ValueError, OSError, KeyError) as exc:
+        detail = "\n".join(str(exc).splitlines()[:3])  # Keras goes on to list every layer that failed
+        raise ValueError(
+            f"cannot load {path} into backbone {spec.name!r} (a file for another backbone?): {detail}"
+        ) from exc
+    _correct_imagenet_stddev(backbone)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _head(features: Any, params: ModelParams, num_classes: int) -> Any:
+    """The seed's head on the backbone's features (B, s, s, C) -> class probabilities (B, num_classes)."""
+    x = layers.GlobalAveragePooling2D(name=HEAD_POOL_LAYER)(features)  # (B, C)
+    for i, (units, rate) in enumerate(zip(params.dense_units, params.dropout), start=1):
+        x = layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
+        x = layers.BatchNormalization(name=f"head_bn_{i}")(x)
+        x = layers.Dropout(rate, name=f"head_dropout_{i}")(x)
+    # float32 so the softmax (and the loss on it) stays float32 under a mixed-precision policy.
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def _name_backbone_output(backbone: keras.Model, spec: Backbone) -> None:
+    """Give the backbone's output layer (its last conv block's activation) the registry's name.
+
+    A no-op for every backbone but MobileNetV3Small, whose constructor leaves that layer auto-named.
+    """
+    output_layer = backbone.layers[-1]  # layers are in topological order: this one yields (B, s, s, C)
+    output_layer.name = spec.last_conv_layer
+
+
+def build_model(
+    params: ModelParams,
+    image_size: int,
+    num_classes: int = len(CLASS_NAMES),
+    root: Path | None = None,
+) -> keras.Model:
+    """The classifier: grey (B, S, S, 1) 0..255 -> probabilities (B, num_classes), every layer trainable.
+
+    Call :func:`freeze_backbone` (and compile) before training the head on a pretrained backbone.
+
+    Args:
+        params: backbone, weights ("imagenet" | "none" | path), head units and dropout rates.
+        image_size: S, the side of the square input; at least the backbone's ``min_size``.
+        num_classes: number of softmax outputs.
+        root: folder that relative weights paths are resolved against (default: the cwd).
+
+    Raises:
+        WeightsUnavailableError: "imagenet" while offline and not cached.
+        FileNotFoundError: a weights path that does not exist.
+        ValueError: an image size below the backbone's minimum, or a weights file that does not fit.
+    """
+    spec = get_backbone(params.backbone)
+    if image_size < spec.min_size:
+        raise ValueError(f"image_size {image_size} is too small for {spec.name}: it needs at least {spec.min_size}")
+    # Resolve (and, for imagenet, fetch) the weights first: fail in seconds, before the slow build.
+    weights_path = resolve_weights(spec, params.weights, Path.cwd() if root is None else Path(root))
+
+    image = keras.Input((image_size, image_size, 1), dtype="float32", name="image")
+    rgb = GreyToRGB(name="grey_to_rgb")(image)  # (B, S, S, 3)
+    ready = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(rgb)
+    # input_tensor= inlines the backbone's layers into this graph (Grad-CAM can reach them).
+    backbone = spec.constructor(include_top=False, weights=None, input_tensor=ready, **dict(spec.constructor_kwargs))
+    _name_backbone_output(backbone, spec)
+    if weights_path is not None:
+        load_backbone_weights(backbone, weights_path, spec)
+    outputs = _head(backbone.output, params, num_classes)
+    return keras.Model(image, outputs, name=f"{spec.name}_classifier")
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The backbone's layers, input to output, in a model from :func:`build_model` (or reloaded).
+
+    Every layer but the input, ``grey_to_rgb``, ``preprocess`` (found by type) and the head (by name);
+    ``model.layers`` is in topological order, so the last one is the last conv block's output.
+    """
+    return [
+        layer for layer in model.layers
+        if layer.name not in HEAD_LAYER_NAMES
+        and not isinstance(layer, (keras.layers.InputLayer, GreyToRGB, ImagenetPreprocessing))
+    ]
+
+
+def trainable_param_count(model: keras.Model) -> int:
+    """Number of trainable scalars, as ``model.summary()`` reports "Trainable params"."""
+    return int(sum(math.prod(weight.shape) for weight in model.trainable_weights))
+
+
+def freeze_backbone(model: keras.Model) -> int:
+    """Freeze every backbone layer; only the head trains. Recompile afterwards.
+
+    Returns:
+        The number of trainable parameters left (the head's).
+    """
+    for layer in backbone_layers(model):
+        layer.trainable = False
+    return trainable_param_count(model)
+
+
+def _first_unfrozen_index(names: list[str], top: int | str) -> int:
+    """Index into ``names`` (the backbone layers) from which layers are unfrozen."""
+    if isinstance(top, str):
+        if top not in names:
+            raise ValueError(
+                f"unfreeze: {top!r} is not a backbone layer; give a name from {names[0]!r} to "
+                f"{names[-1]!r} (see model.summary()) or a count from 0 to {len(names)}"
+            )
+        return names.index(top)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= len(names):
+        raise ValueError(
+            f"unfreeze: layer count {top!r} is out of range; the backbone has {len(names)} layers (0..{len(names)})"
+        )
+    return len(names) - top
+
+
+def unfreeze_top(model: keras.Model, top: int | str) -> dict[str, int]:
+    """Unfreeze the top of the backbone for fine-tuning; everything below stays frozen. Recompile afterwards.
+
+    BatchNormalization layers stay frozen (``trainable=False``): their moving statistics and
+    gamma/beta are not touched, and they keep running in inference mode.
+
+    Args:
+        model: from :func:`build_model`.
+        top: how many of the last backbone layers to unfreeze (0..number of backbone layers), or the
+            name of the first backbone layer to unfreeze (it and every later backbone layer).
+
+    Returns:
+        ``unfrozen_layers`` (now trainable), ``frozen_batchnorm`` (BatchNormalization layers in the
+        unfrozen range kept frozen), ``trainable_params`` (whole model, head included).
+    """
+    blayers = backbone_layers(model)
+    start = _first_unfrozen_index([layer.name for layer in blayers], top)
+    unfrozen = kept_frozen = 0
+    for index, layer in enumerate(blayers):
+        is_bn = isinstance(layer, layers.BatchNormalization)
+        layer.trainable = index >= start and not is_bn
+        unfrozen += layer.trainable
+        kept_frozen += index >= start and is_bn
+    return {
+        "unfrozen_layers": unfrozen,
+        "frozen_batchnorm": kept_frozen,
+        "trainable_params": trainable_param_count(model),
+    }

@@ -475,3 +475,11 @@ def log_json_artifact(data: Any, name: str) -> None:
     except ValueError as exc:
         raise ValueError(f"log_json_artifact({name!r}): {exc} (NaN/infinity are not JSON; use None)") from None
     mlflow.log_text(text, name)
+
+
+def log_phase(history: Mapping[str, Sequence[float]], metrics: Mapping[str, float], model_path: Path) -> None:
+    """A training phase's per-epoch history, summary metrics, history file and model file."""
+    log_history(history)
+    mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+    log_json_artifact(dict(history), "history.json")
+    mlflow.log_artifact(str(model_path))

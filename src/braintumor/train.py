@@ -1,0 +1,259 @@
+"""Training: runtime set-up, the feature cache for the frozen-backbone phase, fitting with callbacks.
+
+The base phase trains only the head on top of a frozen backbone run in inference mode. Since the
+frozen backbone maps an image to the same features every epoch, :func:`cache_features` runs it once
+per image (and once per augmented copy) and the head is trained on the cached features; the head's
+layers are the model's own, so the saved model is still one ordinary Keras model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from braintumor import atomic
+from braintumor.augment import augment_images
+from braintumor.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
+from braintumor.inputs import class_weights, make_dataset
+from braintumor.model import HEAD_POOL_LAYER, unfreeze_top
+
+log = logging.getLogger("braintumor.train")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    strategy: tf.distribute.Strategy
+    jit_compile: bool
+    precision: str  # keras dtype policy name
+    gpus: int
+
+
+def _resolve(setting: str, gpu_default: bool) -> bool:
+    return setting == "on" or (setting == "auto" and gpu_default)
+
+
+def configure_runtime(params: RuntimeParams) -> Runtime:
+    """Seeds, op determinism, precision policy, XLA and distribution strategy, before any model is built.
+
+    ``auto`` means: mixed precision and XLA with a GPU (they pay off there), off on CPU (float16 is
+    slower on CPU and XLA compile time outweighs its gain for these short runs); MirroredStrategy with
+    more than one GPU.
+    """
+    keras.utils.set_random_seed(params.seed)
+    if params.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    precision = "mixed_float16" if _resolve(params.mixed_precision, gpus > 0) else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    mirrored = params.distribution == "mirrored" or (params.distribution == "auto" and gpus > 1)
+    strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
+    return Runtime(strategy, _resolve(params.xla, gpus > 0), precision, gpus)
+
+
+def split_at_pooling(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """(features, head): the model up to its global pooling, and a model of the layers after it.
+
+    The head model reuses the full model's layer objects, so training it trains the full model.
+    """
+    # By name: EfficientNet and MobileNetV3 have pooling layers of their own inside the backbone.
+    pooling = [layer.name for layer in model.layers].index(HEAD_POOL_LAYER)
+    features = keras.Model(model.inputs, model.layers[pooling].output, name="features")
+    inputs = keras.Input(shape=model.layers[pooling].output.shape[1:], name="pooled_features")
+    x = inputs
+    for layer in model.layers[pooling + 1 :]:
+        x = layer(x)
+    return features, keras.Model(inputs, x, name="head")
+
+
+def cache_features(
+    features: keras.Model,
+    images: np.ndarray,
+    rows: np.ndarray,
+    *,
+    batch_size: int,
+    augment: AugmentParams | None,
+    copies: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled backbone features (R * (1 + copies), F) and the row each came from.
+
+    Copy 0 is the image itself; copies 1..K are augmented with seeds derived from (seed, copy, batch),
+    so the cache is reproducible.
+    """
+    outputs, sources = [], []
+    for copy in range(1 + (copies if augment is not None else 0)):
+        for start in range(0, len(rows), batch_size):
+            batch_rows = rows[start : start + batch_size]
+            x = tf.convert_to_tensor(images[batch_rows][..., None], tf.float32)  # (B, S, S, 1), 0..255
+            if copy > 0:
+                x = augment_images(x, augment, tf.constant([seed, copy * 1_000_003 + start], tf.int64))
+            outputs.append(np.asarray(features(x, training=False), np.float32))
+            sources.append(batch_rows)
+    return np.concatenate(outputs), np.concatenate(sources)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One concise line per epoch (no per-batch progress bars in CI logs); measures images/s."""
+
+    def __init__(self, phase: str, images_per_epoch: int):
+        super().__init__()
+        self.phase, self.images_per_epoch = phase, images_per_epoch
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+        logs = logs or {}
+        shown = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate")
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        log.info("%s epoch %d: %s lr %.2e (%.1f s, %.0f images/s)", self.phase, epoch + 1, shown, lr,
+                 self.seconds[-1], self.images_per_epoch / max(self.seconds[-1], 1e-9))
+
+
+def callbacks_for(phase: PhaseParams, name: str, images_per_epoch: int) -> list[keras.callbacks.Callback]:
+    return [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=phase.reduce_lr_factor,
+                                          patience=phase.reduce_lr_patience, min_lr=phase.min_lr, verbose=0),
+        EpochLog(name, images_per_epoch),
+    ]
+
+
+def compile_for(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, images_per_epoch: int,
+        class_weight: dict[int, float] | None, **fit_kwargs) -> dict:
+    """Fit with early stopping and LR reduction on validation loss; returns history and speed.
+
+    Args:
+        train: a tf.data.Dataset of (x, y) batches, or an (x, y) pair of arrays.
+        validation: the same for validation.
+    """
+    callbacks = callbacks_for(phase, name, images_per_epoch)
+    x, y = train if isinstance(train, tuple) else (train, None)
+    history = model.fit(x, y, validation_data=validation, epochs=phase.epochs, callbacks=callbacks,
+                        class_weight=class_weight, verbose=0, **fit_kwargs)
+    epoch_log = callbacks[-1]
+    seconds = sum(epoch_log.seconds)
+    return {
+        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        "epochs_run": len(epoch_log.seconds),
+        "train_images_per_second": round(images_per_epoch * len(epoch_log.seconds) / max(seconds, 1e-9), 1),
+    }
+
+
+def summary_metrics(result: dict, extra: dict | None = None) -> dict:
+    """Best validation accuracy and loss (at the restored best epoch), epochs run, training speed."""
+    history = result["history"]
+    best = int(np.argmin(history["val_loss"]))
+    return {
+        "best_val_loss": round(history["val_loss"][best], 6),
+        "best_val_accuracy": round(history["val_accuracy"][best], 6),
+        "best_epoch": best + 1,
+        "epochs_run": result["epochs_run"],
+        "train_images_per_second": result["train_images_per_second"],
+        **(extra or {}),
+    }
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    rows: np.ndarray  # (R,) rows of images.npy
+    labels: np.ndarray  # (R,) class ids, indices into CLASS_NAMES
+
+
+def load_cached_images(images_npy: Path) -> np.ndarray:
+    """The preprocessed (N, S, S) uint8 array, memory-mapped; a clear error if it is missing."""
+    if not Path(images_npy).is_file():
+        raise FileNotFoundError(f"no preprocessed images at {images_npy}: run `dvc repro preprocess` first")
+    return np.load(images_npy, mmap_mode="r")
+
+
+def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
+    """Rows and class ids of each split from ``data/split/split.csv``; a clear error if it is missing."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(split_csv, keep_default_na=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no split at {split_csv}: run `dvc repro split` first") from None
+    ids = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(table["label"]) - set(ids))
+    if unknown:
+        raise ValueError(f"{split_csv} has labels {unknown} outside {list(class_names)}")
+    result = {}
+    for split in ("train", "val", "test"):
+        part = table[table["split"] == split]
+        if part.empty:
+            raise ValueError(f"{split_csv} has no {split!r} rows")
+        result[split] = SplitRows(part["row"].to_numpy(np.int64), part["label"].map(ids).to_numpy(np.int32))
+    return result
+
+
+def _class_weight(labels: np.ndarray, enabled: bool) -> dict[int, float] | None:
+    return class_weights(labels, len(CLASS_NAMES)) if enabled else None
+
+
+def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: TrainBaseParams,
+                     augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
+    """Train the head on a frozen backbone: on cached features, or end to end through tf.data."""
+    train, val = split["train"], split["val"]
+    weight = _class_weight(train.labels, phase.class_weights)
+    if not phase.feature_cache:
+        compile_for(model, phase.learning_rate, runtime.jit_compile)
+        return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
+                                       augment=augment, seed=seed),
+                   make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
+                   phase, "train_base", len(train.rows), weight)
+    features, head = split_at_pooling(model)
+    started = time.perf_counter()
+    x_train, sources = cache_features(features, images, train.rows, batch_size=phase.batch_size, augment=augment,
+                                      copies=phase.feature_cache_copies, seed=seed)
+    label_of = dict(zip(train.rows.tolist(), train.labels.tolist()))
+    y_train = np.array([label_of[r] for r in sources.tolist()], np.int32)
+    x_val, _ = cache_features(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
+    cache_seconds = time.perf_counter() - started
+    log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
+    compile_for(head, phase.learning_rate, runtime.jit_compile)
+    result = fit(head, (x_train, y_train), (x_val, val.labels), phase, "train_base", len(x_train), weight,
+                 batch_size=phase.batch_size, shuffle=True)
+    result["feature_cache_seconds"] = round(cache_seconds, 2)
+    return result
+
+
+def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: FinetuneParams,
+                   augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
+    """Unfreeze the top of the backbone (BatchNorm stays frozen), recompile, train end to end."""
+    counts = unfreeze_top(model, phase.unfreeze)
+    compile_for(model, phase.learning_rate, runtime.jit_compile)
+    train, val = split["train"], split["val"]
+    result = fit(model,
+                 make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
+                              augment=augment, seed=seed),
+                 make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
+                 phase, "finetune", len(train.rows), _class_weight(train.labels, phase.class_weights))
+    result["unfrozen"] = counts
+    return result
+
+
+def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path, report_dir: Path) -> None:
+    """The model (``.keras``), its per-epoch history and summary metrics, each written atomically."""
+    with atomic.atomic_path(model_path, suffix=".keras") as tmp:
+        model.save(tmp)
+    atomic.write_json(report_dir / "history.json", result["history"])
+    atomic.write_json(report_dir / "metrics.json", metrics)

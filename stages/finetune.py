@@ -1,0 +1,46 @@
+"""Stage finetune: unfreeze the top of the base model's backbone (BatchNorm stays frozen) and train on.
+
+Params: model, augment, runtime, finetune, mlflow
+Inputs: models/base.keras, data/processed/images.npy, data/split/split.csv, reports/data/split.json
+Outputs: models/finetuned.keras, reports/finetune/history.json, reports/finetune/metrics.json (metrics)
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+
+import braintumor.model  # noqa: F401  registers the custom layers for safe-mode loading
+from braintumor.config import CLASS_NAMES, load_params
+from braintumor.logs import setup_logging
+from braintumor.paths import ProjectPaths
+from braintumor.tracking import flatten_params, log_phase, stage_run
+from braintumor.train import configure_runtime, load_cached_images, finetune_phase, load_split, save_phase, summary_metrics
+
+
+def main() -> dict:
+    log = setup_logging("finetune")
+    paths = ProjectPaths.discover()
+    params = load_params(paths.params)
+    split = load_split(paths.split_csv, CLASS_NAMES)
+    images = load_cached_images(paths.images_npy)
+    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
+    logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
+              **flatten_params(params.runtime, "runtime"), **flatten_params(params.finetune, "finetune")}
+    with stage_run("finetune", params.mlflow, paths.root, logged_params=logged,
+                   tags={"data_fingerprint": fingerprint}) as run:
+        runtime = configure_runtime(params.runtime)
+        with runtime.strategy.scope():
+            model = keras.saving.load_model(paths.models / "base.keras", safe_mode=True)
+            result = finetune_phase(model, images, split, params.finetune, params.augment, runtime, params.runtime.seed)
+        metrics = summary_metrics(result, {"layers_unfrozen": result["unfrozen"]["unfrozen_layers"]})
+        save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune")
+        log_phase(result["history"], metrics, paths.models / "finetuned.keras")
+        log.info("fine-tuned model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",
+                 metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

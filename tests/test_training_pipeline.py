@@ -1,0 +1,96 @@
+"""Training stages end to end with real DVC and a real MLflow store, on a tiny phantom configuration:
+loadable models, metrics, MLflow records, determinism, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_repo
+from test_pipeline_dvc import TINY, dvc, ran_stages, set_params
+
+pytestmark = pytest.mark.slow
+
+TINY_TRAINING = {
+    **TINY,
+    "preprocess.image_size": 48,
+    "model.backbone": "mobilenetv3small",
+    "model.weights": "none",
+    "model.dense_units": [16, 8],
+    "train_base.epochs": 2,
+    "train_base.batch_size": 16,
+    "train_base.feature_cache_copies": 1,
+    "finetune.epochs": 1,
+    "finetune.batch_size": 16,
+    "finetune.unfreeze": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory, venv_env) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("train"))
+    set_params(repo, TINY_TRAINING)
+    output = dvc(repo, venv_env, "repro")
+    assert {"train_base", "finetune"} <= ran_stages(output)
+    return repo
+
+
+def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
+    repo = trained_repo
+    script = (
+        "import keras, numpy as np, braintumor.model\n"
+        "for name in ('base', 'finetuned'):\n"
+        "    m = keras.saving.load_model(f'models/{name}.keras', safe_mode=True)\n"
+        "    p = m.predict(np.zeros((2, 48, 48, 1), 'float32'), verbose=0)\n"
+        "    assert p.shape == (2, 4) and np.allclose(p.sum(1), 1, atol=1e-5), p\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(["python", "-c", script], cwd=repo, env=venv_env, capture_output=True, text=True)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    for stage in ("train_base", "finetune"):
+        metrics = json.loads((repo / f"reports/{stage}/metrics.json").read_text())
+        history = json.loads((repo / f"reports/{stage}/history.json").read_text())
+        assert 0.0 <= metrics["best_val_accuracy"] <= 1.0 and metrics["epochs_run"] == len(history["loss"])
+        assert metrics["train_images_per_second"] > 0
+    # The last 10 backbone layers, less the BatchNorm layers among them, which stay frozen.
+    assert 0 < json.loads((repo / "reports/finetune/metrics.json").read_text())["layers_unfrozen"] < 10
+    assert "train_base" in dvc(repo, venv_env, "metrics", "show")
+
+
+def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("braintumor")
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"train_base", "finetune"}
+    base = runs["train_base"]
+    assert base.info.status == "FINISHED"
+    assert base.data.params["model.backbone"] == "mobilenetv3small"
+    assert base.data.params["train_base.epochs"] == "2"
+    assert "data_fingerprint" in base.data.tags and "git_commit" in base.data.tags
+    assert len(client.get_metric_history(base.info.run_id, "val_loss")) == base.data.metrics["epochs_run"]
+    artifacts = {a.path for a in client.list_artifacts(runs["finetune"].info.run_id)}
+    assert {"finetuned.keras", "history.json"} <= artifacts
+    del mlflow
+
+
+def test_deterministic_training_repeats_metrics_exactly(trained_repo, venv_env):
+    before = {s: (trained_repo / f"reports/{s}/metrics.json").read_text() for s in ("train_base", "finetune")}
+    dvc(trained_repo, venv_env, "repro", "-f", "train_base", "finetune")
+    for stage, text in before.items():
+        again = json.loads((trained_repo / f"reports/{stage}/metrics.json").read_text())
+        first = json.loads(text)
+        for key in ("best_val_loss", "best_val_accuracy", "epochs_run"):
+            assert again[key] == first[key], (stage, key)
+
+
+def test_missing_split_is_a_clear_error(tmp_path, venv_env):
+    repo = copy_repo(tmp_path / "repo")
+    result = subprocess.run(["python", "stages/train_base.py"], cwd=repo, env=venv_env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "run `dvc repro" in result.stderr

@@ -16,7 +16,7 @@ from braintumor.config import CLASS_NAMES, load_params
 from braintumor.logs import setup_logging
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, load_cached_images, finetune_phase, load_split, save_phase, summary_metrics
+from braintumor.train import configure_runtime, load_cached_images, finetune_phase, load_split, save_phase, split_accuracy, summary_metrics
 
 
 def main() -> dict:
@@ -34,7 +34,10 @@ def main() -> dict:
         with runtime.strategy.scope():
             model = keras.saving.load_model(paths.models / "base.keras", safe_mode=True)
             result = finetune_phase(model, images, split, params.finetune, params.augment, runtime, params.runtime.seed)
-        metrics = summary_metrics(result, {"layers_unfrozen": result["unfrozen"]["unfrozen_layers"]})
+        metrics = summary_metrics(result, {
+            "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
+            "test_accuracy": split_accuracy(model, images, split["test"], params.finetune.batch_size),
+        })
         save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune")
         log_phase(result["history"], metrics, paths.models / "finetuned.keras")
         log.info("fine-tuned model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",

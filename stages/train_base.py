@@ -15,7 +15,7 @@ from braintumor.logs import setup_logging
 from braintumor.model import build_model, freeze_backbone
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, load_cached_images, load_split, save_phase, summary_metrics, train_base_phase
+from braintumor.train import configure_runtime, load_cached_images, load_split, save_phase, split_accuracy, summary_metrics, train_base_phase
 
 
 def main() -> dict:
@@ -35,7 +35,10 @@ def main() -> dict:
             model = build_model(params.model, params.preprocess.image_size, root=paths.root)
             freeze_backbone(model)
             result = train_base_phase(model, images, split, params.train_base, params.augment, runtime, params.runtime.seed)
-        metrics = summary_metrics(result, {"feature_cache_seconds": result.get("feature_cache_seconds", 0.0)})
+        metrics = summary_metrics(result, {
+            "feature_cache_seconds": result.get("feature_cache_seconds", 0.0),
+            "test_accuracy": split_accuracy(model, images, split["test"], params.train_base.batch_size),
+        })
         save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base")
         log_phase(result["history"], metrics, paths.models / "base.keras")
         log.info("base model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",

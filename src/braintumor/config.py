@@ -241,7 +241,7 @@ class TrainBaseParams(PhaseParams):
 
 
 class FinetuneParams(PhaseParams):
-    unfreeze: int | str = Field(default=30, description="the last N backbone layers, or every layer from this name on")
+    unfreeze: int | str = Field(default=30, description="the last N backbone layers, every layer from this name on, or all")
     learning_rate: float = Field(default=1e-5, gt=0.0)
     batch_size: int = Field(default=16, ge=1)
     epochs: int = Field(default=10, ge=1)

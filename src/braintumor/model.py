@@ -474,7 +474,9 @@ def freeze_backbone(model: keras.Model) -> int:
 
 
 def _first_unfrozen_index(names: list[str], top: int | str) -> int:
-    """Index into ``names`` (the backbone layers) from which layers are unfrozen."""
+    """Index into ``names`` (the backbone layers) from which layers are unfrozen ("all": 0)."""
+    if top == "all":
+        return 0
     if isinstance(top, str):
         if top not in names:
             raise ValueError(
@@ -497,8 +499,9 @@ def unfreeze_top(model: keras.Model, top: int | str) -> dict[str, int]:
 
     Args:
         model: from :func:`build_model`.
-        top: how many of the last backbone layers to unfreeze (0..number of backbone layers), or the
-            name of the first backbone layer to unfreeze (it and every later backbone layer).
+        top: how many of the last backbone layers to unfreeze (0..number of backbone layers), the
+            name of the first backbone layer to unfreeze (it and every later backbone layer), or
+            "all" (a backbone trained from scratch, ``model.weights: none``).
 
     Returns:
         ``unfrozen_layers`` (now trainable), ``frozen_batchnorm`` (BatchNormalization layers in the

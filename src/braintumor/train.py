@@ -257,3 +257,10 @@ def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path
         model.save(tmp)
     atomic.write_json(report_dir / "history.json", result["history"])
     atomic.write_json(report_dir / "metrics.json", metrics)
+
+
+def split_accuracy(model: keras.Model, images: np.ndarray, test: SplitRows, batch_size: int) -> float:
+    """Plain accuracy on the test split, for the stage's summary (issue 4's evaluate stage does the rest)."""
+    dataset = make_dataset(images, test.rows, test.labels, batch_size=batch_size, training=False, augment=None, seed=0)
+    probabilities = model.predict(dataset, verbose=0)
+    return round(float(np.mean(probabilities.argmax(axis=1) == test.labels)), 6)

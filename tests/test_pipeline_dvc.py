@@ -24,6 +24,13 @@ TINY = {
         "exact", "resized", "reencoded", "grayscale_rgb", "cropped", "padded", "rotated", "flipped", "rescaled",
         "conflicting_label")},
     "preprocess.image_size": 48,
+    # A tiny offline model, so that the demo (which runs every stage) stays fast here.
+    "model.backbone": "mobilenetv3small",
+    "model.weights": "none",
+    "model.dense_units": [16, 8],
+    "train_base.epochs": 1,
+    "finetune.epochs": 1,
+    "finetune.unfreeze": 10,
 }
 
 
@@ -48,7 +55,7 @@ def ran_stages(output: str) -> set[str]:
 def phantom_repo(tmp_path_factory, venv_env) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     set_params(repo, TINY)
-    output = dvc(repo, venv_env, "repro")
+    output = dvc(repo, venv_env, "repro", "split")  # the data stages; training has its own tests
     assert ran_stages(output) == {"download@phantom", "merge", "preprocess", "split"}
     return repo
 
@@ -76,15 +83,15 @@ def test_repro_writes_every_output(phantom_repo):
 
 def test_rerun_is_a_noop_and_one_param_reruns_only_its_stages(phantom_repo, venv_env):
     repo = phantom_repo
-    assert ran_stages(dvc(repo, venv_env, "repro")) == set()
+    assert ran_stages(dvc(repo, venv_env, "repro", "split")) == set()
     assert "merge.json" in dvc(repo, venv_env, "metrics", "show")
     set_params(repo, {"split.seed": 7})
-    assert ran_stages(dvc(repo, venv_env, "repro")) == {"split"}
+    assert ran_stages(dvc(repo, venv_env, "repro", "split")) == {"split"}
     # Sharpening changes pixels, not the index: split's inputs are unchanged, so it is skipped.
     set_params(repo, {"preprocess.sharpen_amount": 0.25})
-    assert ran_stages(dvc(repo, venv_env, "repro")) == {"preprocess"}
+    assert ran_stages(dvc(repo, venv_env, "repro", "split")) == {"preprocess"}
     set_params(repo, {"merge.near_duplicates.verify_similarity": 0.96})
-    assert "merge" in ran_stages(dvc(repo, venv_env, "repro"))
+    assert "merge" in ran_stages(dvc(repo, venv_env, "repro", "split"))
     assert "download@phantom" in dvc(repo, venv_env, "dag")
 
 
@@ -99,6 +106,7 @@ def test_demo_runs_an_experiment_and_leaves_params_untouched(tmp_path, venv_env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (repo / "params.yaml").read_bytes() == before
     assert "== demo summary ==" in result.stdout and "false merges 0" in result.stdout
+    assert "fine-tuned model: test accuracy" in result.stdout
     experiments = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=venv_env,
                                             capture_output=True, text=True, check=True).stdout)
     names = [e.get("name") for commit in experiments for e in (commit.get("experiments") or [])]
@@ -115,7 +123,7 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
         "download.sources.shared_sartaj.path": str(SHARED_DATASETS / "sartaj-sample"),
         "preprocess.image_size": 64,
     })
-    dvc(repo, venv_env, "repro")
+    dvc(repo, venv_env, "repro", "split")
     merge = json.loads((repo / "reports/data/merge.json").read_text())
     split = json.loads((repo / "reports/data/split.json").read_text())
     assert merge["files"] == 7023 + 457
@@ -129,7 +137,7 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     # The dataset's own Training/Testing folders, as published numbers use them: only split reruns,
     # and the leak is measured and warned about instead of failing the stage.
     set_params(repo, {"split.strategy": "source_folders", "split.test_source": "shared_nickparvar"})
-    output = dvc(repo, venv_env, "repro")
+    output = dvc(repo, venv_env, "repro", "split")
     assert ran_stages(output) == {"split"} and "LEAKY split" in output
     leaky = json.loads((repo / "reports/data/split.json").read_text())
     assert leaky["per_split"]["test"] == 1311 and leaky["images"] == 7023

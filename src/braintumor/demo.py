@@ -86,6 +86,12 @@ def summary(root: Path) -> str:
     for source, scores in merge.get("planted", {}).items():
         lines.append(f"planted duplicates found in {source}: recall {scores['recall']}, false merges {scores['false_merges']}")
     lines.append(f"split ({split['strategy']}): {split['per_split']}, leakage {split['leakage']}")
+    for stage, model in (("train_base", "base"), ("finetune", "fine-tuned")):
+        metrics_file = paths.reports / stage / "metrics.json"
+        if metrics_file.is_file():
+            m = json.loads(metrics_file.read_text())
+            lines.append(f"{model} model: test accuracy {m['test_accuracy']:.3f}, best val accuracy "
+                         f"{m['best_val_accuracy']:.3f}, {m['epochs_run']} epochs")
     lines.append(f"reports: {paths.data_reports.relative_to(root)}/ ; experiments: dvc exp show ; pipeline: dvc dag")
     return "\n".join(lines)
 

@@ -146,6 +146,7 @@ def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, im
     """
     callbacks = callbacks_for(phase, name, images_per_epoch)
     x, y = train if isinstance(train, tuple) else (train, None)
+    fit_kwargs.setdefault("shuffle", y is not None)  # a tf.data pipeline shuffles itself, seeded
     history = model.fit(x, y, validation_data=validation, epochs=phase.epochs, callbacks=callbacks,
                         class_weight=class_weight, verbose=0, **fit_kwargs)
     epoch_log = callbacks[-1]

@@ -7,36 +7,32 @@ Outputs: models/finetuned.keras, reports/finetune/history.json, reports/finetune
 
 from __future__ import annotations
 
-import json
-
 import keras
 
 import braintumor.model  # noqa: F401  registers the custom layers for safe-mode loading
-from braintumor.config import CLASS_NAMES, load_params
+from braintumor.config import load_params
 from braintumor.logs import setup_logging
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, load_cached_images, finetune_phase, load_split, save_phase, split_accuracy, summary_metrics
+from braintumor.train import configure_runtime, finetune_phase, load_training_data, save_phase, split_accuracy, summary_metrics
 
 
 def main() -> dict:
     log = setup_logging("finetune")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    split = load_split(paths.split_csv, CLASS_NAMES)
-    images = load_cached_images(paths.images_npy)
-    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
+    data = load_training_data(paths)
     logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
               **flatten_params(params.runtime, "runtime"), **flatten_params(params.finetune, "finetune")}
     with stage_run("finetune", params.mlflow, paths.root, logged_params=logged,
-                   tags={"data_fingerprint": fingerprint}) as run:
+                   tags={"data_fingerprint": data.fingerprint}) as run:
         runtime = configure_runtime(params.runtime)
         with runtime.strategy.scope():
             model = keras.saving.load_model(paths.models / "base.keras", safe_mode=True)
-            result = finetune_phase(model, images, split, params.finetune, params.augment, runtime, params.runtime.seed)
+            result = finetune_phase(model, data.images, data.split, params.finetune, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
             "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
-            "test_accuracy": split_accuracy(model, images, split["test"], params.finetune.batch_size),
+            "test_accuracy": split_accuracy(model, data.images, data.split["test"], params.finetune.batch_size),
         })
         save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune")
         log_phase(result["history"], metrics, paths.models / "finetuned.keras")

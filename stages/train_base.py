@@ -7,37 +7,33 @@ Outputs: models/base.keras, reports/train_base/history.json, reports/train_base/
 
 from __future__ import annotations
 
-import json
 
-
-from braintumor.config import CLASS_NAMES, load_params
+from braintumor.config import load_params
 from braintumor.logs import setup_logging
 from braintumor.model import build_model, freeze_backbone
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, load_cached_images, load_split, save_phase, split_accuracy, summary_metrics, train_base_phase
+from braintumor.train import configure_runtime, load_training_data, save_phase, split_accuracy, summary_metrics, train_base_phase
 
 
 def main() -> dict:
     log = setup_logging("train_base")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    split = load_split(paths.split_csv, CLASS_NAMES)
-    images = load_cached_images(paths.images_npy)
-    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
+    data = load_training_data(paths)
     logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
               **flatten_params(params.runtime, "runtime"), **flatten_params(params.train_base, "train_base"),
               "preprocess.image_size": str(params.preprocess.image_size)}
     with stage_run("train_base", params.mlflow, paths.root, logged_params=logged,
-                   tags={"data_fingerprint": fingerprint}) as run:
+                   tags={"data_fingerprint": data.fingerprint}) as run:
         runtime = configure_runtime(params.runtime)
         with runtime.strategy.scope():
             model = build_model(params.model, params.preprocess.image_size, root=paths.root)
             freeze_backbone(model)
-            result = train_base_phase(model, images, split, params.train_base, params.augment, runtime, params.runtime.seed)
+            result = train_base_phase(model, data.images, data.split, params.train_base, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
             "feature_cache_seconds": result.get("feature_cache_seconds", 0.0),
-            "test_accuracy": split_accuracy(model, images, split["test"], params.train_base.batch_size),
+            "test_accuracy": split_accuracy(model, data.images, data.split["test"], params.train_base.batch_size),
         })
         save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base")
         log_phase(result["history"], metrics, paths.models / "base.keras")

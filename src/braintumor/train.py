@@ -265,3 +265,20 @@ def split_accuracy(model: keras.Model, images: np.ndarray, test: SplitRows, batc
     dataset = make_dataset(images, test.rows, test.labels, batch_size=batch_size, training=False, augment=None, seed=0)
     probabilities = model.predict(dataset, verbose=0)
     return round(float(np.mean(probabilities.argmax(axis=1) == test.labels)), 6)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    images: np.ndarray  # (N, S, S) uint8, memory-mapped
+    split: dict[str, SplitRows]
+    fingerprint: str  # of the split, from reports/data/split.json: tags the MLflow runs
+
+
+def load_training_data(paths) -> TrainingData:
+    """What both training stages read, with clear errors when an earlier stage has not run."""
+    import json
+
+    split = load_split(paths.split_csv, CLASS_NAMES)
+    images = load_cached_images(paths.images_npy)
+    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
+    return TrainingData(images, split, fingerprint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -183,7 +184,7 @@ def test_each_row_once_per_epoch_with_its_label_and_reshuffled_each_epoch(cache)
         assert sorted(seen) == sorted(ROWS)
         np.testing.assert_array_equal(labels, seen % 4)  # labels travel with their images
         orders.append(seen.tolist())
-    assert orders[0] != orders[1] or orders[1] != orders[2]
+    assert orders[0] != orders[1] and orders[1] != orders[2]
 
 
 def test_same_seed_gives_identical_batches_and_another_seed_does_not(cache):
@@ -194,6 +195,16 @@ def test_same_seed_gives_identical_batches_and_another_seed_does_not(cache):
     first = run(1)
     np.testing.assert_array_equal(first, run(1))
     assert not np.array_equal(first, run(2))
+
+
+def test_model_fit_starts_a_new_epoch_on_each_pass(cache):
+    model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fitted = make_dataset(cache, ROWS, LABELS, batch_size=3, training=True, augment=None, seed=5)
+    model.fit(fitted, epochs=2, verbose=0, shuffle=False)  # passes 0 and 1
+    reference = make_dataset(cache, ROWS, LABELS, batch_size=3, training=True, augment=None, seed=5)
+    next_pass = [y.tolist() for _, y in _epochs(fitted, 1)[0]]
+    assert next_pass == [y.tolist() for _, y in _epochs(reference, 3)[2]]
 
 
 def test_make_dataset_rejects_rows_outside_the_cache(cache):

@@ -89,13 +89,13 @@ def _epoch_counter() -> tf.data.Dataset:
     return tf.data.Dataset.range(1).map(lambda _: passes.assign_add(1) - 1)
 
 
-def _gather_rows(images: np.ndarray):
+def _row_reader(images: np.ndarray):
     """A function rows (B,) int64 -> (B, S, S) uint8 copy of those rows, read from ``images``."""
 
-    def gather(rows: np.ndarray) -> np.ndarray:
+    def read(rows: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(images[rows])  # one read per batch; a memmap pages in only these rows
 
-    return gather
+    return read
 
 
 def make_dataset(
@@ -107,7 +107,6 @@ def make_dataset(
     training: bool,
     augment: AugmentParams | None,
     seed: int,
-    threads: int = 1,
 ) -> tf.data.Dataset:
     """Batches (x (B, S, S, 1) float32 in 0..255, y (B,) int32) of one split of the image cache.
 
@@ -123,24 +122,20 @@ def make_dataset(
         training: shuffle and augment.
         augment: augmentation magnitudes, or None for none; ignored when ``training`` is False.
         seed: seeds the shuffle and the augmentation of every epoch.
-        threads: CPU threads the pipeline may use. One delivers ~1,400 augmented 224-px images/s
-            and leaves the other cores to the model; raise it only for a model that trains faster.
     """
     rows, labels = np.asarray(rows), np.asarray(labels)
     _check_inputs(images, rows, labels, batch_size)
-    if threads < 1:
-        raise ValueError(f"make_dataset: threads must be >= 1, got {threads}")
     size = images.shape[1]
     if training:
         indices = _epoch_counter().flat_map(lambda epoch: _epoch_batches(epoch, len(rows), batch_size, seed))
     else:
         indices = _epoch_batches(tf.constant(0, tf.int64), len(rows), batch_size, seed=None)
     rows_t, labels_t = tf.constant(rows, tf.int64), tf.constant(labels, tf.int32)
-    gather = _gather_rows(images)
+    read_rows = _row_reader(images)
     augment = augment if training and augment is not None and not is_identity(augment) else None
 
     def load(epoch: tf.Tensor, index: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        pixels = tf.numpy_function(gather, [tf.gather(rows_t, positions)], tf.uint8, stateful=False)
+        pixels = tf.numpy_function(read_rows, [tf.gather(rows_t, positions)], tf.uint8, stateful=False)
         x = tf.cast(tf.reshape(pixels, [-1, size, size, 1]), tf.float32)  # (B, S, S, 1) 0..255
         if augment is not None:
             batch_seed = tf.random.experimental.stateless_fold_in(_stream_seed(seed, _AUGMENT_STREAM, epoch), index)
@@ -149,18 +144,4 @@ def make_dataset(
 
     dataset = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))
-    return dataset.prefetch(tf.data.AUTOTUNE).with_options(_pipeline_options(threads))
-
-
-def _pipeline_options(threads: int) -> tf.data.Options:
-    """Deterministic order, on a private pool of ``threads`` threads, each op single-threaded.
-
-    Why: the training step shards its ops over the intra-op pool of all cores; pipeline ops sharded
-    into that same pool queue between the model's shards. Measured on 2 cores (MobileNetV3Small,
-    batch 32): default options made an epoch ~15% slower than in-memory tensors, these ~5%.
-    """
-    options = tf.data.Options()
-    options.deterministic = True
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-    return options
+    return dataset.prefetch(tf.data.AUTOTUNE)

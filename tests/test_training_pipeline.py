@@ -61,7 +61,6 @@ def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
 
 
 def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{trained_repo / 'mlflow.db'}")
@@ -76,7 +75,6 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     assert len(client.get_metric_history(base.info.run_id, "val_loss")) == base.data.metrics["epochs_run"]
     artifacts = {a.path for a in client.list_artifacts(runs["finetune"].info.run_id)}
     assert {"finetuned.keras", "history.json"} <= artifacts
-    del mlflow
 
 
 def test_deterministic_training_repeats_metrics_exactly(trained_repo, venv_env):

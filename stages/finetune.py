@@ -14,7 +14,7 @@ from braintumor.config import load_params
 from braintumor.logs import setup_logging
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, finetune_phase, load_training_data, save_phase, split_accuracy, summary_metrics
+from braintumor.train import configure_runtime, finetune_phase, load_training_data, save_phase, test_scores, summary_metrics
 
 
 def main() -> dict:
@@ -32,7 +32,7 @@ def main() -> dict:
             result = finetune_phase(model, data.images, data.split, params.finetune, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
             "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
-            "test_accuracy": split_accuracy(model, data.images, data.split["test"], params.finetune.batch_size),
+            **test_scores(model, data.images, data.split["test"], params.finetune.batch_size),
         })
         save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune")
         log_phase(result["history"], metrics, paths.models / "finetuned.keras")

@@ -13,7 +13,7 @@ from braintumor.logs import setup_logging
 from braintumor.model import build_model, freeze_backbone
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, load_training_data, save_phase, split_accuracy, summary_metrics, train_base_phase
+from braintumor.train import configure_runtime, load_training_data, save_phase, test_scores, summary_metrics, train_base_phase
 
 
 def main() -> dict:
@@ -33,7 +33,7 @@ def main() -> dict:
             result = train_base_phase(model, data.images, data.split, params.train_base, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
             "feature_cache_seconds": result.get("feature_cache_seconds", 0.0),
-            "test_accuracy": split_accuracy(model, data.images, data.split["test"], params.train_base.batch_size),
+            **test_scores(model, data.images, data.split["test"], params.train_base.batch_size),
         })
         save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base")
         log_phase(result["history"], metrics, paths.models / "base.keras")

@@ -260,11 +260,17 @@ def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path
     atomic.write_json(report_dir / "metrics.json", metrics)
 
 
-def split_accuracy(model: keras.Model, images: np.ndarray, test: SplitRows, batch_size: int) -> float:
-    """Plain accuracy on the test split, for the stage's summary (issue 4's evaluate stage does the rest)."""
+def test_scores(model: keras.Model, images: np.ndarray, test: SplitRows, batch_size: int) -> dict[str, float]:
+    """Accuracy and macro-F1 on the test split, for the stage's summary (the evaluate stage does the rest)."""
+    from sklearn.metrics import f1_score
+
     dataset = make_dataset(images, test.rows, test.labels, batch_size=batch_size, training=False, augment=None, seed=0)
-    probabilities = model.predict(dataset, verbose=0)
-    return round(float(np.mean(probabilities.argmax(axis=1) == test.labels)), 6)
+    predicted = model.predict(dataset, verbose=0).argmax(axis=1)
+    return {
+        "test_accuracy": round(float(np.mean(predicted == test.labels)), 6),
+        "test_macro_f1": round(float(f1_score(test.labels, predicted, labels=range(len(CLASS_NAMES)),
+                                              average="macro", zero_division=0)), 6),
+    }
 
 
 @dataclass(frozen=True)

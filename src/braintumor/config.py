@@ -259,6 +259,37 @@ class MlflowParams(_Section):
 # --------------------------------------------------------------------------- all
 
 
+# --------------------------------------------------------------------------- evaluate, gradcam, app
+
+
+class EvaluateParams(_Section):
+    """Test-split metrics of both models, bootstrap intervals, calibration (temperature scaling)."""
+
+    batch_size: int = Field(default=32, ge=1)
+    bootstrap_resamples: int = Field(default=1000, ge=10)
+    bootstrap_seed: int = 0
+    calibration_bins: int = Field(default=15, ge=2)
+
+
+class GradcamParams(_Section):
+    """Grad-CAM report: which layer, how many test images per class, overlay look, sanity checks."""
+
+    layer: str = Field(default="auto", description="conv layer name; auto = the backbone's last conv block")
+    images_per_class: int = Field(default=4, ge=1)
+    overlay_alpha: float = Field(default=0.4, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class AppParams(_Section):
+    """The Gradio app: where it listens, what it loads, what it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=7860, ge=1, le=65535)
+    model: str = Field(default="models/finetuned.keras", description="path or MLflow models:/ URI")
+    max_upload_mb: float = Field(default=20.0, gt=0)
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="decompression-bomb guard")
+
+
 class Params(_Section):
     download: DownloadParams
     merge: MergeParams
@@ -270,6 +301,9 @@ class Params(_Section):
     train_base: TrainBaseParams = TrainBaseParams()
     finetune: FinetuneParams = FinetuneParams()
     mlflow: MlflowParams = MlflowParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gradcam: GradcamParams = GradcamParams()
+    app: AppParams = AppParams()
 
     @model_validator(mode="after")
     def _split_source_is_used(self) -> "Params":

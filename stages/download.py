@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.name not in params.download.sources:
         parser.error(f"unknown source {args.name!r}; download.sources has {sorted(params.download.sources)}")
     source = params.download.sources[args.name]
-    record = fetch_source(args.name, source, paths.raw_source(args.name), paths.root)
+    record = fetch_source(args.name, source, paths.raw_source(args.name), paths.main_root)
     log.info("%s (%s): %d files, file-list sha256 %s", args.name, source.kind, record["file_count"], record["file_list_sha256"][:12])
     return record
 

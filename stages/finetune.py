@@ -1,11 +1,14 @@
 """Stage finetune: unfreeze the top of the base model's backbone (BatchNorm stays frozen) and train on.
 
 Params: model, augment, runtime, finetune, mlflow
-Inputs: models/base.keras, data/processed/images.npy, data/split/split.csv, reports/data/split.json
-Outputs: models/finetuned.keras, reports/finetune/history.json, reports/finetune/metrics.json (metrics)
+Inputs: models/base.keras (and its card models/base.json), data/processed/images.npy, data/split/split.csv, reports/data/split.json
+Outputs: models/finetuned.keras, models/finetuned.json (model card), reports/finetune/history.json, reports/finetune/metrics.json (metrics)
 """
 
 from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
 
 import keras
 
@@ -13,7 +16,7 @@ import braintumor.model  # noqa: F401  registers the custom layers for safe-mode
 from braintumor.config import load_params
 from braintumor.logs import setup_logging
 from braintumor.paths import ProjectPaths
-from braintumor.tracking import flatten_params, log_phase, stage_run
+from braintumor.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
 from braintumor.train import configure_runtime, finetune_phase, load_training_data, save_phase, test_scores, summary_metrics
 
 
@@ -34,10 +37,16 @@ def main() -> dict:
             "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
             **test_scores(model, data.images, data.split["test"], params.finetune.batch_size),
         })
-        save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune")
-        log_phase(result["history"], metrics, paths.models / "finetuned.keras")
-        log.info("fine-tuned model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",
-                 metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id)
+        # The fine-tuned model inherits the base model's input contract (backbone, size, preprocessing).
+        card = {**json.loads((paths.models / "base.json").read_text()), "model_file": "finetuned.keras",
+                "mlflow_run_id": run.info.run_id, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "git_commit": git_commit(paths.root), "dvc_experiment": dvc_experiment_name()}
+        save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune", card)
+        version = log_phase(result["history"], metrics, paths.models / "finetuned.keras", card,
+                            registered_model=params.mlflow.registered_model)
+        log.info("fine-tuned model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s; registered as %s v%s",
+                 metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id,
+                 params.mlflow.registered_model, version)
     return metrics
 
 

@@ -2,7 +2,7 @@
 
 Params: model, augment, runtime, train_base, preprocess.image_size, mlflow
 Inputs: data/processed/images.npy, data/split/split.csv, reports/data/split.json (data fingerprint)
-Outputs: models/base.keras, reports/train_base/history.json, reports/train_base/metrics.json (metrics)
+Outputs: models/base.keras, models/base.json (model card), reports/train_base/history.json, reports/train_base/metrics.json (metrics)
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from braintumor.config import load_params
 from braintumor.logs import setup_logging
 from braintumor.model import build_model, freeze_backbone
 from braintumor.paths import ProjectPaths
-from braintumor.tracking import flatten_params, log_phase, stage_run
-from braintumor.train import configure_runtime, load_training_data, save_phase, test_scores, summary_metrics, train_base_phase
+from braintumor.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
+from braintumor.train import configure_runtime, load_training_data, model_card, save_phase, test_scores, summary_metrics, train_base_phase
 
 
 def main() -> dict:
@@ -28,15 +28,17 @@ def main() -> dict:
                    tags={"data_fingerprint": data.fingerprint}) as run:
         runtime = configure_runtime(params.runtime)
         with runtime.strategy.scope():
-            model = build_model(params.model, params.preprocess.image_size, root=paths.root)
+            model = build_model(params.model, params.preprocess.image_size, root=paths.main_root)
             freeze_backbone(model)
             result = train_base_phase(model, data.images, data.split, params.train_base, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
             "feature_cache_seconds": result.get("feature_cache_seconds", 0.0),
             **test_scores(model, data.images, data.split["test"], params.train_base.batch_size),
         })
-        save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base")
-        log_phase(result["history"], metrics, paths.models / "base.keras")
+        card = model_card("base.keras", run.info.run_id, params, data.fingerprint,
+                          git_commit=git_commit(paths.root), dvc_experiment=dvc_experiment_name())
+        save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base", card)
+        log_phase(result["history"], metrics, paths.models / "base.keras", card)
         log.info("base model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",
                  metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id)
     return metrics

@@ -18,8 +18,10 @@ from braintumor.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     flatten_params,
     git_commit,
+    group_name,
     log_history,
     log_json_artifact,
+    log_summary,
     main_project_root,
     resolve_tracking_uri,
     stage_run,
@@ -146,8 +148,40 @@ def test_stage_run_creates_experiment_and_run_with_params_and_tags(workspace, mo
     assert stored.data.params["train.lr"] == "0.01"
     assert {k: v for k, v in stored.data.tags.items() if not k.startswith("mlflow.")} == {
         "stage": "train", "dvc_experiment": "lucky-dip", "git_commit": SHA, "data_fingerprint": "abc123",
-        "params_truncated": "train.v",
+        "params_truncated": "train.v", "group": "lucky-dip",
     }
+    # Grouped under one parent run named after the DVC experiment, which carries the params too.
+    parent = client.get_run(stored.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "lucky-dip" and parent.info.status == "FINISHED"
+    assert parent.data.tags["is_group"] == "true" and parent.data.tags["git_commit"] == SHA
+    assert parent.data.params["train.lr"] == "0.01"
+
+
+def test_stages_of_one_execution_share_a_parent_that_collects_their_summaries(workspace, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "two-stages")
+    params = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="groups")
+    run_ids = []
+    for stage, accuracy in (("train_base", 0.5), ("finetune", 0.75)):
+        with stage_run(stage, params, workspace, logged_params={"lr": "0.1"}) as run:
+            log_summary({"test_accuracy": accuracy})
+            run_ids.append(run.info.run_id)
+    client = store(workspace)
+    parents = {client.get_run(r).data.tags["mlflow.parentRunId"] for r in run_ids}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.metrics == {"train_base.test_accuracy": 0.5, "finetune.test_accuracy": 0.75}
+    assert client.get_run(run_ids[1]).data.metrics == {"test_accuracy": 0.75}
+    # Another experiment is another group.
+    monkeypatch.setenv("DVC_EXP_NAME", "other")
+    with stage_run("finetune", params, workspace, logged_params={}) as run:
+        pass
+    assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] != parent.info.run_id
+
+
+def test_group_name_is_the_experiment_or_the_workspace_at_its_commit():
+    assert group_name(SHA, environ={"DVC_EXP_NAME": "exp-1"}) == "exp-1"
+    assert group_name(SHA, environ={}) == f"workspace@{SHA[:8]}"
+    assert group_name(None, environ={}) == "workspace"
 
 
 def test_log_history_writes_one_step_per_epoch(workspace):
@@ -171,8 +205,10 @@ def test_failing_body_ends_run_failed_and_propagates(workspace):
         with stage_run("train", params, workspace, logged_params={}):
             1 / 0
     assert mlflow.active_run() is None
-    (failed,) = store(workspace).search_runs([store(workspace).get_experiment_by_name("failing").experiment_id])
+    runs = store(workspace).search_runs([store(workspace).get_experiment_by_name("failing").experiment_id])
+    (failed,) = [r for r in runs if "is_group" not in r.data.tags]
     assert failed.info.status == "FAILED"
+    assert store(workspace).get_run(failed.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
 def test_reserved_tags_and_calls_outside_a_run_are_refused(workspace):
@@ -279,12 +315,16 @@ def test_dvc_experiments_log_to_the_main_roots_store(tmp_path, dvc_env):
 
     assert not list((repo / ".dvc").rglob("mlflow.db")), "a store was created inside a DVC temp workspace"
     client = store(repo)
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    found = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    runs = [r for r in found if "is_group" not in r.data.tags]
+    parents = {r.info.run_id: r for r in found if "is_group" in r.data.tags}
     by_experiment = {r.data.tags["dvc_experiment"]: r for r in runs}
     assert len(runs) == 4 and set(by_experiment) == {"workspace", "temp-exp", "queued-a", "queued-b"}
+    assert {p.info.run_name for p in parents.values()} == {f"workspace@{commit[:8]}", "temp-exp", "queued-a", "queued-b"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == set(parents)
     exps_dir = repo.resolve() / ".dvc" / "tmp" / "exps"
     expected = {  # DVC experiment -> (train.factor, run name, where the stage ran)
-        "workspace": ("1", "train", repo.resolve()),
+        "workspace": ("1", f"workspace@{commit[:8]}/train", repo.resolve()),
         "temp-exp": ("2", "temp-exp/train", exps_dir / "standalone"),
         "queued-a": ("3", "queued-a/train", exps_dir),
         "queued-b": ("4", "queued-b/train", exps_dir),

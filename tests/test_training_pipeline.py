@@ -33,7 +33,7 @@ TINY_TRAINING = {
 def trained_repo(tmp_path_factory, venv_env) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("train"))
     set_params(repo, TINY_TRAINING)
-    output = dvc(repo, venv_env, "repro")
+    output = dvc(repo, venv_env, "repro", "finetune")
     assert {"train_base", "finetune"} <= ran_stages(output)
     return repo
 
@@ -55,18 +55,29 @@ def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
         history = json.loads((repo / f"reports/{stage}/history.json").read_text())
         assert 0.0 <= metrics["best_val_accuracy"] <= 1.0 and metrics["epochs_run"] == len(history["loss"])
         assert metrics["train_images_per_second"] > 0
+    base_card = json.loads((repo / "models/base.json").read_text())
+    card = json.loads((repo / "models/finetuned.json").read_text())
+    assert card["model_file"] == "finetuned.keras" and base_card["model_file"] == "base.keras"
+    assert card["mlflow_run_id"] != base_card["mlflow_run_id"]
+    assert card["backbone"] == "mobilenetv3small" and card["image_size"] == 48
+    assert card["preprocess"] == base_card["preprocess"] and card["preprocess"]["image_size"] == 48
+    assert card["class_names"] == ["glioma", "meningioma", "no_tumor", "pituitary"]
     # The last 10 backbone layers, less the BatchNorm layers among them, which stay frozen.
     assert 0 < json.loads((repo / "reports/finetune/metrics.json").read_text())["layers_unfrozen"] < 10
     assert "train_base" in dvc(repo, venv_env, "metrics", "show")
 
 
-def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo):
+def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo, venv_env):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{trained_repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("braintumor")
-    runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    found = client.search_runs([experiment.experiment_id])
+    runs = {r.data.tags["stage"]: r for r in found if "is_group" not in r.data.tags}
     assert set(runs) == {"train_base", "finetune"}
+    (group,) = [r for r in found if "is_group" in r.data.tags]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {group.info.run_id}
+    assert group.data.metrics["finetune.test_accuracy"] == runs["finetune"].data.metrics["test_accuracy"]
     base = runs["train_base"]
     assert base.info.status == "FINISHED"
     assert base.data.params["model.backbone"] == "mobilenetv3small"
@@ -74,7 +85,20 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     assert "data_fingerprint" in base.data.tags and "git_commit" in base.data.tags
     assert len(client.get_metric_history(base.info.run_id, "val_loss")) == base.data.metrics["epochs_run"]
     artifacts = {a.path for a in client.list_artifacts(runs["finetune"].info.run_id)}
-    assert {"finetuned.keras", "history.json"} <= artifacts
+    assert {"model_card.json", "history.json"} <= artifacts
+    card = json.loads((trained_repo / "models/finetuned.json").read_text())
+    assert card["mlflow_run_id"] == runs["finetune"].info.run_id
+    # The fine-tuned model is registered, and loads back by registry URI.
+    (version,) = client.search_model_versions("name = 'braintumor-classifier'")
+    assert version.run_id == runs["finetune"].info.run_id
+    script = (
+        "import mlflow, mlflow.keras, numpy as np, braintumor.model\n"
+        "mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        f"m = mlflow.keras.load_model('models:/braintumor-classifier/{version.version}')\n"
+        "print(m.predict(np.zeros((1, 48, 48, 1), 'float32'), verbose=0).shape)\n"
+    )
+    result = subprocess.run(["python", "-c", script], cwd=trained_repo, env=venv_env, capture_output=True, text=True)
+    assert result.stdout.strip().endswith("(1, 4)"), result.stderr[-2000:]
 
 
 def test_deterministic_training_repeats_metrics_exactly(trained_repo, venv_env):

@@ -34,21 +34,18 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import mlflow
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from braintumor.config import MlflowParams
+from braintumor.paths import EXPS_TMP_PARTS, ENV_EXP_BASELINE_REV, ENV_EXP_NAME, main_project_root
 
 logger = logging.getLogger(__name__)
 
-ENV_DVC_ROOT = "DVC_ROOT"
-ENV_EXP_NAME = "DVC_EXP_NAME"
-ENV_EXP_BASELINE_REV = "DVC_EXP_BASELINE_REV"
 
 # DVC's executor folders (dvc.repo.experiments.utils.EXEC_TMP_DIR under repo.tmp_dir = .dvc/tmp).
-_EXPS_TMP_PARTS = (".dvc", "tmp", "exps")
 
 # MLflow's limits (mlflow.utils.validation): keys of params/metrics/tags, param and tag values.
 MAX_KEY_LENGTH = 250
@@ -62,53 +59,15 @@ _TRUNCATED = re.compile(r"\.\.\.\[truncated from \d+ chars\]$")
 _NAMED_STORES = frozenset({"databricks", "databricks-uc", "uc"})
 
 # Tags every stage run carries; callers may add others but not overwrite these.
-RESERVED_TAGS = ("stage", "dvc_experiment", "git_commit", "params_truncated")
+RESERVED_TAGS = ("stage", "dvc_experiment", "git_commit", "params_truncated", "group", "group_key")
+# Tags of the parent run that groups one pipeline execution's stage runs (see :func:`group_run`).
+GROUP_TAG = "group"
+GROUP_KEY_TAG = "group_key"
+IS_GROUP_TAG = "is_group"
 WORKSPACE_EXPERIMENT = "workspace"
 
 
 # --------------------------------------------------------------------------- where runs are stored
-
-
-def _temp_workspace_origin(workspace: Path) -> Path | None:
-    """The repository a DVC experiment copy was made from, or None if ``workspace`` is no such copy.
-
-    Args:
-        workspace: an absolute, resolved folder.
-    """
-    parts = workspace.parts
-    n = len(_EXPS_TMP_PARTS)
-    # The last match wins: a project that itself lives in another project's experiment copy.
-    for start in range(len(parts) - n - 1, -1, -1):
-        if parts[start:start + n] == _EXPS_TMP_PARTS:
-            return Path(*parts[:start])
-    return None
-
-
-def main_project_root(workspace_root: Path, *, environ: Mapping[str, str] | None = None) -> Path:
-    """The project's main root: ``workspace_root`` itself, or the repo a DVC experiment copy came from.
-
-    The path is checked first: a folder under ``<root>/.dvc/tmp/exps/`` is a copy of ``<root>``
-    whatever the environment says. Otherwise, during a DVC experiment (``DVC_EXP_BASELINE_REV`` set),
-    ``DVC_ROOT`` names the main root, which covers executor folders elsewhere. Outside experiments
-    ``DVC_ROOT`` is ignored: ``dvc repro`` keeps an inherited value, which may belong to another repo.
-
-    Args:
-        workspace_root: the folder holding ``dvc.yaml`` that the stage runs in.
-        environ: the environment to read (default: ``os.environ``).
-
-    Raises:
-        FileNotFoundError: DVC_ROOT is set during an experiment but is not a folder.
-    """
-    environ = os.environ if environ is None else environ
-    workspace = Path(workspace_root).resolve()
-    if (origin := _temp_workspace_origin(workspace)) is not None:
-        return origin
-    dvc_root = environ.get(ENV_DVC_ROOT)
-    if environ.get(ENV_EXP_BASELINE_REV) and dvc_root:
-        if not Path(dvc_root).is_dir():
-            raise FileNotFoundError(f"{ENV_DVC_ROOT}={dvc_root!r} (set by DVC for this experiment) is not a folder")
-        return Path(dvc_root).resolve()
-    return workspace
 
 
 def _is_sqlite_scheme(scheme: str) -> bool:
@@ -217,7 +176,7 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
             f"MLflow experiment {name!r} in {tracking_uri} is deleted: restore it "
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or set another mlflow.experiment"
         )
-    if "/".join(_EXPS_TMP_PARTS) in experiment.artifact_location:
+    if "/".join(EXPS_TMP_PARTS) in experiment.artifact_location:
         raise ValueError(
             f"MLflow experiment {name!r} stores artifacts in a DVC experiment copy, which DVC deletes: "
             f"{experiment.artifact_location}. Delete the experiment or set another mlflow.experiment"
@@ -367,6 +326,37 @@ def _end_run(run_id: str, status: str) -> None:
         MlflowClient().set_terminated(run_id, status)
 
 
+def params_digest(workspace_root: Path) -> str:
+    """A short hash of the workspace's params.yaml: tells apart pipeline executions at one commit."""
+    import hashlib
+
+    path = Path(workspace_root) / "params.yaml"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "no-params"
+
+
+def group_name(commit: str | None, *, environ: Mapping[str, str] | None = None) -> str:
+    """The name of the group a stage run belongs to: the DVC experiment, else ``workspace@<commit>``."""
+    if name := dvc_experiment_name(environ=environ):
+        return name
+    return f"{WORKSPACE_EXPERIMENT}@{commit[:8]}" if commit else WORKSPACE_EXPERIMENT
+
+
+def group_run(client: MlflowClient, experiment_id: str, name: str, key: str, tags: Mapping[str, str]) -> str:
+    """The id of the parent run that groups one pipeline execution's stage runs; created if missing.
+
+    One group per DVC experiment (``dvc exp run``, also ``--temp`` and queued runs), or, under plain
+    ``dvc repro``, per commit and params.yaml content. ``key`` (name plus params digest) finds it again
+    from the next stage's process; the stages of one pipeline run one after another, so two processes
+    never race to create the same group.
+    """
+    found = client.search_runs([experiment_id], filter_string=f"tags.{GROUP_KEY_TAG} = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={**tags, GROUP_TAG: name, GROUP_KEY_TAG: key, IS_GROUP_TAG: "true"})
+    return run.info.run_id
+
+
 @contextmanager
 def stage_run(stage: str, params: MlflowParams, workspace_root: Path, *, logged_params: Mapping[str, str],
               tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
@@ -393,11 +383,18 @@ def stage_run(stage: str, params: MlflowParams, workspace_root: Path, *, logged_
                          [key for key, value in checked.items() if _TRUNCATED.search(value)])
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(tracking_uri, params.experiment)
-    exp_name = dvc_experiment_name()
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{exp_name}/{stage}" if exp_name else stage,
-                           tags=run_tags)
+    client = MlflowClient(tracking_uri)
+    group = group_name(run_tags.get("git_commit"))
+    parent_id = group_run(client, experiment_id, group, f"{group}#{params_digest(workspace_root)}",
+                          {k: v for k, v in run_tags.items() if k in ("dvc_experiment", "git_commit")})
+    # The parent carries the params too (every stage of a group reads the same params.yaml), so the
+    # MLflow UI can compare groups as it compares runs.
+    client.log_batch(parent_id, params=[Param(k, v) for k, v in checked.items()
+                                        if k not in client.get_run(parent_id).data.params])
+    run_tags = {**run_tags, GROUP_TAG: group, "mlflow.parentRunId": parent_id}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{group}/{stage}", tags=run_tags)
     run_id = run.info.run_id
-    logger.info("MLflow run %s (experiment %r) in %s", run_id, params.experiment, tracking_uri)
+    logger.info("MLflow run %s (experiment %r, group %r) in %s", run_id, params.experiment, group, tracking_uri)
     try:
         mlflow.log_params(checked)
         yield run
@@ -405,11 +402,13 @@ def stage_run(stage: str, params: MlflowParams, workspace_root: Path, *, logged_
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         try:
             _end_run(run_id, status)
+            client.set_terminated(parent_id, status)
         except Exception:
             # Keep the stage's own error as the one that propagates; this one is only reported.
             logger.exception("could not mark MLflow run %s as %s", run_id, status)
         raise
     _end_run(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 # --------------------------------------------------------------------------- logging inside a run
@@ -477,9 +476,76 @@ def log_json_artifact(data: Any, name: str) -> None:
     mlflow.log_text(text, name)
 
 
-def log_phase(history: Mapping[str, Sequence[float]], metrics: Mapping[str, float], model_path: Path) -> None:
-    """A training phase's per-epoch history, summary metrics, history file and model file."""
+def log_summary(metrics: Mapping[str, float]) -> None:
+    """A stage's summary metrics, on its run and, prefixed with the stage, on its group's parent run.
+
+    The parent then shows every stage's headline numbers in one row of the MLflow UI.
+    """
+    run_id = _active_run_id("log_summary")
+    values = {_check_key(key, "metric"): float(value) for key, value in metrics.items()}
+    mlflow.log_metrics(values)
+    run = MlflowClient().get_run(run_id)
+    if parent_id := run.data.tags.get("mlflow.parentRunId"):
+        stage = run.data.tags["stage"]
+        now = int(time.time() * 1000)
+        MlflowClient().log_batch(parent_id, metrics=[Metric(f"{stage}.{key}", value, now, 0)
+                                                     for key, value in values.items()])
+
+
+def log_phase(history: Mapping[str, Sequence[float]], metrics: Mapping[str, float], model_path: Path,
+              card: Mapping[str, Any] | None = None, registered_model: str | None = None) -> str | None:
+    """A training phase's per-epoch history, summary metrics, history file and model.
+
+    With ``registered_model``, the model is logged as an MLflow Keras model (MLmodel + ``.keras``,
+    card in its metadata) and registered under that name; returns the new version. Otherwise the
+    ``.keras`` file is logged as a plain artifact.
+    """
     log_history(history)
-    mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+    log_summary(metrics)
     log_json_artifact(dict(history), "history.json")
-    mlflow.log_artifact(str(model_path))
+    if card is not None:
+        log_json_artifact(dict(card), "model_card.json")
+    if registered_model is None:
+        mlflow.log_artifact(str(model_path))
+        return None
+    return register_keras_model(model_path, registered_model, card or {})
+
+
+def register_keras_model(model_path: Path, name: str, card: Mapping[str, Any]) -> str:
+    """Log the saved model as an MLflow Keras model of the active run and register it as ``name``.
+
+    The requirements are pinned to what runs here, given explicitly: MLflow's inference would load
+    the model once more in a subprocess just to guess them.
+    """
+    import keras
+    import mlflow.keras
+    import tensorflow as tf
+
+    _active_run_id("register_keras_model")
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    info = mlflow.keras.log_model(model, name="model", registered_model_name=name, metadata={"card": dict(card)},
+                                  pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+                                  await_registration_for=0)
+    version = str(info.registered_model_version)
+    logger.info("registered %s version %s (%s)", name, version, info.model_uri)
+    return version
+
+
+def tag_registered_version(name: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Tag the registered version of ``name`` that run ``run_id`` logged; returns the version.
+
+    The evaluate stage adds what it learns about the fine-tuned model (calibration temperature,
+    test metrics) to that model's registry entry, so a model loaded by URI brings them along.
+
+    Raises:
+        LookupError: no version of ``name`` comes from ``run_id`` (the finetune stage registers one).
+    """
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not versions:
+        raise LookupError(f"no version of registered model {name!r} was logged by run {run_id}: "
+                          "rerun the finetune stage (`dvc repro -f finetune`), which registers it")
+    version = versions[0].version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, _check_key(key, "tag"), _within_limit(str(value), MAX_TAG_VALUE_LENGTH))
+    return str(version)

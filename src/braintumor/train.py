@@ -252,10 +252,36 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     return result
 
 
-def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path, report_dir: Path) -> None:
-    """The model (``.keras``), its per-epoch history and summary metrics, each written atomically."""
+def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, git_commit: str | None,
+               dvc_experiment: str | None) -> dict:
+    """What travels with a saved model: its identity and everything needed to feed it an image.
+
+    The app reads this beside the model, so a model brings its own preprocessing and class names
+    instead of trusting whatever params.yaml says today.
+    """
+    from datetime import datetime, timezone
+
+    return {
+        "model_file": model_file,
+        "mlflow_run_id": run_id,
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit,
+        "dvc_experiment": dvc_experiment,
+        "backbone": params.model.backbone,
+        "image_size": params.preprocess.image_size,
+        "class_names": list(CLASS_NAMES),
+        "data_fingerprint": data_fingerprint,
+        "preprocess": params.preprocess.model_dump(exclude={"workers"}),
+    }
+
+
+def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path, report_dir: Path,
+               card: dict) -> None:
+    """The model (``.keras``) with its card (``.json`` beside it), per-epoch history and summary metrics,
+    each written atomically."""
     with atomic.atomic_path(model_path, suffix=".keras") as tmp:
         model.save(tmp)
+    atomic.write_json(Path(model_path).with_suffix(".json"), card)
     atomic.write_json(report_dir / "history.json", result["history"])
     atomic.write_json(report_dir / "metrics.json", metrics)
 

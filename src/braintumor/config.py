@@ -269,6 +269,7 @@ class EvaluateParams(_Section):
     bootstrap_resamples: int = Field(default=1000, ge=10)
     bootstrap_seed: int = 0
     calibration_bins: int = Field(default=15, ge=2)
+    errors_listed: int = Field(default=10, ge=0, description="most confident misclassifications shown in reports/evaluation.md")
 
 
 class GradcamParams(_Section):
@@ -278,6 +279,26 @@ class GradcamParams(_Section):
     images_per_class: int = Field(default=4, ge=1)
     overlay_alpha: float = Field(default=0.4, ge=0.0, le=1.0)
     seed: int = 0
+    sanity_images: int = Field(default=100, ge=2, description="test images for the sanity checks (with a tumor mask where there are masks)")
+    randomise_top: int | str = Field(default=38, description="randomisation test: the model's last N layers (head = last 8), or from this layer name")
+    max_rank_correlation: float = Field(default=0.5, ge=-1.0, le=1.0, description="randomisation test passes below this")
+    pointing_tolerance_px: float = Field(default=15.0, ge=0.0, description="pointing game also counted within this distance of the mask")
+
+
+class OodParams(_Section):
+    """The app's out-of-distribution rule (see braintumor.ood): an upload failing any check gets no label.
+
+    The image checks were set on the 7,023 Nickparvar slices (none flagged) against colour photographs,
+    blank images and rendered text; the colour check reuses ``merge.max_colour_share``.
+    """
+
+    min_contrast: float = Field(default=10.0, ge=0.0, description="grey-level standard deviation; MRI >= 20")
+    max_flat_share: float = Field(default=0.75, gt=0.0, le=1.0,
+                                  description="foreground share at one grey level (+-2); MRI <= 0.59, text >= 0.85")
+    min_head_share: float = Field(default=0.75, ge=0.0, le=1.0,
+                                  description="foreground share inside its largest region; MRI >= 0.83, text <= 0.15")
+    confidence_quantile: Literal["0.01", "0.05", "0.10"] = Field(
+        default="0.01", description="flag a top calibrated probability below this quantile of the validation split's")
 
 
 class AppParams(_Section):
@@ -288,6 +309,7 @@ class AppParams(_Section):
     model: str = Field(default="models/finetuned.keras", description="path or MLflow models:/ URI")
     max_upload_mb: float = Field(default=20.0, gt=0)
     max_image_pixels: int = Field(default=50_000_000, ge=1, description="decompression-bomb guard")
+    ood: OodParams = OodParams()
 
 
 class Params(_Section):

@@ -549,3 +549,16 @@ def tag_registered_version(name: str, run_id: str, tags: Mapping[str, str]) -> s
     for key, value in tags.items():
         client.set_model_version_tag(name, version, _check_key(key, "tag"), _within_limit(str(value), MAX_TAG_VALUE_LENGTH))
     return str(version)
+
+
+def main() -> None:
+    """Print the resolved tracking URI of the project around the current directory (for `make mlflow-ui`)."""
+    from braintumor.config import load_params
+    from braintumor.paths import find_project_root
+
+    root = find_project_root()
+    print(resolve_tracking_uri(load_params(root / "params.yaml").mlflow.tracking_uri, root))
+
+
+if __name__ == "__main__":
+    main()

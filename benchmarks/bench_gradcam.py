@@ -1,0 +1,94 @@
+"""Benchmark of Grad-CAM (src/braintumor/gradcam.py) for one 224 px image with ResNet50.
+
+The classifier is ``build_model`` with ResNet50 and ``weights: none`` (the ImageNet file cannot be
+downloaded offline; the weights' values do not change the cost). ``make_gradcam_model`` once, then
+``grad_cam`` on one (1, 224, 224) uint8 slice: the first call traces the TensorFlow function
+(reported as ``first_call_s``), ``--warmup`` more calls warm it up, then ``--repeats`` timed calls.
+Target: under 0.5 s per image after warm-up.
+
+    .venv/bin/python benchmarks/bench_gradcam.py [--repeats 20] [--warmup 3] [--backbone resnet50]
+
+Prints one JSON line: median, p90, best and worst seconds per image, and ``other_cpu_s``, the CPU
+time other programs took during the timed calls (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from braintumor.config import ModelParams  # noqa: E402
+from braintumor.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model  # noqa: E402
+from braintumor.model import build_model  # noqa: E402
+
+SIZE = 224
+TARGET_S = 0.5
+
+
+def machine() -> dict:
+    """CPU model, core count and library versions."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by all processes on the machine, by this process)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    mine = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), mine.user + mine.system
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    model = build_model(ModelParams(backbone=args.backbone, weights="none"), SIZE)
+    layer = gradcam_layer_name(model)
+    cam = make_gradcam_model(model, layer)
+    image = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE), dtype=np.uint8)
+
+    start = time.perf_counter()
+    grad_cam(cam, image)
+    first_call = time.perf_counter() - start
+    for _ in range(args.warmup):
+        grad_cam(cam, image)
+    seconds = []
+    busy0, mine0 = cpu_seconds()
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        heatmaps, _ = grad_cam(cam, image)
+        seconds.append(time.perf_counter() - start)
+    busy1, mine1 = cpu_seconds()
+    assert heatmaps.shape == (1, SIZE, SIZE)
+    median = float(np.median(seconds))
+    print(json.dumps({
+        "benchmark": "gradcam_single_image", "backbone": args.backbone, "layer": layer, "image_size": SIZE,
+        "repeats": args.repeats, "first_call_s": round(first_call, 3), "median_s": round(median, 4),
+        "p90_s": round(float(np.percentile(seconds, 90)), 4), "best_s": round(min(seconds), 4),
+        "worst_s": round(max(seconds), 4), "target_s": TARGET_S, "meets_target": median < TARGET_S,
+        "other_cpu_s": round(max(0.0, (busy1 - busy0) - (mine1 - mine0)), 2), "machine": machine(),
+    }))
+    return 0 if median < TARGET_S else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

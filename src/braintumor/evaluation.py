@@ -1,0 +1,397 @@
+"""Test-split metrics of a classifier from its probabilities: small pure functions on arrays.
+
+Conventions: ``labels`` are (n,) class ids (indices into ``class_names``); ``probabilities`` are the
+model's (n, k) softmax outputs; a prediction is the arg-max. Confusion matrices have one row per
+*actual* class and one column per *predicted* class (scikit-learn's orientation).
+
+The evaluate stage turns one model's outputs into the entry of ``reports/metrics.json`` with
+:func:`model_metrics`, and both entries into the comparison table of ``reports/evaluation.md`` with
+:func:`comparison_table` (also printed by the demo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
+
+from braintumor.calibration import apply_temperature, expected_calibration_error, negative_log_likelihood
+
+DIGITS = 6  # metrics are rounded to this many decimals: stable, readable `dvc metrics diff`
+MODEL_TITLES = {"base": "base", "finetuned": "fine-tuned"}
+
+
+def _predicted(probabilities: np.ndarray) -> np.ndarray:
+    return np.asarray(probabilities).argmax(axis=1)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), DIGITS)
+
+
+def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray, class_id: int) -> float | None:
+    """ROC-AUC of class ``class_id`` against the rest, or None if the test split lacks positives or negatives."""
+    positive = np.asarray(labels) == class_id
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, np.asarray(probabilities)[:, class_id]))
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, macro and weighted F1, macro ROC-AUC and per-class precision, recall, F1, support, ROC-AUC.
+
+    A class with no predictions has precision 0, one with no test images recall 0 (scikit-learn's
+    ``zero_division=0``). Its ROC-AUC is None when the class has no test images (or only those);
+    ``roc_auc_macro`` is then None too, rather than a mean over fewer classes.
+
+    Args:
+        labels: (n,) true class ids.
+        probabilities: (n, k) softmax outputs, k = len(class_names).
+        class_names: the name of each class id.
+    """
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    if probabilities.ndim != 2 or probabilities.shape != (len(labels), len(class_names)):
+        raise ValueError(f"classification_metrics: probabilities must be (n={len(labels)}, k={len(class_names)}), "
+                         f"got {probabilities.shape}")
+    predicted = _predicted(probabilities)
+    ids = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=ids, zero_division=0)
+    aucs = [one_vs_rest_auc(labels, probabilities, c) for c in ids]
+    per_class = {
+        name: {"precision": _round(precision[c]), "recall": _round(recall[c]), "f1": _round(f1[c]),
+               "support": int(support[c]), "roc_auc": _round(aucs[c])}
+        for c, name in enumerate(class_names)
+    }
+    return {
+        "accuracy": _round(accuracy_score(labels, predicted)),
+        "macro_f1": _round(f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)),
+        "weighted_f1": _round(f1_score(labels, predicted, labels=ids, average="weighted", zero_division=0)),
+        "roc_auc_macro": None if None in aucs else _round(np.mean(aucs)),
+        "per_class": per_class,
+    }
+
+
+def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(k, k) int64 counts: entry [a, p] is the number of images of actual class a predicted as p."""
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if labels.shape != predicted.shape or labels.ndim != 1:
+        raise ValueError(f"confusion_counts: labels {labels.shape} and predicted {predicted.shape} must be equal 1-D")
+    for name, values in (("labels", labels), ("predicted", predicted)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"confusion_counts: {name} must be in [0, {num_classes}), got {values.min()}..{values.max()}")
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def row_normalised(counts: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix divided by its sum (per-class recall on the diagonal); empty rows stay 0."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def roc_curves(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """One-vs-rest ROC curve of each class that has positives and negatives: columns fpr, tpr, threshold.
+
+    Thresholds are scikit-learn's, except that its first one (infinity: nothing predicted
+    positive) is written as 1.0 so that the tables stay valid JSON and CSV for every reader.
+    """
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    curves = {}
+    for c, name in enumerate(class_names):
+        positive = labels == c
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, threshold = roc_curve(positive, probabilities[:, c])
+        curves[name] = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(threshold, 1.0)})
+    return curves
+
+
+def _macro_f1_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Macro-F1 of a stack of confusion matrices (r, k, k); F1 of a class with no TP, FP or FN is 0."""
+    tp = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
+    denominator = counts.sum(axis=1) + counts.sum(axis=2)  # 2TP + FP + FN: column sums plus row sums
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return f1.mean(axis=1)
+
+
+def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, num_classes: int, *, resamples: int, seed: int,
+                        level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of accuracy and macro-F1 over test images drawn with replacement.
+
+    Deterministic for a seed (one ``numpy.random.Generator``). Every resample's confusion matrix is
+    counted at once with one ``bincount``, so 1,000 resamples of a few thousand images take
+    milliseconds.
+
+    Args:
+        labels: (n,) true class ids.
+        predicted: (n,) predicted class ids.
+        num_classes: k.
+        resamples: number of bootstrap resamples.
+        seed: seeds the resampling.
+        level: coverage of the interval.
+
+    Returns:
+        ``{"accuracy": [low, high], "macro_f1": [low, high]}``.
+    """
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if not 0 < level < 1 or resamples < 1 or labels.size == 0:
+        raise ValueError(f"bootstrap_intervals: need 0 < level < 1, resamples >= 1 and images; got level {level}, "
+                         f"resamples {resamples}, {labels.size} images")
+    n, k = labels.size, num_classes
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # (r, n) image indices
+    cells = np.arange(resamples)[:, None] * k * k + labels[draws] * k + predicted[draws]
+    counts = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
+    accuracy = np.trace(counts, axis1=1, axis2=2) / n
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return {
+        "accuracy": [_round(v) for v in np.percentile(accuracy, tails)],
+        "macro_f1": [_round(v) for v in np.percentile(_macro_f1_from_counts(counts), tails)],
+    }
+
+
+def calibration_metrics(test_labels: np.ndarray, test_probabilities: np.ndarray, temperature: float,
+                        bins: int) -> dict:
+    """ECE and NLL on the test split before and after temperature scaling with ``temperature``."""
+    calibrated = apply_temperature(test_probabilities, temperature)
+    return {
+        "ece": _round(expected_calibration_error(test_probabilities, test_labels, bins)),
+        "ece_calibrated": _round(expected_calibration_error(calibrated, test_labels, bins)),
+        "nll": _round(negative_log_likelihood(test_probabilities, test_labels)),
+        "nll_calibrated": _round(negative_log_likelihood(calibrated, test_labels)),
+        "temperature": _round(temperature),
+    }
+
+
+def model_metrics(test_labels: np.ndarray, test_probabilities: np.ndarray, class_names: Sequence[str], *,
+                  temperature: float, bootstrap_resamples: int, bootstrap_seed: int, calibration_bins: int) -> dict:
+    """One model's entry of ``reports/metrics.json``: test metrics, their bootstrap intervals, calibration.
+
+    Args:
+        test_labels: (n,) true class ids of the test split.
+        test_probabilities: (n, k) the model's softmax outputs on it.
+        class_names: the name of each class id.
+        temperature: fitted on the validation split (:func:`braintumor.calibration.fit_temperature`),
+            judged here on the test split.
+        bootstrap_resamples, bootstrap_seed: see :func:`bootstrap_intervals`.
+        calibration_bins: bins of the expected calibration error.
+    """
+    metrics = classification_metrics(test_labels, test_probabilities, class_names)
+    intervals = bootstrap_intervals(test_labels, _predicted(test_probabilities), len(class_names),
+                                    resamples=bootstrap_resamples, seed=bootstrap_seed)
+    per_class = metrics.pop("per_class")
+    return {
+        # Intervals as {low, high}: DVC's metrics tables drop list values, and these must show.
+        "accuracy": metrics.pop("accuracy"), "accuracy_ci95": _low_high(intervals["accuracy"]),
+        "macro_f1": metrics.pop("macro_f1"), "macro_f1_ci95": _low_high(intervals["macro_f1"]),
+        **metrics,
+        **calibration_metrics(test_labels, test_probabilities, temperature, calibration_bins),
+        "per_class": per_class,
+    }
+
+
+def _low_high(interval) -> dict[str, float]:
+    low, high = interval
+    return {"low": float(low), "high": float(high)}
+
+
+def flat_metrics(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]:
+    """``reports/metrics.json`` as MLflow metrics: dotted keys (``finetuned.per_class.glioma.f1``,
+    ``finetuned.accuracy_ci95.low``); a [low, high] list as ``<key>_low`` and ``<key>_high``. Values that
+    are None (an undefined ROC-AUC) are left out.
+    """
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flat_metrics(value, name))
+        elif isinstance(value, (list, tuple)):
+            low, high = value
+            flat[f"{name}_low"], flat[f"{name}_high"] = float(low), float(high)
+        elif value is not None:
+            flat[name] = float(value)
+    return flat
+
+
+def image_paths(rows: np.ndarray, split_table: pd.DataFrame, manifest: pd.DataFrame) -> list[str]:
+    """The source file of each cached image row: ``split.csv`` maps row -> id, the manifest id -> path."""
+    path_of_id = dict(zip(manifest["id"], manifest["path"]))
+    id_of_row = dict(zip(split_table["row"], split_table["id"]))
+    missing = [int(r) for r in rows if id_of_row.get(int(r)) not in path_of_id]
+    if missing:
+        raise ValueError(f"image_paths: rows {missing[:10]} have no file in the manifest: rerun `dvc repro`")
+    return [path_of_id[id_of_row[int(r)]] for r in rows]
+
+
+def prediction_table(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray,
+                     class_names: Sequence[str]) -> pd.DataFrame:
+    """One line per image: row, path, actual, predicted (class names), confidence, p_<class> per class."""
+    probabilities = np.asarray(probabilities, np.float64)
+    names = np.asarray(class_names)
+    table = pd.DataFrame({
+        "row": np.asarray(rows, np.int64),
+        "path": list(paths),
+        "actual": names[np.asarray(labels)],
+        "predicted": names[_predicted(probabilities)],
+        "confidence": probabilities.max(axis=1).round(DIGITS),
+    })
+    for c, name in enumerate(class_names):
+        table[f"p_{name}"] = probabilities[:, c].round(DIGITS)
+    return table
+
+
+def misclassified(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The wrongly predicted lines of a :func:`prediction_table`, most confident first."""
+    wrong = predictions[predictions["actual"] != predictions["predicted"]]
+    return wrong.sort_values(["confidence", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> pd.DataFrame:
+    """Keras histories of consecutive phases as one table: epoch (counted on across phases), phase,
+    phase_epoch, loss, val_loss, accuracy, val_accuracy.
+
+    Args:
+        histories: phase name -> Keras history (metric -> one value per epoch), in training order.
+    """
+    columns = ("loss", "val_loss", "accuracy", "val_accuracy")
+    frames, start = [], 0
+    for phase, history in histories.items():
+        missing = [c for c in columns if c not in history]
+        if missing:
+            raise ValueError(f"training_curves: history of {phase!r} lacks {missing} (has {sorted(history)})")
+        epochs = len(history["loss"])
+        frame = pd.DataFrame({"epoch": np.arange(start + 1, start + epochs + 1), "phase": phase,
+                              "phase_epoch": np.arange(1, epochs + 1)})
+        for column in columns:
+            frame[column] = np.round(np.asarray(history[column], np.float64), DIGITS)
+        frames.append(frame)
+        start += epochs
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- the readable report
+
+_SUMMARY_ROWS = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro F1"),
+    ("weighted_f1", "weighted F1"),
+    ("roc_auc_macro", "ROC-AUC (macro, one-vs-rest)"),
+    ("ece", "ECE"),
+    ("ece_calibrated", "ECE, temperature-scaled"),
+    ("nll", "NLL"),
+    ("nll_calibrated", "NLL, temperature-scaled"),
+    ("temperature", "temperature (fitted on validation)"),
+)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _with_interval(entry: Mapping, key: str) -> str:
+    interval = entry.get(f"{key}_ci95")
+    text = _number(entry.get(key))
+    return f"{text} [{interval['low']:.3f}, {interval['high']:.3f}]" if interval else text
+
+
+def _change(values: list[float | None]) -> str:
+    if len(values) != 2 or None in values:
+        return ""
+    return f"{round(values[1] - values[0], 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
+
+
+def comparison_table(metrics: Mapping[str, Mapping]) -> str:
+    """Markdown table of the test metrics side by side: one column per model, and the change from
+    the first (base) to the second (fine-tuned) when there are two.
+
+    Accuracy and macro-F1 carry their bootstrap 95% intervals in brackets. ECE and NLL: lower is
+    better.
+
+    Args:
+        metrics: the content of ``reports/metrics.json``: model name -> :func:`model_metrics` entry.
+    """
+    models = list(metrics)
+    if not models:
+        raise ValueError("comparison_table: no models in the metrics")
+    two = len(models) == 2
+    header = ["metric (test split)", *(MODEL_TITLES.get(m, m) for m in models), *(["change"] if two else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [(key, title, lambda e, k=key: e.get(k)) for key, title in _SUMMARY_ROWS]
+    class_names = list(next(iter(metrics.values()))["per_class"])
+    rows += [(f"f1:{name}", f"F1 {name}", lambda e, n=name: e["per_class"][n]["f1"]) for name in class_names]
+    for key, title, value_of in rows:
+        values = [value_of(metrics[m]) for m in models]
+        cells = [_with_interval(metrics[m], key) if key in ("accuracy", "macro_f1") else _number(v)
+                 for m, v in zip(models, values)]
+        lines.append("| " + " | ".join([title, *cells, *([_change(values)] if two else [])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_table(entry: Mapping) -> str:
+    """Markdown table of one model's per-class precision, recall, F1, support and ROC-AUC."""
+    lines = ["| class | precision | recall | F1 | support | ROC-AUC |", "|---|---|---|---|---|---|"]
+    for name, m in entry["per_class"].items():
+        lines.append(f"| {name} | {_number(m['precision'])} | {_number(m['recall'])} | {_number(m['f1'])} "
+                     f"| {m['support']} | {_number(m['roc_auc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def confusion_table(counts: np.ndarray, class_names: Sequence[str]) -> str:
+    """Markdown confusion matrix: rows actual, columns predicted, each cell ``count (row share)``."""
+    shares = row_normalised(counts)
+    lines = ["| actual \\ predicted | " + " | ".join(class_names) + " |", "|---|" + "---|" * len(class_names)]
+    for a, name in enumerate(class_names):
+        cells = [f"{counts[a, p]} ({shares[a, p]:.0%})" for p in range(len(class_names))]
+        lines.append(f"| **{name}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def errors_table(errors: pd.DataFrame, limit: int) -> str:
+    """Markdown list of the ``limit`` most confident misclassifications of a :func:`misclassified` table."""
+    if errors.empty:
+        return "No misclassified test images.\n"
+    lines = ["| path | actual | predicted | confidence |", "|---|---|---|---|"]
+    for line in errors.head(limit).itertuples():
+        lines.append(f"| `{line.path}` | {line.actual} | {line.predicted} | {line.confidence:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, np.ndarray],
+                      errors: Mapping[str, pd.DataFrame], class_names: Sequence[str], *, bootstrap_resamples: int,
+                      errors_listed: int, figures: Mapping[str, str], files: Mapping[str, str]) -> str:
+    """``reports/evaluation.md``: comparison table, per-class tables, confusion matrices, calibration,
+    the most confident errors, and links to the figures and data files.
+
+    Args:
+        metrics: model name -> :func:`model_metrics` entry.
+        confusions: model name -> (k, k) counts, rows actual.
+        errors: model name -> :func:`misclassified` table.
+        class_names: the classes, in id order.
+        bootstrap_resamples: shown beside the intervals.
+        errors_listed: how many misclassified images to list per model.
+        figures: caption -> image path relative to the report.
+        files: description -> data file path relative to the report.
+    """
+    first = next(iter(metrics.values()))
+    test_images = sum(m["support"] for m in first["per_class"].values())
+    parts = [
+        "# Evaluation on the test split\n",
+        f"{test_images} test images, never seen in training or model selection. In brackets: bootstrap 95% "
+        f"intervals ({bootstrap_resamples} resamples of the test images). ECE: expected calibration error "
+        "(gap between confidence and accuracy); NLL: mean negative log-likelihood; both lower is better. "
+        "The temperature is fitted on the validation split; it changes probabilities, never the predicted class.\n",
+        comparison_table(metrics),
+    ]
+    for model, entry in metrics.items():
+        title = MODEL_TITLES.get(model, model)
+        parts += [f"## {title}: per class\n", per_class_table(entry),
+                  "Confusion matrix (rows: actual class, columns: predicted class; share of the row):\n",
+                  confusion_table(confusions[model], class_names),
+                  f"Most confident errors ({min(errors_listed, len(errors[model]))} of {len(errors[model])}):\n",
+                  errors_table(errors[model], errors_listed)]
+    parts.append("## Figures\n")
+    parts += [f"### {caption}\n\n![{caption}]({path})\n" for caption, path in figures.items()]
+    parts.append("## Data files\n")
+    parts.append("\n".join(f"- `{path}`: {what}" for what, path in files.items()) + "\n")
+    return "\n".join(parts)

@@ -1,0 +1,282 @@
+"""The Grad-CAM report: which test images to show, their PNG overlays, and one HTML page that opens from disk.
+
+``reports/gradcam/index.html`` links its images by relative paths (``overlays/<file>.png``) and
+carries its CSS inline: no server, no network, no script. It shows the sanity checks first (with how
+to read them), then per class the chosen test images: the preprocessed slice, the overlay of each
+model, the true label, and each model's prediction with its class probabilities.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from braintumor.gradcam import overlay
+
+OVERLAYS_FOLDER = "overlays"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One test image of the report.
+
+    Args:
+        row: its row in ``data/processed/images.npy``.
+        label: true class id.
+        correct: whether the reference model (the fine-tuned one) classified it correctly.
+    """
+
+    row: int
+    label: int
+    correct: bool
+
+
+def select_examples(labels: np.ndarray, predicted: np.ndarray, rows: np.ndarray, per_class: int,
+                    seed: int) -> list[Example]:
+    """Up to ``per_class`` correctly and up to ``per_class`` wrongly classified images of each class.
+
+    Drawn at random (seeded) among the candidates; ordered by class, correct ones first, then by row.
+
+    Args:
+        labels: (N,) true class ids.
+        predicted: (N,) predicted class ids.
+        rows: (N,) image rows, aligned with ``labels``.
+        per_class: how many of each kind per class (fewer when fewer exist).
+        seed: seeds the draw.
+    """
+    labels, predicted, rows = np.asarray(labels), np.asarray(predicted), np.asarray(rows)
+    if not labels.shape == predicted.shape == rows.shape or labels.ndim != 1:
+        raise ValueError(f"select_examples: labels {labels.shape}, predicted {predicted.shape} and rows "
+                         f"{rows.shape} must be aligned 1-D arrays")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        for correct in (True, False):
+            candidates = np.flatnonzero((labels == label) & ((predicted == labels) == correct))
+            picked = rng.choice(candidates, size=min(per_class, len(candidates)), replace=False)
+            chosen += [Example(int(rows[i]), int(label), correct) for i in sorted(picked, key=lambda i: rows[i])]
+    return chosen
+
+
+def sample_positions(eligible: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted positions of up to ``count`` entries drawn (seeded, without replacement) where ``eligible`` is true."""
+    candidates = np.flatnonzero(np.asarray(eligible, bool))
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=min(count, len(candidates)), replace=False))
+
+
+def encode_png(rgb_or_grey: np.ndarray) -> bytes:
+    """PNG bytes of an RGB (H, W, 3) or grey (H, W) uint8 image."""
+    image = rgb_or_grey if rgb_or_grey.ndim == 2 else cv2.cvtColor(rgb_or_grey, cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {rgb_or_grey.shape} dtype {rgb_or_grey.dtype} as PNG")
+    return data.tobytes()
+
+
+def write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Replace ``folder`` by one holding exactly ``files`` (name -> bytes), built beside it and renamed.
+
+    An interrupted run leaves either the old folder or the new one, never a half-written one.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        for name, data in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"write_folder: {name!r} must be a plain file name")
+            (staging / name).write_bytes(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the report is an ordinary folder
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+            os.replace(folder, old / folder.name)
+        os.replace(staging, folder)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass
+class ReportItem:
+    """What the page shows for one image: file names below ``overlays/`` and each model's prediction.
+
+    Args:
+        example: the image.
+        image_file: the preprocessed slice.
+        overlays: model name -> overlay file.
+        predicted: model name -> the class id its overlay explains (the model's prediction).
+        probabilities: model name -> (C,) class probabilities shown (calibrated).
+    """
+
+    example: Example
+    image_file: str
+    overlays: dict[str, str] = field(default_factory=dict)
+    predicted: dict[str, int] = field(default_factory=dict)
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def report_items(examples: list[Example], images: np.ndarray,
+                 explanations: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 alpha: float) -> tuple[list[ReportItem], dict[str, bytes]]:
+    """The page's items and their PNG files (name -> bytes): each slice, and its overlay for each model.
+
+    Args:
+        examples: the chosen images.
+        images: (E, S, S) uint8, the slices of ``examples`` in order.
+        explanations: model name -> (heatmaps (E, S, S), explained class ids (E,), probabilities to
+            show (E, C)) of those slices.
+        alpha: overlay opacity (see :func:`braintumor.gradcam.overlay`).
+    """
+    items = [ReportItem(example, f"{example.row}_slice.png") for example in examples]
+    pngs = {item.image_file: encode_png(image) for item, image in zip(items, images)}
+    for model, (heatmaps, explained, probabilities) in explanations.items():
+        for item, image, heatmap, label, probs in zip(items, images, heatmaps, explained, probabilities):
+            item.overlays[model] = f"{item.example.row}_{model}.png"
+            item.predicted[model] = int(label)
+            item.probabilities[model] = probs
+            pngs[item.overlays[model]] = encode_png(overlay(image, heatmap, alpha))
+    return items, pngs
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;max-width:1200px}
+h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ccc}h3{margin-bottom:.3em}
+table.sanity{border-collapse:collapse;margin:.5em 0}
+table.sanity td,table.sanity th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table.sanity th:first-child,table.sanity td:first-child{text-align:left}
+.verdict-pass{color:#0a7d32;font-weight:600}.verdict-fail{color:#b3261e;font-weight:600}
+.item{display:flex;gap:12px;align-items:flex-start;margin:12px 0;padding:8px;border:1px solid #e3e3e3;border-radius:6px}
+.item.wrong{border-color:#e6a0a0;background:#fff7f7}
+figure{margin:0;width:200px;text-align:center;font-size:.85em}
+figure img{display:block;width:200px;height:200px;image-rendering:auto}
+.pred{font-size:.85em;min-width:230px}.bar{display:flex;align-items:center;gap:6px;margin:2px 0}
+.bar span.name{width:90px}.bar span.track{width:100px;height:10px;background:#eee;display:inline-block}
+.bar span.fill{height:10px;background:#4a78c2;display:block}.bar.top span.fill{background:#d9822b}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def _probability_bars(probabilities: np.ndarray, class_names: tuple[str, ...], top: int) -> str:
+    bars = []
+    for index, (name, value) in enumerate(zip(class_names, probabilities)):
+        bars.append(
+            f'<div class="bar{" top" if index == top else ""}"><span class="name">{html.escape(name)}</span>'
+            f'<span class="track"><span class="fill" style="width:{100 * float(value):.1f}%"></span></span>'
+            f"<span>{float(value):.3f}</span></div>"
+        )
+    return "".join(bars)
+
+
+def _item_html(item: ReportItem, class_names: tuple[str, ...]) -> str:
+    truth = class_names[item.example.label]
+    figures = [f'<figure><img src="{OVERLAYS_FOLDER}/{html.escape(item.image_file)}" alt="slice {item.example.row}">'
+               f"slice (row {item.example.row})</figure>"]
+    predictions = []
+    for model, file in item.overlays.items():
+        probabilities = item.probabilities[model]
+        predicted = class_names[item.predicted[model]]
+        figures.append(f'<figure><img src="{OVERLAYS_FOLDER}/{html.escape(file)}" alt="{html.escape(model)} Grad-CAM">'
+                       f"{html.escape(model)}: Grad-CAM of {html.escape(predicted)}</figure>")
+        mark = "correct" if predicted == truth else "wrong"
+        predictions.append(f"<div><b>{html.escape(model)}</b>: {html.escape(predicted)} ({mark})"
+                           f"{_probability_bars(probabilities, class_names, item.predicted[model])}</div>")
+    status = "" if item.example.correct else " wrong"
+    return (f'<div class="item{status}">{"".join(figures)}<div class="pred">'
+            f"<div>true: <b>{html.escape(truth)}</b></div>"
+            f'{"".join(predictions)}</div></div>')
+
+
+def _number(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _sanity_html(sanity: dict) -> str:
+    parts = ["<h2>Sanity checks</h2>"]
+    randomisation = sanity["randomisation"]
+    verdict = "pass" if randomisation["passed"] else "fail"
+    parts.append(
+        "<h3>Model randomisation test (Adebayo et al., 2018)</h3>"
+        f'<p class="note">Grad-CAM maps of each trained model compared with those of the same model with its top '
+        f"layers re-initialised, for the same {randomisation['images']} test images and their true class. A map "
+        f"that reflects what the model learnt must change: low similarity is good (1 = unchanged). Pass: mean "
+        f"Spearman rank correlation below {randomisation['max_rank_correlation']}.</p>"
+        '<table class="sanity"><tr><th>model</th><th>re-initialised layers</th><th>Spearman rank correlation</th>'
+        "<th>SSIM</th><th>verdict</th></tr>"
+    )
+    for model, scores in randomisation["models"].items():
+        passed = "pass" if scores["passed"] else "fail"
+        parts.append(f"<tr><td>{html.escape(model)}</td><td>{scores['randomised_layers']} (from "
+                     f"<code>{html.escape(scores['first_randomised_layer'])}</code>)</td>"
+                     f"<td>{_number(scores['rank_correlation'])}</td><td>{_number(scores['ssim'])}</td>"
+                     f'<td class="verdict-{passed}">{passed}</td></tr>')
+    parts.append(f'</table><p>Overall: <span class="verdict-{verdict}">{verdict}</span></p>')
+    parts.append(_localisation_html(sanity["localisation"]))
+    return "".join(parts)
+
+
+def _localisation_html(localisation: dict) -> str:
+    parts = ["<h3>Localisation on known tumor masks</h3>"]
+    if not localisation["applicable"]:
+        parts.append(f'<p class="note">Not applicable: {html.escape(localisation["reason"])}</p>')
+        return "".join(parts)
+    tolerance = localisation["tolerance_px"]
+    parts.append(
+        f'<p class="note">On {localisation["images"]} test images with a tumor mask (sources: '
+        f'{html.escape(", ".join(localisation["sources"]))}), Grad-CAM of the true class. '
+        "<b>Pointing game</b>: share of maps "
+        f"whose peak lies inside the mask (and within {tolerance:g} px of it, the usual tolerance for coarse maps). "
+        "<b>Energy inside</b>: share of the map's mass inside the mask. <b>Chance</b>: what a map that knows "
+        "nothing scores (the mask's share of the image). <b>Centre prior</b>: a fixed Gaussian at the image "
+        "centre, which knows only that tumors tend to sit near the middle.</p>"
+        '<table class="sanity"><tr><th>model / class</th><th>images</th><th>pointing game</th>'
+        f"<th>within {tolerance:g} px</th><th>energy inside</th><th>chance (pointing, energy)</th>"
+        f"<th>chance within {tolerance:g} px</th><th>centre prior pointing</th><th>centre prior energy</th></tr>"
+    )
+    for model, groups in localisation["models"].items():
+        for group, scores in groups.items():
+            parts.append(
+                f"<tr><td>{html.escape(model)} / {html.escape(group)}</td><td>{scores['images']}</td>"
+                f"<td>{_number(scores['pointing_game'])}</td><td>{_number(scores['pointing_game_tolerant'])}</td>"
+                f"<td>{_number(scores['energy_inside'])}</td><td>{_number(scores['chance'])}</td>"
+                f"<td>{_number(scores['chance_tolerant'])}</td><td>{_number(scores['centre_prior_pointing_game'])}</td>"
+                f"<td>{_number(scores['centre_prior_energy_inside'])}</td></tr>"
+            )
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def render_report_html(items: list[ReportItem], sanity: dict, class_names: tuple[str, ...], title: str,
+                       notes: list[str]) -> str:
+    """The whole page as one string: inline CSS, images by relative path, no script, no external URL.
+
+    Args:
+        items: the images, in display order (grouped by class by :func:`select_examples`).
+        sanity: the content of ``sanity.json``.
+        class_names: names of the class ids.
+        title: the page title.
+        notes: short paragraphs shown under the title (layer, calibration, counts).
+    """
+    body = [f"<h1>{html.escape(title)}</h1>"] + [f'<p class="note">{html.escape(note)}</p>' for note in notes]
+    body.append(_sanity_html(sanity))
+    for label, name in enumerate(class_names):
+        group = [item for item in items if item.example.label == label]
+        correct = sum(item.example.correct for item in group)
+        body.append(f"<h2>True class: {html.escape(name)} ({correct} correct, {len(group) - correct} misclassified "
+                    f"by the fine-tuned model)</h2>")
+        body += [_item_html(item, class_names) for item in group] or ['<p class="note">No test images.</p>']
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")

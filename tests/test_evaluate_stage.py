@@ -1,0 +1,149 @@
+"""The evaluate stage end to end with real DVC and a real MLflow store, on the tiny training configuration:
+metrics.json layout, `dvc metrics show`, `dvc plots show`, the calibration file, the per-image
+tables, the report, and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from braintumor.calibration import load_calibration
+from braintumor.config import CLASS_NAMES
+from braintumor.evaluation import comparison_table
+from conftest import copy_repo
+from test_pipeline_dvc import dvc, ran_stages, set_params
+from test_training_pipeline import TINY_TRAINING
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("base", "finetuned")
+SUMMARY_KEYS = {"accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "weighted_f1", "roc_auc_macro", "ece",
+                "ece_calibrated", "nll", "nll_calibrated", "temperature", "per_class"}
+
+
+def dvc_json(repo: Path, env: dict, *args: str):
+    """The JSON a dvc command prints on stdout (warnings go to stderr and are kept out of it)."""
+    result = subprocess.run(["dvc", *args, "--json"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def evaluated_repo(tmp_path_factory, venv_env) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("evaluate"))
+    set_params(repo, {**TINY_TRAINING, "evaluate.bootstrap_resamples": 200})
+    output = dvc(repo, venv_env, "repro", "evaluate")
+    assert {"train_base", "finetune", "evaluate"} <= ran_stages(output)
+    return repo
+
+
+def test_metrics_json_has_both_models_with_every_metric(evaluated_repo):
+    metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
+    test_rows = pd.read_csv(evaluated_repo / "data/split/split.csv").query("split == 'test'")
+    assert list(metrics) == list(MODELS)
+    for entry in metrics.values():
+        assert set(entry) == SUMMARY_KEYS
+        assert entry["accuracy_ci95"]["low"] <= entry["accuracy"] <= entry["accuracy_ci95"]["high"]
+        assert entry["macro_f1_ci95"]["low"] <= entry["macro_f1"] <= entry["macro_f1_ci95"]["high"]
+        assert entry["temperature"] > 0 and entry["nll_calibrated"] <= entry["nll"] + 1e-3
+        assert list(entry["per_class"]) == list(CLASS_NAMES)
+        assert {c: m["support"] for c, m in entry["per_class"].items()} == test_rows["label"].value_counts().to_dict()
+
+
+def test_dvc_metrics_show_lists_both_models(evaluated_repo, venv_env):
+    shown = dvc_json(evaluated_repo, venv_env, "metrics", "show")
+    data = next(iter(shown.values()))["data"]["reports/metrics.json"]["data"]
+    written = json.loads((evaluated_repo / "reports/metrics.json").read_text())
+    # DVC shows numbers only: the [low, high] intervals are in the file (and in MLflow), not in its tables.
+    assert data == {m: {k: v for k, v in entry.items() if not isinstance(v, list)} for m, entry in written.items()}
+    table = dvc(evaluated_repo, venv_env, "metrics", "show")
+    assert "base.accuracy" in table and "finetuned.macro_f1" in table and "finetuned.ece_calibrated" in table
+
+
+def test_dvc_plots_show_renders_every_declared_plot(evaluated_repo, venv_env, tmp_path):
+    plots = dvc_json(evaluated_repo, venv_env, "plots", "show", "-o", str(tmp_path / "json"))["data"]
+    assert set(plots) == {"confusion", "roc_finetuned", "roc_base", "loss", "accuracy",
+                          "reports/evaluate/reliability_finetuned.png", "reports/evaluate/reliability_base.png"}
+    test_size = int((pd.read_csv(evaluated_repo / "data/split/split.csv")["split"] == "test").sum())
+    confusion = plots["confusion"][0]["content"]["data"]["values"]
+    assert len(confusion) == 2 * test_size  # both models
+    assert {row["actual"] for row in confusion} <= set(CLASS_NAMES)
+    epochs = len(pd.read_csv(evaluated_repo / "reports/evaluate/training_curves.csv"))
+    assert len(plots["loss"][0]["content"]["data"]["values"]) == 2 * epochs  # loss and val_loss
+    assert len(plots["roc_finetuned"][0]["content"]["data"]["values"]) > 0
+    dvc(evaluated_repo, venv_env, "plots", "show", "-o", str(tmp_path / "html"))
+    html = (tmp_path / "html" / "index.html").read_text()
+    assert "Test confusion matrix" in html and "one-vs-rest ROC" in html
+    assert len(list((tmp_path / "html" / "static").glob("*reliability_*.png"))) == 2
+
+
+def test_calibration_file_matches_the_metrics(evaluated_repo):
+    calibration = load_calibration(evaluated_repo / "models/calibration.json")
+    metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
+    assert list(calibration) == list(MODELS)
+    for name, entry in calibration.items():
+        assert entry["temperature"] == pytest.approx(metrics[name]["temperature"], abs=1e-6)
+        quantiles = entry["val_max_probability_quantiles"]
+        assert 1 / len(CLASS_NAMES) - 1e-6 <= quantiles["0.01"] <= quantiles["0.05"] <= quantiles["0.10"] <= 1
+
+
+def test_prediction_tables_figures_and_report(evaluated_repo):
+    out = evaluated_repo / "reports/evaluate"
+    metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
+    test_rows = pd.read_csv(evaluated_repo / "data/split/split.csv").query("split == 'test'")
+    for name in MODELS:
+        predictions = pd.read_csv(out / f"predictions_{name}.csv")
+        assert predictions["row"].tolist() == test_rows["row"].tolist()
+        assert predictions["actual"].tolist() == test_rows["label"].tolist()
+        assert all((evaluated_repo / p).is_file() for p in predictions["path"])
+        probabilities = predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy()
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+        assert np.mean(predictions["actual"] == predictions["predicted"]) == pytest.approx(metrics[name]["accuracy"])
+        errors = pd.read_csv(out / f"misclassified_{name}.csv")
+        assert len(errors) == int((predictions["actual"] != predictions["predicted"]).sum())
+        assert errors["confidence"].is_monotonic_decreasing
+        for kind in ("confusion", "roc", "reliability"):
+            assert (out / f"{kind}_{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "training_curves.png").is_file()
+    report = (evaluated_repo / "reports/evaluation.md").read_text()
+    assert comparison_table(metrics) in report
+    assert all(f"(evaluate/{kind}_{name}.png)" in report for kind in ("confusion", "roc", "reliability") for name in MODELS)
+
+
+def test_mlflow_run_holds_metrics_params_and_artifacts(evaluated_repo):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{evaluated_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("braintumor")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("stage") == "evaluate"]
+    assert len(runs) == 1
+    run = runs[0]
+    metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
+    assert run.info.status == "FINISHED"
+    assert run.data.params["evaluate.bootstrap_resamples"] == "200"
+    assert "data_fingerprint" in run.data.tags
+    assert run.data.metrics["finetuned.accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
+    assert run.data.metrics["base.accuracy_ci95.high"] == pytest.approx(metrics["base"]["accuracy_ci95"]["high"])
+    assert run.data.metrics["finetuned.per_class.glioma.f1"] == pytest.approx(metrics["finetuned"]["per_class"]["glioma"]["f1"])
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "calibration.json", "evaluation.md", "evaluate"} <= top
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert {"evaluate/confusion_finetuned.png", "evaluate/reliability_base.png", "evaluate/training_curves.png",
+            "evaluate/misclassified_finetuned.csv"} <= figures
+    # The registered fine-tuned model carries its calibration; the group's parent run the headline numbers.
+    calibration = json.loads((evaluated_repo / "models/calibration.json").read_text())
+    card = json.loads((evaluated_repo / "models/finetuned.json").read_text())
+    (version,) = client.search_model_versions(f"name = 'braintumor-classifier' and run_id = '{card['mlflow_run_id']}'")
+    assert float(version.tags["temperature"]) == pytest.approx(calibration["finetuned"]["temperature"])
+    assert json.loads(version.tags["calibration"]) == calibration["finetuned"]
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["evaluate.finetuned.accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
+
+
+def test_rerun_is_a_no_op(evaluated_repo, venv_env):
+    assert ran_stages(dvc(evaluated_repo, venv_env, "repro", "evaluate")) == set()

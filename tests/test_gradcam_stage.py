@@ -1,0 +1,125 @@
+"""The gradcam stage end to end with real DVC and a real MLflow store, on the tiny training configuration:
+the report opens from disk with every image present, sanity.json and its DVC metrics, the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pytest
+
+from conftest import copy_repo
+from test_gradcam import assert_self_contained
+from test_pipeline_dvc import dvc, ran_stages, set_params
+from test_training_pipeline import TINY_TRAINING
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+TINY_GRADCAM = {
+    **TINY_TRAINING,
+    "evaluate.bootstrap_resamples": 200,
+    "gradcam.images_per_class": 2,
+    "gradcam.sanity_images": 12,
+    "gradcam.pointing_tolerance_px": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def gradcam_repo(tmp_path_factory, venv_env) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("gradcam"))
+    set_params(repo, TINY_GRADCAM)
+    output = dvc(repo, venv_env, "repro", "gradcam")
+    assert {"finetune", "evaluate", "gradcam"} <= ran_stages(output)
+    return repo
+
+
+def test_report_shows_chosen_test_images_with_every_file_present(gradcam_repo):
+    report = gradcam_repo / "reports/gradcam/index.html"
+    sources = assert_self_contained(report)
+    test = pd.read_csv(gradcam_repo / "data/split/split.csv").query("split == 'test'")
+    rows = {int(Path(src).name.split("_")[0]) for src in sources}
+    assert rows <= set(test["row"]) and len(rows) >= 4  # test images only; at least one per class
+    assert len(sources) == 3 * len(rows)  # the slice and both models' overlays
+    written = {p.name for p in (gradcam_repo / "reports/gradcam/overlays").iterdir()}
+    assert {Path(src).name for src in sources} == written
+    first_overlay = next(src for src in sources if src.endswith("_finetuned.png"))
+    overlay = cv2.imread(str(report.parent / first_overlay), cv2.IMREAD_UNCHANGED)
+    assert overlay.shape == (48, 48, 3)
+    page = report.read_text()
+    for text in ("Model randomisation test", "Pointing game", "finetuned", "base", "true: <b>"):
+        assert text in page
+
+
+def test_sanity_json_holds_both_checks_and_is_a_dvc_metric(gradcam_repo, venv_env):
+    sanity = json.loads((gradcam_repo / "reports/gradcam/sanity.json").read_text())
+    test = pd.read_csv(gradcam_repo / "data/split/split.csv").query("split == 'test'")
+    tumors = min(12, int((test["label"] != "no_tumor").sum()))  # the phantom's masks: tumor images only
+    randomisation = sanity["randomisation"]
+    assert randomisation["images"] == tumors and set(randomisation["models"]) == {"finetuned", "base"}
+    for scores in randomisation["models"].values():
+        assert -1.0 <= scores["rank_correlation"] <= 1.0 and scores["randomised_layers"] == 38
+        assert scores["passed"] == (scores["rank_correlation"] < 0.5)
+    localisation = sanity["localisation"]
+    assert localisation["applicable"] and localisation["sources"] == ["phantom"] and localisation["tolerance_px"] == 3
+    for groups in localisation["models"].values():
+        assert groups["all"]["images"] == tumors
+        assert set(groups) - {"all"} <= {"glioma", "meningioma", "pituitary"}  # tumors only: no_tumor has no mask
+        assert 0.0 < groups["all"]["chance"] < groups["all"]["chance_tolerant"] < 1.0
+        assert 0.0 <= groups["all"]["pointing_game"] <= groups["all"]["pointing_game_tolerant"] <= 1.0
+    assert "reports/gradcam/sanity.json" in dvc(gradcam_repo, venv_env, "metrics", "show")
+
+
+def test_second_repro_does_nothing_and_a_gradcam_param_reruns_only_gradcam(gradcam_repo, venv_env):
+    assert ran_stages(dvc(gradcam_repo, venv_env, "repro", "gradcam")) == set()
+    set_params(gradcam_repo, {"gradcam.overlay_alpha": 0.6})
+    assert ran_stages(dvc(gradcam_repo, venv_env, "repro", "gradcam")) == {"gradcam"}
+
+
+def test_mlflow_run_has_params_metrics_and_the_report(gradcam_repo):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{gradcam_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("braintumor")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("stage") == "gradcam"]
+    run = runs[-1]  # the first gradcam run (search_runs lists the newest first)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["gradcam.sanity_images"] == "12" and "data_fingerprint" in run.data.tags
+    expected = {"finetuned.randomisation_rank_correlation", "base.pointing_game", "finetuned.chance"}
+    assert expected <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "gradcam")}
+    assert {"gradcam/index.html", "gradcam/sanity.json", "gradcam/overlays"} <= artifacts
+
+
+def test_report_opens_from_disk_in_a_headless_browser(gradcam_repo, tmp_path):
+    if not Path(CHROMIUM).is_file():
+        message = f"{CHROMIUM} not found (Debian package chromium; `make browser` installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + ": CI must have it")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    report = gradcam_repo / "reports/gradcam/index.html"
+    requests: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(report.as_uri())
+            page.wait_for_load_state("load")
+            images = page.evaluate(
+                "() => Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])")
+            assert "Model randomisation test" in page.locator("body").inner_text()
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert images and all(width == 48 for _, width in images), images  # every PNG decoded at its 48 px
+    assert all(url.startswith("file://") for url in requests), [u for u in requests if not u.startswith("file://")]
+    assert (tmp_path / "report.png").stat().st_size > 10_000

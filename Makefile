@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench dag clean-venv
+.PHONY: install demo app mlflow-ui exp-show browser test test-fast bench dag clean-venv
 
 install: $(STAMP)
 
@@ -19,7 +19,26 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/python -m braintumor.demo
 
-test: install
+# The web app on http://127.0.0.1:7860 (params.yaml's app section; flags: --model --host --port).
+app: install
+	$(BIN)/python -m braintumor.app
+
+# The MLflow UI on http://127.0.0.1:5000 over the project's store (params.yaml's mlflow.tracking_uri).
+MLFLOW_PORT ?= 5000
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m braintumor.tracking)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# DVC experiments side by side: the params that differ and both models' headline test metrics.
+exp-show: install
+	$(BIN)/dvc exp show --only-changed --drop 'reports/(train_base|finetune|data|gradcam)|per_class|nll|ci95' $(ARGS)
+
+# Debian's chromium for the app's browser test (Playwright drives it; it never downloads a browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium is missing: sudo apt-get install chromium (the browser test skips without it)"; fi; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -31,6 +50,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_dedup.py
 	$(BIN)/python benchmarks/dedup_recall.py
 	$(BIN)/python benchmarks/bench_input_pipeline.py
+	$(BIN)/python benchmarks/bench_gradcam.py
+	$(BIN)/python benchmarks/bench_app.py
 
 dag: install
 	$(BIN)/dvc dag

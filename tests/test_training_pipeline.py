@@ -92,10 +92,14 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     (version,) = client.search_model_versions("name = 'braintumor-classifier'")
     assert version.run_id == runs["finetune"].info.run_id
     script = (
-        "import mlflow, mlflow.keras, numpy as np, braintumor.model\n"
-        "mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        f"m = mlflow.keras.load_model('models:/braintumor-classifier/{version.version}')\n"
-        "print(m.predict(np.zeros((1, 48, 48, 1), 'float32'), verbose=0).shape)\n"
+        "import numpy as np\n"
+        "from braintumor.config import load_params\n"
+        "from braintumor.serving import load_bundle\n"
+        f"b = load_bundle('models:/braintumor-classifier/{version.version}', None, load_params('params.yaml').preprocess,\n"
+        "                tracking_uri='sqlite:///mlflow.db')\n"
+        "assert b.identity.mlflow_run_id == '" + version.run_id + "' and b.image_size == 48, b.identity\n"
+        "assert b.calibration.source is None  # no evaluate stage ran: said, not guessed\n"
+        "print(b.model.predict(np.zeros((1, 48, 48, 1), 'float32'), verbose=0).shape)\n"
     )
     result = subprocess.run(["python", "-c", script], cwd=trained_repo, env=venv_env, capture_output=True, text=True)
     assert result.stdout.strip().endswith("(1, 4)"), result.stderr[-2000:]

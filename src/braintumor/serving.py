@@ -1,0 +1,394 @@
+"""Serving one trained model: load it with what it needs (model card, calibration, Grad-CAM), classify uploads.
+
+Files, for a model ``models/<stem>.keras``::
+
+    models/<stem>.json         the model card the training stage writes beside it: identity (MLflow run,
+                               date, git commit) and its input contract (image size, class names, the
+                               preprocess params it was trained with)
+    models/calibration.json    written by the evaluate stage: {<stem>: {"temperature": T,
+                               "val_max_probability_quantiles": {"0.01": q, "0.05": q, "0.10": q}}}
+
+A model brings its own preprocessing: the card's ``preprocess`` section, not today's params.yaml. Without
+a card the app uses params.yaml's section and says so on every result (:attr:`ModelBundle.notes`); without
+a calibration entry it shows raw softmax probabilities, labelled uncalibrated, and cannot run the
+confidence check. Nothing is loaded from the network.
+
+:func:`predict_upload` is what the app and the tests call: bytes (or a path) in, a
+:class:`PredictionResult` out, an :class:`braintumor.uploads.UploadError` for a bad file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from braintumor.config import CLASS_NAMES, Params, PreprocessParams
+from braintumor.ood import ImageStats, OodLimits, Verdict, assess, image_stats
+from braintumor.preprocess import preprocess_slice
+from braintumor.uploads import DecodedUpload, UploadError, decode_upload
+
+HOW_TO_GET_A_MODEL = (
+    "Train one first: `make demo` (offline, on the built-in phantom data, about 5 minutes) or `dvc repro` "
+    "(the real datasets; see the README), then start the app again. A model file from elsewhere: "
+    "`python -m braintumor.app --model path/to/model.keras`."
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model file where the app was told to look; the message says how to get one."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model, its card or its calibration exists but cannot be used; the message names the file and key."""
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answers, shown beside every result."""
+
+    model_file: str
+    mlflow_run_id: str | None
+    trained_at: str | None
+    git_commit: str | None
+    dvc_experiment: str | None
+    backbone: str | None
+    card_file: str | None  # None: no model card next to the model
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature and validation quantiles of the top probability; ``source`` None = uncalibrated (T = 1)."""
+
+    temperature: float
+    val_max_probability_quantiles: dict[str, float]
+    source: str | None
+
+
+@dataclass
+class ModelBundle:
+    """Everything needed to classify an upload with one model, loaded once."""
+
+    model: Any  # keras.Model
+    gradcam_model: Any  # from braintumor.gradcam.make_gradcam_model
+    gradcam_layer: str
+    identity: ModelIdentity
+    preprocess: PreprocessParams
+    class_names: tuple[str, ...]
+    image_size: int
+    calibration: Calibration
+    notes: tuple[str, ...] = field(default=())  # what is missing or assumed, shown with every result
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """The params that shape serving (from params.yaml's ``app``, ``merge`` and ``gradcam`` sections)."""
+
+    max_upload_bytes: int
+    max_image_pixels: int
+    ood: OodLimits
+    confidence_quantile: str
+    overlay_alpha: float
+    gradcam_layer: str
+
+    @classmethod
+    def from_params(cls, params: Params) -> "ServingSettings":
+        ood = params.app.ood
+        return cls(
+            max_upload_bytes=int(params.app.max_upload_mb * 2**20),
+            max_image_pixels=params.app.max_image_pixels,
+            ood=OodLimits(params.merge.max_colour_share, ood.min_contrast, ood.max_flat_share, ood.min_head_share),
+            confidence_quantile=ood.confidence_quantile,
+            overlay_alpha=params.gradcam.overlay_alpha,
+            gradcam_layer=params.gradcam.layer,
+        )
+
+
+def card_path(model_path: Path) -> Path:
+    """``models/<stem>.json`` beside ``models/<stem>.keras``."""
+    return model_path.with_suffix(".json")
+
+
+def calibration_path(model_path: Path) -> Path:
+    """``models/calibration.json`` in the model's folder."""
+    return model_path.parent / "calibration.json"
+
+
+REGISTRY_PREFIX = "models:/"
+
+
+def resolve_model_file(spec: str | Path, root: Path, tracking_uri: str | None = None) -> Path:
+    """The ``.keras`` file named by ``app.model`` / ``--model``: a path, relative ones against ``root``, or
+    an MLflow registry URI (``models:/<name>/<version>`` or ``models:/<name>@<alias>``), fetched first.
+
+    Raises:
+        ModelNotFoundError: no such file, or no such registered model (the message says how to get one).
+        ModelLoadError: a registry URI without a tracking URI to look it up in.
+    """
+    text = str(spec)
+    if text.startswith(REGISTRY_PREFIX):
+        if tracking_uri is None:
+            raise ModelLoadError(f"cannot load {text!r}: no MLflow tracking URI to look it up in")
+        return fetch_registered_model(text, tracking_uri, Path(tempfile.mkdtemp(prefix="braintumor-model-")))
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise ModelNotFoundError(f"No trained model at {path}. {HOW_TO_GET_A_MODEL}")
+    return path
+
+
+def _registered_version(client, uri: str):
+    """The ModelVersion a ``models:/name/version`` or ``models:/name@alias`` URI points to."""
+    from mlflow.exceptions import MlflowException
+
+    reference = uri[len(REGISTRY_PREFIX):]
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = reference.partition("/")
+        if not version.isdigit():
+            raise ModelLoadError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"no registered model {uri!r} in {client.tracking_uri}: {exc.message}. "
+                                 "List them with `mlflow ui` (Models tab) or train one with `dvc repro`.") from None
+
+
+def fetch_registered_model(uri: str, tracking_uri: str, dest: Path) -> Path:
+    """Download a registered model version into ``dest`` as ``finetuned.keras`` with its card
+    (``finetuned.json``, from the logged model's metadata) and, when the evaluate stage tagged the
+    version, its ``calibration.json``: the same files a local model has, so one loader serves both.
+    """
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    version = _registered_version(client, uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{REGISTRY_PREFIX}{version.name}/{version.version}",
+                                                          dst_path=str(dest / "download")))
+    keras_files = sorted(downloaded.rglob("*.keras"))
+    if len(keras_files) != 1:
+        raise ModelLoadError(f"{uri!r}: expected one .keras file in the registered model, found {len(keras_files)}")
+    model_path = dest / "finetuned.keras"
+    shutil.move(str(keras_files[0]), model_path)
+    card = (Model.load(str(downloaded)).metadata or {}).get("card")
+    if card:
+        card = {**card, "model_file": f"{version.name} version {version.version} ({uri})"}
+        model_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    if calibration := version.tags.get("calibration"):
+        (dest / "calibration.json").write_text(json.dumps({"finetuned": json.loads(calibration)}, indent=2))
+    return model_path
+
+
+def read_model_card(model_path: Path) -> dict | None:
+    """The model card beside the model, or None if there is none; ModelLoadError if it is unreadable."""
+    path = card_path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"model card {path} is not readable JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise ModelLoadError(f"model card {path} must hold a JSON object, got {type(card).__name__}")
+    return card
+
+
+def _card_field(card: dict, key: str, path: Path) -> Any:
+    if key not in card:
+        raise ModelLoadError(f"model card {path} has no {key!r} key (keys: {sorted(card)})")
+    return card[key]
+
+
+def _input_contract(card: dict | None, model_path: Path, fallback: PreprocessParams) -> tuple[PreprocessParams, tuple[str, ...], list[str]]:
+    """(preprocess params, class names, notes) from the card, or params.yaml's, said in a note."""
+    if card is None:
+        return fallback, CLASS_NAMES, [
+            f"No model card ({card_path(model_path).name}) beside the model: its training run is unknown, and "
+            "the preprocessing is params.yaml's `preprocess` section, which may differ from what it was trained with.",
+        ]
+    path = card_path(model_path)
+    try:
+        preprocess = PreprocessParams.model_validate(_card_field(card, "preprocess", path))
+    except ValidationError as exc:
+        raise ModelLoadError(f"model card {path}: invalid 'preprocess' section: {exc}") from None
+    names = _card_field(card, "class_names", path)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"model card {path}: 'class_names' must be a non-empty list of strings, got {names!r}")
+    size = card.get("image_size", preprocess.image_size)
+    if size != preprocess.image_size:
+        raise ModelLoadError(f"model card {path}: image_size {size} differs from preprocess.image_size {preprocess.image_size}")
+    return preprocess, tuple(names), []
+
+
+def _identity(card: dict | None, model_path: Path) -> ModelIdentity:
+    if card is None:
+        modified = datetime.fromtimestamp(model_path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        return ModelIdentity(model_path.name, None, f"unknown (file modified {modified})", None, None, None, None)
+    return ModelIdentity(
+        model_file=model_path.name, mlflow_run_id=card.get("mlflow_run_id"), trained_at=card.get("trained_at"),
+        git_commit=card.get("git_commit"), dvc_experiment=card.get("dvc_experiment"), backbone=card.get("backbone"),
+        card_file=card_path(model_path).name,
+    )
+
+
+def load_model_calibration(model_path: Path) -> tuple[Calibration, list[str]]:
+    """The model's entry of ``calibration.json`` (key = the model's stem), or an uncalibrated one with a note."""
+    from braintumor.calibration import load_calibration
+
+    path = calibration_path(model_path)
+    uncalibrated = Calibration(1.0, {}, None)
+    if not path.is_file():
+        return uncalibrated, [f"No {path.name} beside the model (run `dvc repro evaluate`): probabilities are the "
+                              "raw softmax, uncalibrated, and the low-confidence check is off."]
+    try:
+        entries = load_calibration(path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    entry = entries.get(model_path.stem)
+    if entry is None:
+        return uncalibrated, [f"{path.name} has no entry {model_path.stem!r} (it has {sorted(entries)}): probabilities "
+                              "are uncalibrated and the low-confidence check is off."]
+    return Calibration(float(entry["temperature"]), dict(entry["val_max_probability_quantiles"]), path.name), []
+
+
+def _load_keras_model(model_path: Path):
+    import keras
+
+    import braintumor.model  # noqa: F401  registers the custom layers, so safe mode can rebuild them
+
+    try:
+        return keras.saving.load_model(model_path, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001  Keras raises many types for a bad archive; say which file
+        raise ModelLoadError(f"cannot load {model_path} with Keras (safe mode): {type(exc).__name__}: {exc}") from exc
+
+
+def _check_model_shapes(model, model_path: Path, image_size: int, class_names: tuple[str, ...]) -> None:
+    _, height, width, channels = model.input_shape
+    if (height, width, channels) != (image_size, image_size, 1):
+        raise ModelLoadError(f"{model_path.name} takes input {(height, width, channels)}, but its preprocessing makes "
+                             f"({image_size}, {image_size}, 1) slices: the card (or params.yaml) does not belong to this model")
+    outputs = model.output_shape[-1]
+    if outputs != len(class_names):
+        raise ModelLoadError(f"{model_path.name} has {outputs} outputs but {len(class_names)} class names {list(class_names)}")
+
+
+def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessParams, gradcam_layer: str = "auto",
+                tracking_uri: str | None = None) -> ModelBundle:
+    """Load a model once with its card, calibration and Grad-CAM model, and warm it up.
+
+    Args:
+        model: ``app.model`` / ``--model``: a ``.keras`` path (relative to ``root``) or a registry URI.
+        root: the project root.
+        fallback_preprocess: params.yaml's preprocess section, used (and said so) only without a model card.
+        gradcam_layer: ``gradcam.layer`` ("auto" = the backbone's last conv block).
+        tracking_uri: the MLflow store that registry URIs are looked up in.
+
+    Raises:
+        ModelNotFoundError: no model file. ModelLoadError: a file that is there but unusable.
+    """
+    from braintumor.gradcam import gradcam_layer_name, grad_cam, make_gradcam_model
+
+    model_path = resolve_model_file(model, root, tracking_uri)
+    card = read_model_card(model_path)
+    preprocess, class_names, notes = _input_contract(card, model_path, fallback_preprocess)
+    calibration, calibration_notes = load_model_calibration(model_path)
+    keras_model = _load_keras_model(model_path)
+    _check_model_shapes(keras_model, model_path, preprocess.image_size, class_names)
+    try:
+        layer = gradcam_layer_name(keras_model, gradcam_layer)
+        gradcam_model = make_gradcam_model(keras_model, layer)
+    except ValueError as exc:  # not a build_model classifier, or gradcam.layer names no conv layer of it
+        raise ModelLoadError(f"{model_path.name}: no Grad-CAM: {exc}") from None
+    # The first call traces the TensorFlow graph (seconds); do it now rather than in the first request.
+    grad_cam(gradcam_model, np.zeros((1, preprocess.image_size, preprocess.image_size), np.uint8))
+    return ModelBundle(keras_model, gradcam_model, layer, _identity(card, model_path), preprocess, class_names,
+                       preprocess.image_size, calibration, tuple(notes + calibration_notes))
+
+
+# --------------------------------------------------------------------------- one upload
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """The answer for one upload.
+
+    Attributes:
+        label: the predicted class, or None when the out-of-distribution rule flagged the upload.
+        probabilities: class -> calibrated probability (raw softmax if the model is uncalibrated).
+        verdict: the out-of-distribution rule's outcome.
+        stats: the image statistics the rule looked at.
+        preprocessed: uint8 (S, S), exactly what the model saw.
+        overlay: RGB uint8 (S, S, 3) Grad-CAM of the predicted class, or None when the image checks failed.
+        upload: what was decoded, in words (format, size, bit depth).
+        seconds: wall time from bytes to result.
+    """
+
+    label: str | None
+    probabilities: dict[str, float]
+    verdict: Verdict
+    stats: ImageStats
+    preprocessed: np.ndarray
+    overlay: np.ndarray | None
+    upload: str
+    seconds: float
+
+
+def read_upload(upload: bytes | str | os.PathLike, max_bytes: int) -> bytes:
+    """The upload's bytes; a path larger than ``max_bytes`` is refused before it is read."""
+    if isinstance(upload, (bytes, bytearray, memoryview)):
+        return bytes(upload)
+    path = Path(upload)
+    if path.stat().st_size > max_bytes:
+        raise UploadError("file_too_large", f"The file is larger than the {round(max_bytes / 2**20, 1)} MB this app accepts.")
+    return path.read_bytes()
+
+
+def preprocess_upload(data: bytes, preprocess: PreprocessParams, max_bytes: int, max_pixels: int) -> tuple[DecodedUpload, np.ndarray]:
+    """(decoded upload, preprocessed (S, S) uint8): the pipeline's own decode and :func:`preprocess_slice`."""
+    decoded = decode_upload(data, max_bytes, max_pixels)
+    return decoded, preprocess_slice(decoded.gray, preprocess)
+
+
+def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, settings: ServingSettings) -> PredictionResult:
+    """Classify one uploaded file: decode, preprocess, predict with Grad-CAM, calibrate, apply the OOD rule.
+
+    Raises:
+        UploadError: the file is not an image or DICOM MR slice this app accepts (the message says why).
+    """
+    from braintumor.calibration import apply_temperature
+    from braintumor.gradcam import grad_cam, overlay
+
+    started = time.perf_counter()
+    data = read_upload(upload, settings.max_upload_bytes)
+    decoded, image = preprocess_upload(data, bundle.preprocess, settings.max_upload_bytes, settings.max_image_pixels)
+    stats = image_stats(decoded.gray, decoded.colour_share, bundle.preprocess.head_threshold)
+    heatmaps, raw = grad_cam(bundle.gradcam_model, image[None])  # (1, S, S), (1, C)
+    probabilities = apply_temperature(raw, bundle.calibration.temperature)[0]
+    threshold = bundle.calibration.val_max_probability_quantiles.get(settings.confidence_quantile)
+    verdict = assess(stats, settings.ood, float(probabilities.max()), threshold, settings.confidence_quantile)
+    return PredictionResult(
+        label=bundle.class_names[int(probabilities.argmax())] if verdict.in_distribution else None,
+        probabilities={name: float(p) for name, p in zip(bundle.class_names, probabilities)},
+        verdict=verdict,
+        stats=stats,
+        preprocessed=image,
+        overlay=overlay(image, heatmaps[0], settings.overlay_alpha) if verdict.looks_like_mri else None,
+        upload=decoded.description,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,389 @@
+"""The web app, for real: a tiny trained model, `python -m braintumor.app` serving it on a free loopback port,
+driven through gradio_client and a headless Chromium; the loader's handling of missing or broken files.
+
+The results the server returns are checked against the library run in this process on the same file:
+the pipeline's decoder and preprocess_slice, the model's prediction with the temperature, Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from braintumor.config import CLASS_NAMES, ModelParams, PreprocessParams
+from conftest import REPO
+from test_uploads import STORED, make_dicom, png_with_header_size
+
+pytestmark = pytest.mark.slow
+
+SIZE = 64
+PREPROCESS = PreprocessParams(image_size=SIZE, sharpen_amount=0.6)
+RUN_ID = "0123456789abcdef0123456789abcdef"
+TEMPERATURE = 1.7
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+# --------------------------------------------------------------------------- a tiny trained model
+
+
+def phantom_files(folder: Path, count: int, seed: int) -> list[Path]:
+    from braintumor.phantom import render_slice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        label = CLASS_NAMES[i % len(CLASS_NAMES)]
+        image, _ = render_slice(np.random.default_rng([seed, i]), label, 128)
+        paths.append(folder / f"{i:03d}_{label}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    return paths
+
+
+def pipeline_arrays(paths: list[Path]) -> np.ndarray:
+    """(N, S, S) uint8 as the preprocess stage makes them: its decoder, then preprocess_slice."""
+    from braintumor.imageio import read_grayscale
+    from braintumor.preprocess import preprocess_slice
+
+    return np.stack([preprocess_slice(read_grayscale(p), PREPROCESS) for p in paths])
+
+
+def train_tiny_model(train: np.ndarray, labels: np.ndarray):
+    import keras
+
+    from braintumor.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelParams(backbone="mobilenetv3small", weights="none", dense_units=(16, 8)), SIZE)
+    for layer in model.layers:  # a few steps only: let BatchNorm's moving statistics follow them
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.5
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.fit(train[..., None].astype("float32"), labels, epochs=3, batch_size=16, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """models/finetuned.keras with its card and calibration.json, as the training and evaluate stages write them."""
+    from braintumor.calibration import apply_temperature, calibration_entry
+
+    root = tmp_path_factory.mktemp("app")
+    train_paths = phantom_files(root / "train", 48, seed=1)
+    val_paths = phantom_files(root / "val", 16, seed=2)
+    model = train_tiny_model(pipeline_arrays(train_paths), np.arange(48) % 4)
+    models = root / "models"
+    models.mkdir()
+    model.save(models / "finetuned.keras")
+    card = {"model_file": "finetuned.keras", "mlflow_run_id": RUN_ID, "trained_at": "2026-11-28T01:02:03+00:00",
+            "git_commit": "abc1234", "dvc_experiment": None, "backbone": "mobilenetv3small", "image_size": SIZE,
+            "class_names": list(CLASS_NAMES), "preprocess": PREPROCESS.model_dump(exclude={"workers"})}
+    (models / "finetuned.json").write_text(json.dumps(card))
+    val_raw = model.predict(pipeline_arrays(val_paths)[..., None].astype("float32"), verbose=0)
+    (models / "calibration.json").write_text(json.dumps({"finetuned": calibration_entry(TEMPERATURE, val_raw)}))
+    confidence = apply_temperature(val_raw, TEMPERATURE).max(axis=1)
+    # The validation slice the model is surest of is above the 1% quantile by construction: a labelled upload.
+    return {"root": root, "model": model, "model_file": models / "finetuned.keras", "card": card,
+            "upload": val_paths[int(confidence.argmax())]}
+
+
+def expected_result(trained: dict, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(preprocessed, calibrated probabilities, Grad-CAM overlay) computed here with the library."""
+    from braintumor.calibration import apply_temperature
+    from braintumor.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model, overlay
+
+    image = pipeline_arrays([path])[0]
+    model = trained["model"]
+    heatmaps, _ = grad_cam(make_gradcam_model(model, gradcam_layer_name(model)), image[None])
+    raw = model.predict(image[None, ..., None].astype("float32"), verbose=0)
+    return image, apply_temperature(raw, TEMPERATURE)[0], overlay(image, heatmaps[0], 0.4)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`python -m braintumor.app ...` on a free loopback port; returns once the page answers."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("BRAINTUMOR_ROOT", None)
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "-m", "braintumor.app", *args, "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"app did not answer within 180 s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    process, url = start_app(trained["root"] / "server.log", "--model", str(trained["model_file"]))
+    yield url
+    stop(process)
+
+
+@pytest.fixture
+def client(server, tmp_path):
+    from gradio_client import Client
+
+    return Client(server, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
+
+
+def classify(client, path: Path):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), api_name="/classify")
+
+
+def slice_png() -> np.ndarray:
+    return cv2.circle(np.zeros((64, 64), np.uint8), (32, 32), 20, 150, -1)
+
+
+def read_png(path: str, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    image = cv2.imread(path, flags)
+    assert image is not None, path
+    return image
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_api_classifies_a_slice_like_the_library(client, trained):
+    label, verdict, preprocessed, overlay, details = classify(client, trained["upload"])
+    image, probabilities, expected_overlay = expected_result(trained, trained["upload"])
+    top = CLASS_NAMES[int(probabilities.argmax())]
+
+    assert label["label"] == top and details["label"] == top and details["in_distribution"]
+    served = {item["label"]: item["confidence"] for item in label["confidences"]}
+    np.testing.assert_allclose([served[c] for c in CLASS_NAMES], probabilities, atol=1e-4)
+    assert details["calibrated"] and details["confidence_checked"] and details["flags"] == []
+    assert f"{top.replace('_', ' ')}: " in verdict and "calibrated confidence" in verdict
+    # The array the model saw is the pipeline's, bit for bit (PNG is lossless).
+    np.testing.assert_array_equal(read_png(preprocessed, cv2.IMREAD_GRAYSCALE), image)
+    served_overlay = cv2.cvtColor(read_png(overlay), cv2.COLOR_BGR2RGB)
+    assert served_overlay.shape == (SIZE, SIZE, 3)
+    assert np.abs(served_overlay.astype(int) - expected_overlay).max() <= 2
+    assert details["model"]["mlflow_run_id"] == RUN_ID and details["model"]["trained_at"] == trained["card"]["trained_at"]
+    assert details["model"]["model_file"] == "finetuned.keras" and details["notes"] == []
+
+
+def test_api_is_documented(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert "/classify" in api["named_endpoints"]
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_api_flags_images_that_are_not_mri_slices(client, tmp_path):
+    rng = np.random.default_rng(0)
+    text = np.full((300, 500), 255, np.uint8)
+    for row, line in enumerate(["MRI report", "no acute findings", "signed"]):
+        cv2.putText(text, line, (20, 80 + 80 * row), cv2.FONT_HERSHEY_SIMPLEX, 1.5, 0, 3, cv2.LINE_AA)
+    cases = {
+        "photo.jpg": (cv2.GaussianBlur(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), (9, 9), 0), "colour_photo"),
+        "blank.png": (np.zeros((128, 128), np.uint8), "near_constant"),
+        "text.png": (text, "flat_regions"),
+    }
+    for name, (image, check) in cases.items():
+        label, verdict, preprocessed, overlay, details = classify(client, write(tmp_path / name, cv2.imencode(Path(name).suffix, image)[1].tobytes()))
+        assert not label or "label" not in label, name  # no label shown
+        assert details["label"] is None and not details["in_distribution"], name
+        assert check in [flag["check"] for flag in details["flags"]], (name, details["flags"])
+        assert "does not look like a brain MRI slice" in verdict and overlay is None and preprocessed
+
+
+BAD_INPUTS = {
+    "empty.png": (lambda: b"", "empty_file", "The file is empty"),
+    "notes.txt": (lambda: b"not an image\n" * 50, "not_an_image", "not an image file"),
+    "truncated.png": (lambda: cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))[1]
+                      .tobytes()[:2000], "truncated", "truncated"),
+    "bomb.png": (lambda: png_with_header_size(100_000, 100_000), "too_many_pixels", "decompression bomb"),
+    "ct.dcm": (lambda: make_dicom(STORED, modality="CT"), "not_mr", "Unsupported DICOM file: modality is 'CT'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(client, trained, tmp_path, name):
+    make, reason, message = BAD_INPUTS[name]
+    label, verdict, preprocessed, overlay, details = classify(client, write(tmp_path / name, make()))
+    assert details["error"]["reason"] == reason and message in details["error"]["message"], details
+    assert "Cannot use this file" in verdict and message in verdict and "Traceback" not in verdict
+    assert not label or "label" not in label
+    assert preprocessed is None and overlay is None and details["label"] is None
+    label, *_ = classify(client, trained["upload"])
+    assert label["label"] in CLASS_NAMES
+
+
+def test_oversize_upload_is_refused_by_client_and_server(client, server, trained, tmp_path):
+    big = write(tmp_path / "big.png", b"\x89PNG\r\n\x1a\n" + bytes(20 * 2**20))  # app.max_upload_mb: 20
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):
+        classify(client, big)  # gradio_client reads the limit from the server and does not send the file
+    with big.open("rb") as handle:  # a client that sends it anyway: the server refuses it whole
+        response = requests.post(server + "gradio_api/upload", files={"files": ("big.png", handle)}, timeout=60)
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+    label, *_ = classify(client, trained["upload"])
+    assert label["label"] in CLASS_NAMES
+
+
+def test_no_model_says_how_to_get_one(tmp_path):
+    from gradio_client import Client
+
+    missing = tmp_path / "models" / "finetuned.keras"
+    process, url = start_app(tmp_path / "server.log", "--model", str(missing))
+    try:
+        page_config = requests.get(url + "config", timeout=10).text
+        assert "No trained model" in page_config and "make demo" in page_config and "dvc repro" in page_config
+        client = Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
+        *_, verdict, _, _, details = classify(client, write(tmp_path / "x.png", cv2.imencode(".png", slice_png())[1].tobytes()))
+        assert details["error"]["reason"] == "no_model" and "make demo" in details["error"]["message"]
+        assert "No trained model" in verdict and "make demo" in verdict
+    finally:
+        stop(process)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+# --------------------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not Path(CHROMIUM).is_file():
+        message = f"{CHROMIUM} not found (Debian package chromium; `make browser` installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + ": CI must have it")
+        pytest.skip(message)
+    return CHROMIUM
+
+
+def test_browser_upload_shows_label_overlay_and_model(server, trained, chromium, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _, probabilities, _ = expected_result(trained, trained["upload"])
+    top = CLASS_NAMES[int(probabilities.argmax())]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server)
+            assert "not a medical device" in page.locator("#notice").inner_text()
+            assert RUN_ID in page.locator("#identity").inner_text()
+            page.locator("#upload input[type=file]").set_input_files(str(trained["upload"]))
+            page.locator("#gradcam img").wait_for(timeout=60_000)
+            page.locator("#preprocessed img").wait_for(timeout=60_000)
+            page.wait_for_function("t => document.querySelector('#verdict').innerText.includes(t)",
+                                   arg=f"{top.replace('_', ' ')}: ", timeout=60_000)
+            assert top in page.locator("#prediction").inner_text()
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            # A bad file: a message on the page, and the next upload still works.
+            notes = write(tmp_path / "notes.txt", b"not an image\n" * 20)
+            page.locator("#upload button[aria-label='Clear']").click()
+            page.locator("#upload input[type=file]").set_input_files(str(notes))
+            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes("
+                                   "'This is not an image file this app reads')", timeout=60_000)
+            # An example click runs the model too: the verdict then names that upload's size (256 px phantoms).
+            page.get_by_text("phantom pituitary").click()
+            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('256 x 256 px')",
+                                   timeout=60_000)
+        finally:
+            browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000
+    if target := os.environ.get("BRAINTUMOR_APP_SCREENSHOT"):  # refresh docs/app.png on purpose only
+        shutil.copy(tmp_path / "app.png", target)
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def copy_model(trained: dict, folder: Path, card: bool, calibration: bool) -> Path:
+    folder.mkdir()
+    source = trained["model_file"]
+    shutil.copy(source, folder / source.name)
+    if card:
+        shutil.copy(source.with_suffix(".json"), folder / "finetuned.json")
+    if calibration:
+        shutil.copy(source.parent / "calibration.json", folder / "calibration.json")
+    return folder / source.name
+
+
+def test_loader_says_what_is_missing(trained, tmp_path):
+    from braintumor.serving import load_bundle
+
+    bare = load_bundle(copy_model(trained, tmp_path / "bare", card=False, calibration=False), tmp_path, PREPROCESS)
+    notes = " ".join(bare.notes)
+    assert "No model card" in notes and "params.yaml" in notes and "uncalibrated" in notes
+    assert bare.identity.mlflow_run_id is None and bare.identity.card_file is None and bare.calibration.source is None
+    full = load_bundle(trained["model_file"], tmp_path, PreprocessParams())  # the card wins over params.yaml
+    assert full.notes == () and full.preprocess == PREPROCESS and full.calibration.temperature == TEMPERATURE
+    assert full.identity.mlflow_run_id == RUN_ID and full.gradcam_layer == "conv_1_act"
+
+
+def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):
+    from braintumor.app import main
+
+    broken = tmp_path / "finetuned.keras"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model", str(broken), "--port", str(free_port())])
+    assert str(stopped.value).startswith("error: cannot load") and str(broken) in str(stopped.value)
+
+
+def test_loader_refuses_files_that_do_not_fit(trained, tmp_path):
+    from braintumor.serving import ModelLoadError, ModelNotFoundError, load_bundle
+
+    with pytest.raises(ModelNotFoundError, match="make demo"):
+        load_bundle("models/nothing.keras", tmp_path, PREPROCESS)
+    with pytest.raises(ModelLoadError, match="MLflow model registry"):
+        load_bundle("models:/braintumor-classifier/3", tmp_path, PREPROCESS)
+    wrong_size = copy_model(trained, tmp_path / "size", card=False, calibration=False)
+    with pytest.raises(ModelLoadError, match=r"takes input \(64, 64, 1\)"):
+        load_bundle(wrong_size, tmp_path, PreprocessParams(image_size=96))
+    broken = tmp_path / "broken" / "finetuned.keras"
+    broken.parent.mkdir()
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_bundle(broken, tmp_path, PREPROCESS)
+    bad_calibration = copy_model(trained, tmp_path / "calibration", card=True, calibration=False)
+    (bad_calibration.parent / "calibration.json").write_text('{"finetuned": {"temperature": -1}}')
+    with pytest.raises(ModelLoadError, match="calibration"):
+        load_bundle(bad_calibration, tmp_path, PREPROCESS)

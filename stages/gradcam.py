@@ -23,7 +23,7 @@ from braintumor.gradcam_report import render_report_html, report_items, sample_p
 from braintumor.localisation import load_masks, localisation_by_class, mask_files
 from braintumor.logs import setup_logging
 from braintumor.paths import ProjectPaths
-from braintumor.tracking import flatten_params, stage_run
+from braintumor.tracking import flatten_params, log_summary, stage_run
 from braintumor.train import load_training_data
 
 MODELS = ("finetuned", "base")  # the first decides which examples count as correctly classified
@@ -59,7 +59,7 @@ def main() -> dict:
         atomic.write_json(paths.reports / "gradcam" / "sanity.json", sanity)
         atomic.write_text(paths.reports / "gradcam" / "index.html", render_report_html(
             items, sanity, CLASS_NAMES, "Grad-CAM report", page_notes(layers, temperature, len(test.rows), cfg)))
-        mlflow.log_metrics(flat_metrics(sanity))
+        log_summary(flat_metrics(sanity))
         mlflow.log_artifacts(str(paths.reports / "gradcam"), "gradcam")
         log.info("%d report images; randomisation (rank correlation): %s; pointing game (all tumor classes): %s; "
                  "run %s",

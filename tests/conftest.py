@@ -56,3 +56,80 @@ def copy_repo(dest: Path) -> Path:
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", "copy"],
                    cwd=dest, check=True)
     return dest
+
+
+# --------------------------------------------------------------------------- tiny pipelines run with real DVC
+
+TINY = {
+    "download.use": ["phantom"],
+    "download.sources.phantom.images_per_class": 16,
+    "download.sources.phantom.image_size": 96,
+    "download.sources.phantom.duplicates": {k: 2 for k in (
+        "exact", "resized", "reencoded", "grayscale_rgb", "cropped", "padded", "rotated", "flipped", "rescaled",
+        "conflicting_label")},
+    "preprocess.image_size": 48,
+    # A tiny offline model, so that the demo (which runs every stage) stays fast here.
+    "model.backbone": "mobilenetv3small",
+    "model.weights": "none",
+    "model.dense_units": [16, 8],
+    "train_base.epochs": 1,
+    "finetune.epochs": 1,
+    "finetune.unfreeze": 10,
+}
+
+TINY_PIPELINE = {
+    **TINY,
+    "train_base.epochs": 2,
+    "train_base.batch_size": 16,
+    "train_base.feature_cache_copies": 1,
+    "finetune.batch_size": 16,
+    "evaluate.bootstrap_resamples": 200,
+    "gradcam.images_per_class": 2,
+    "gradcam.sanity_images": 12,
+    "gradcam.pointing_tolerance_px": 3,
+}
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    import yaml
+
+    from braintumor.demo import apply_overrides
+
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), overrides), sort_keys=False))
+
+
+def dvc(repo: Path, env: dict, *args: str) -> str:
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory, venv_env) -> Path:
+    """A clean clone with the tiny configuration committed and every stage run once by `dvc repro`.
+
+    Built once per session; modules that need trained models take their own copy
+    (:func:`copy_built_pipeline`), so what one module runs never changes what another sees.
+    """
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    set_params(repo, TINY_PIPELINE)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qam",
+                    "tiny pipeline"], cwd=repo, check=True)
+    output = dvc(repo, venv_env, "repro")
+    assert {"train_base", "finetune", "evaluate", "gradcam"} <= ran_stages(output), output[-3000:]
+    return repo
+
+
+def copy_built_pipeline(built: Path, dest: Path) -> Path:
+    """A private copy of :func:`built_pipeline`: git, DVC cache and lock, outputs and the MLflow store.
+
+    The store's artifact folder stays the original's (its path is recorded in the database), which
+    only adds files there; run ids never collide.
+    """
+    shutil.copytree(built, dest, symlinks=True, dirs_exist_ok=True)
+    return dest

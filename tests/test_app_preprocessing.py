@@ -14,7 +14,7 @@ import pytest
 from braintumor.config import load_params
 from braintumor.serving import preprocess_upload
 from conftest import REPO
-from test_pipeline_dvc import TINY, set_params
+from conftest import TINY, set_params
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,7 @@ import pytest
 from braintumor.calibration import load_calibration
 from braintumor.config import CLASS_NAMES
 from braintumor.evaluation import comparison_table
-from conftest import copy_repo
-from test_pipeline_dvc import dvc, ran_stages, set_params
-from test_training_pipeline import TINY_TRAINING
+from conftest import copy_built_pipeline, dvc, ran_stages
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +32,9 @@ def dvc_json(repo: Path, env: dict, *args: str):
 
 
 @pytest.fixture(scope="module")
-def evaluated_repo(tmp_path_factory, venv_env) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("evaluate"))
-    set_params(repo, {**TINY_TRAINING, "evaluate.bootstrap_resamples": 200})
-    output = dvc(repo, venv_env, "repro", "evaluate")
-    assert {"train_base", "finetune", "evaluate"} <= ran_stages(output)
-    return repo
+def evaluated_repo(built_pipeline, tmp_path_factory) -> Path:
+    """The tiny pipeline (conftest.TINY_PIPELINE), every stage run once by `dvc repro`."""
+    return copy_built_pipeline(built_pipeline, tmp_path_factory.mktemp("evaluate"))
 
 
 def test_metrics_json_has_both_models_with_every_metric(evaluated_repo):

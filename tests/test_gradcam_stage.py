@@ -11,10 +11,8 @@ import cv2
 import pandas as pd
 import pytest
 
-from conftest import copy_repo
+from conftest import copy_built_pipeline, dvc, ran_stages, set_params
 from test_gradcam import assert_self_contained
-from test_pipeline_dvc import dvc, ran_stages, set_params
-from test_training_pipeline import TINY_TRAINING
 
 pytestmark = pytest.mark.slow
 
@@ -22,22 +20,11 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-TINY_GRADCAM = {
-    **TINY_TRAINING,
-    "evaluate.bootstrap_resamples": 200,
-    "gradcam.images_per_class": 2,
-    "gradcam.sanity_images": 12,
-    "gradcam.pointing_tolerance_px": 3,
-}
-
 
 @pytest.fixture(scope="module")
-def gradcam_repo(tmp_path_factory, venv_env) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("gradcam"))
-    set_params(repo, TINY_GRADCAM)
-    output = dvc(repo, venv_env, "repro", "gradcam")
-    assert {"finetune", "evaluate", "gradcam"} <= ran_stages(output)
-    return repo
+def gradcam_repo(built_pipeline, tmp_path_factory) -> Path:
+    """The tiny pipeline (conftest.TINY_PIPELINE), every stage run once by `dvc repro`."""
+    return copy_built_pipeline(built_pipeline, tmp_path_factory.mktemp("gradcam"))
 
 
 def test_report_shows_chosen_test_images_with_every_file_present(gradcam_repo):

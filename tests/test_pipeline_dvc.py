@@ -12,52 +12,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import SHARED_DATASETS, copy_repo, shared_dataset
+from conftest import (SHARED_DATASETS, TINY_PIPELINE, copy_built_pipeline, copy_repo, dvc, ran_stages, set_params,
+                      shared_dataset)
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "download.use": ["phantom"],
-    "download.sources.phantom.images_per_class": 16,
-    "download.sources.phantom.image_size": 96,
-    "download.sources.phantom.duplicates": {k: 2 for k in (
-        "exact", "resized", "reencoded", "grayscale_rgb", "cropped", "padded", "rotated", "flipped", "rescaled",
-        "conflicting_label")},
-    "preprocess.image_size": 48,
-    # A tiny offline model, so that the demo (which runs every stage) stays fast here.
-    "model.backbone": "mobilenetv3small",
-    "model.weights": "none",
-    "model.dense_units": [16, 8],
-    "train_base.epochs": 1,
-    "finetune.epochs": 1,
-    "finetune.unfreeze": 10,
-}
-
-
-def set_params(repo: Path, overrides: dict) -> None:
-    from braintumor.demo import apply_overrides
-
-    params = repo / "params.yaml"
-    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), overrides), sort_keys=False))
-
-
-def dvc(repo: Path, env: dict, *args: str) -> str:
-    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
 
 @pytest.fixture(scope="module")
-def phantom_repo(tmp_path_factory, venv_env) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    set_params(repo, TINY)
-    output = dvc(repo, venv_env, "repro", "split")  # the data stages; training has its own tests
-    assert ran_stages(output) == {"download@phantom", "merge", "preprocess", "split"}
-    return repo
+def phantom_repo(built_pipeline, tmp_path_factory) -> Path:
+    """The tiny pipeline, already run once by `dvc repro` (its data params are TINY's)."""
+    return copy_built_pipeline(built_pipeline, tmp_path_factory.mktemp("repo"))
 
 
 def test_repro_writes_every_output(phantom_repo):
@@ -95,9 +59,11 @@ def test_rerun_is_a_noop_and_one_param_reruns_only_its_stages(phantom_repo, venv
     assert "download@phantom" in dvc(repo, venv_env, "dag")
 
 
-def test_demo_runs_an_experiment_and_leaves_params_untouched(tmp_path, venv_env):
-    repo = copy_repo(tmp_path / "repo")
-    (repo / "tiny-demo.yaml").write_text(yaml.safe_dump(TINY))
+def test_demo_runs_an_experiment_and_leaves_params_untouched(built_pipeline, tmp_path, venv_env):
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    # One override that differs from the committed tiny params: the experiment reruns gradcam only,
+    # the run cache restores the rest, and the summary reads every stage's reports.
+    (repo / "tiny-demo.yaml").write_text(yaml.safe_dump({**TINY_PIPELINE, "gradcam.overlay_alpha": 0.5}))
     before = (repo / "params.yaml").read_bytes()
     result = subprocess.run(
         ["python", "-m", "braintumor.demo", "--overrides", "tiny-demo.yaml", "--name", "tiny-demo"],
@@ -107,6 +73,9 @@ def test_demo_runs_an_experiment_and_leaves_params_untouched(tmp_path, venv_env)
     assert (repo / "params.yaml").read_bytes() == before
     assert "== demo summary ==" in result.stdout and "false merges 0" in result.stdout
     assert "fine-tuned model: test accuracy" in result.stdout
+    assert "| metric (test split) | base | fine-tuned | change |" in result.stdout
+    assert "Grad-CAM report: reports/gradcam/index.html" in result.stdout
+    assert "Running stage 'gradcam'" in result.stdout + result.stderr
     experiments = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=venv_env,
                                             capture_output=True, text=True, check=True).stdout)
     names = [e.get("name") for commit in experiments for e in (commit.get("experiments") or [])]

@@ -287,13 +287,19 @@ def make_repo(repo: Path, env: dict) -> str:
 
 def run_queue(repo: Path, env: dict, timeout: float = 60.0) -> None:
     """Start the queue worker and wait until no task is queued or running (there is no `dvc queue wait`)."""
-    run(repo, env, "dvc", "queue", "start")
+    # The worker it spawns inherits stdout/stderr: with pipes, waiting for EOF would wait for the worker.
+    started = subprocess.run(["dvc", "queue", "start"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0, "dvc queue start failed"
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             status = run(repo, env, "dvc", "queue", "status")
             if not any(word in status for word in ("Queued", "Running")):
-                assert "Failed" not in status, status + run(repo, env, "dvc", "queue", "logs", "queued-a")
+                failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
+                assert not failed, status + "".join(
+                    subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True,
+                                   text=True).stdout[-3000:] for name in failed)
                 return
             time.sleep(1)
         pytest.fail(f"queued experiments still pending after {timeout} s:\n{status}")

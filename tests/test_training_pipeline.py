@@ -9,33 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_repo
-from test_pipeline_dvc import TINY, dvc, ran_stages, set_params
+from conftest import copy_built_pipeline, copy_repo, dvc
 
 pytestmark = pytest.mark.slow
 
-TINY_TRAINING = {
-    **TINY,
-    "preprocess.image_size": 48,
-    "model.backbone": "mobilenetv3small",
-    "model.weights": "none",
-    "model.dense_units": [16, 8],
-    "train_base.epochs": 2,
-    "train_base.batch_size": 16,
-    "train_base.feature_cache_copies": 1,
-    "finetune.epochs": 1,
-    "finetune.batch_size": 16,
-    "finetune.unfreeze": 10,
-}
-
 
 @pytest.fixture(scope="module")
-def trained_repo(tmp_path_factory, venv_env) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("train"))
-    set_params(repo, TINY_TRAINING)
-    output = dvc(repo, venv_env, "repro", "finetune")
-    assert {"train_base", "finetune"} <= ran_stages(output)
-    return repo
+def trained_repo(built_pipeline, tmp_path_factory) -> Path:
+    """The tiny pipeline (conftest.TINY_PIPELINE: MobileNetV3Small, 48 px), run once by `dvc repro`."""
+    return copy_built_pipeline(built_pipeline, tmp_path_factory.mktemp("train"))
 
 
 def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
@@ -74,7 +56,7 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     experiment = client.get_experiment_by_name("braintumor")
     found = client.search_runs([experiment.experiment_id])
     runs = {r.data.tags["stage"]: r for r in found if "is_group" not in r.data.tags}
-    assert set(runs) == {"train_base", "finetune"}
+    assert set(runs) == {"train_base", "finetune", "evaluate", "gradcam"}
     (group,) = [r for r in found if "is_group" in r.data.tags]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {group.info.run_id}
     assert group.data.metrics["finetune.test_accuracy"] == runs["finetune"].data.metrics["test_accuracy"]
@@ -98,7 +80,9 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
         f"b = load_bundle('models:/braintumor-classifier/{version.version}', None, load_params('params.yaml').preprocess,\n"
         "                tracking_uri='sqlite:///mlflow.db')\n"
         "assert b.identity.mlflow_run_id == '" + version.run_id + "' and b.image_size == 48, b.identity\n"
-        "assert b.calibration.source is None  # no evaluate stage ran: said, not guessed\n"
+        "import json\n"
+        "t = json.load(open('models/calibration.json'))['finetuned']['temperature']\n"
+        "assert b.calibration.source == 'calibration.json' and abs(b.calibration.temperature - t) < 1e-9\n"
         "print(b.model.predict(np.zeros((1, 48, 48, 1), 'float32'), verbose=0).shape)\n"
     )
     result = subprocess.run(["python", "-c", script], cwd=trained_repo, env=venv_env, capture_output=True, text=True)

@@ -92,7 +92,25 @@ def summary(root: Path) -> str:
             m = json.loads(metrics_file.read_text())
             lines.append(f"{model} model: test accuracy {m['test_accuracy']:.3f}, best val accuracy "
                          f"{m['best_val_accuracy']:.3f}, {m['epochs_run']} epochs")
-    lines.append(f"reports: {paths.data_reports.relative_to(root)}/ ; experiments: dvc exp show ; pipeline: dvc dag")
+    if paths.metrics_json.is_file():
+        from braintumor.evaluation import comparison_table
+
+        lines += ["", "test split, base vs fine-tuned (95% bootstrap intervals):",
+                  comparison_table(json.loads(paths.metrics_json.read_text())), ""]
+    sanity_file = paths.reports / "gradcam" / "sanity.json"
+    if sanity_file.is_file():
+        sanity = json.loads(sanity_file.read_text())
+        for name, scores in sanity["randomisation"]["models"].items():
+            lines.append(f"Grad-CAM {name}: randomisation rank correlation {scores['rank_correlation']:.2f} "
+                         f"(low = the maps depend on the trained weights)")
+        for name, groups in sanity["localisation"].get("models", {}).items():
+            overall = groups["all"]
+            lines.append(f"Grad-CAM {name}: peak inside the tumor {overall['pointing_game']:.0%} of the time "
+                         f"(chance {overall['chance']:.1%}), within {sanity['localisation']['tolerance_px']} px "
+                         f"{overall['pointing_game_tolerant']:.0%} (chance {overall['chance_tolerant']:.1%})")
+        lines.append(f"Grad-CAM report: {(paths.reports / 'gradcam' / 'index.html').relative_to(root)} (open in a browser)")
+    lines.append(f"reports: {paths.reports.relative_to(root)}/evaluation.md ; experiments: make exp-show ; "
+                 "runs: make mlflow-ui ; app: make app")
     return "\n".join(lines)
 
 

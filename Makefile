@@ -30,7 +30,9 @@ mlflow-ui: install
 
 # DVC experiments side by side: the params that differ and both models' headline test metrics.
 exp-show: install
-	$(BIN)/dvc exp show --only-changed --drop 'reports/(train_base|finetune|data|gradcam)|per_class|nll|ci95' $(ARGS)
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)' $(ARGS)
+
+EXP_COLUMNS := ^Experiment$$|^Created$$|^(base|finetuned)\.(accuracy|macro_f1|ece_calibrated)$$|^(finetune|train_base)\.(learning_rate|epochs|unfreeze|batch_size)$$|^model\.backbone$$|^preprocess\.image_size$$
 
 # Debian's chromium for the app's browser test (Playwright drives it; it never downloads a browser).
 browser:

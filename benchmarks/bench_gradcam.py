@@ -17,41 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
 from braintumor.config import ModelParams  # noqa: E402
 from braintumor.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model  # noqa: E402
 from braintumor.model import build_model  # noqa: E402
 
 SIZE = 224
 TARGET_S = 0.5
-
-
-def machine() -> dict:
-    """CPU model, core count and library versions."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by all processes on the machine, by this process)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    mine = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), mine.user + mine.system
 
 
 def main() -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import keras  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
 from braintumor.config import AugmentParams  # noqa: E402
 from braintumor.inputs import make_dataset  # noqa: E402
 
@@ -42,22 +42,6 @@ SIZE = 224
 BATCH = 32
 TARGET_IMAGES_PER_S = 600.0
 TARGET_RATIO = 1.10
-
-
-def machine() -> dict:
-    """CPU model, core count and library versions."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by all processes on the machine, by this process)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    mine = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), mine.user + mine.system
 
 
 def write_cache(path: Path, count: int, seed: int = 0) -> np.ndarray:

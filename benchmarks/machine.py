@@ -1,0 +1,28 @@
+"""What every benchmark reports beside its numbers: the machine, and how busy it was meanwhile."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> dict:
+    """CPU model, core count and library versions."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by all processes on the machine, by this process): their difference over a
+    run is what other programs took, so a number measured on a busy machine says so."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    mine = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), mine.user + mine.system

@@ -373,8 +373,15 @@ def test_loader_refuses_files_that_do_not_fit(trained, tmp_path):
 
     with pytest.raises(ModelNotFoundError, match="make demo"):
         load_bundle("models/nothing.keras", tmp_path, PREPROCESS)
-    with pytest.raises(ModelLoadError, match="MLflow model registry"):
+    with pytest.raises(ModelLoadError, match="no MLflow tracking URI"):
         load_bundle("models:/braintumor-classifier/3", tmp_path, PREPROCESS)
+    # A registry URI is looked up in the store; a version that is not there says so.
+    with pytest.raises(ModelNotFoundError, match="no registered model 'models:/braintumor-classifier/3'"):
+        load_bundle("models:/braintumor-classifier/3", tmp_path, PREPROCESS,
+                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ModelLoadError, match="expected models:/<name>/<version>"):
+        load_bundle("models:/braintumor-classifier/latest", tmp_path, PREPROCESS,
+                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     wrong_size = copy_model(trained, tmp_path / "size", card=False, calibration=False)
     with pytest.raises(ModelLoadError, match=r"takes input \(64, 64, 1\)"):
         load_bundle(wrong_size, tmp_path, PreprocessParams(image_size=96))

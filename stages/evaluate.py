@@ -27,21 +27,14 @@ from braintumor.config import CLASS_NAMES, EvaluateParams, load_params
 from braintumor.evaluation import (MODEL_TITLES, confusion_counts, evaluation_report, flat_metrics, image_paths,
                                    misclassified, model_metrics, prediction_table, roc_curves, training_curves)
 from braintumor.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
-from braintumor.inputs import make_dataset
 from braintumor.logs import setup_logging
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import flatten_params, log_summary, stage_run, tag_registered_version
-from braintumor.train import SplitRows, TrainingData, load_training_data
+from braintumor.train import SplitRows, TrainingData, load_training_data, predict_split
 
 MODELS = ("base", "finetuned")  # models/<name>.keras
 PHASES = ("train_base", "finetune")  # reports/<phase>/history.json, in training order
 FIGURES = {"confusion": "confusion matrix", "roc": "ROC curves", "reliability": "reliability diagram"}  # <prefix>_<model>.png
-
-
-def predict(model: keras.Model, images: np.ndarray, split: SplitRows, batch_size: int) -> np.ndarray:
-    """(n, k) float32 softmax outputs for the split's rows, in order."""
-    dataset = make_dataset(images, split.rows, split.labels, batch_size=batch_size, training=False, augment=None, seed=0)
-    return np.asarray(model.predict(dataset, verbose=0), np.float32)
 
 
 def write_model_outputs(name: str, entry: dict, test: SplitRows, probabilities: np.ndarray, files: list[str],
@@ -78,8 +71,8 @@ def evaluate_model(name: str, paths: ProjectPaths, data: TrainingData, params: E
         The metrics.json entry, the calibration.json entry, and the test probabilities (n, k).
     """
     model = keras.saving.load_model(paths.models / f"{name}.keras", safe_mode=True)
-    val = predict(model, data.images, data.split["val"], params.batch_size)
-    test = predict(model, data.images, data.split["test"], params.batch_size)
+    val = predict_split(model, data.images, data.split["val"], params.batch_size)
+    test = predict_split(model, data.images, data.split["test"], params.batch_size)
     keras.backend.clear_session()  # one model in memory at a time
     temperature = fit_temperature(val, data.split["val"].labels)
     entry = model_metrics(data.split["test"].labels, test, CLASS_NAMES, temperature=temperature,

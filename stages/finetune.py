@@ -43,7 +43,7 @@ def main() -> dict:
                 "git_commit": git_commit(paths.root), "dvc_experiment": dvc_experiment_name()}
         save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune", card)
         version = log_phase(result["history"], metrics, paths.models / "finetuned.keras", card,
-                            registered_model=params.mlflow.registered_model)
+                            registered_model=params.mlflow.registered_model, model=model)
         log.info("fine-tuned model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s; registered as %s v%s",
                  metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id,
                  params.mlflow.registered_model, version)

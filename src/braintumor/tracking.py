@@ -493,12 +493,12 @@ def log_summary(metrics: Mapping[str, float]) -> None:
 
 
 def log_phase(history: Mapping[str, Sequence[float]], metrics: Mapping[str, float], model_path: Path,
-              card: Mapping[str, Any] | None = None, registered_model: str | None = None) -> str | None:
+              card: Mapping[str, Any] | None = None, registered_model: str | None = None, model: Any = None) -> str | None:
     """A training phase's per-epoch history, summary metrics, history file and model.
 
-    With ``registered_model``, the model is logged as an MLflow Keras model (MLmodel + ``.keras``,
-    card in its metadata) and registered under that name; returns the new version. Otherwise the
-    ``.keras`` file is logged as a plain artifact.
+    With ``registered_model``, ``model`` (the Keras model just saved to ``model_path``) is logged as an
+    MLflow Keras model (MLmodel + ``.keras``, card in its metadata) and registered under that name;
+    returns the new version. Otherwise the ``.keras`` file is logged as a plain artifact.
     """
     log_history(history)
     log_summary(metrics)
@@ -508,11 +508,13 @@ def log_phase(history: Mapping[str, Sequence[float]], metrics: Mapping[str, floa
     if registered_model is None:
         mlflow.log_artifact(str(model_path))
         return None
-    return register_keras_model(model_path, registered_model, card or {})
+    if model is None:
+        raise ValueError("log_phase: registering a model needs the Keras model itself (model=...)")
+    return register_keras_model(model, registered_model, card or {})
 
 
-def register_keras_model(model_path: Path, name: str, card: Mapping[str, Any]) -> str:
-    """Log the saved model as an MLflow Keras model of the active run and register it as ``name``.
+def register_keras_model(model: Any, name: str, card: Mapping[str, Any]) -> str:
+    """Log a Keras model as an MLflow Keras model of the active run and register it as ``name``.
 
     The requirements are pinned to what runs here, given explicitly: MLflow's inference would load
     the model once more in a subprocess just to guess them.
@@ -522,7 +524,6 @@ def register_keras_model(model_path: Path, name: str, card: Mapping[str, Any]) -
     import tensorflow as tf
 
     _active_run_id("register_keras_model")
-    model = keras.saving.load_model(model_path, safe_mode=True)
     info = mlflow.keras.log_model(model, name="model", registered_model_name=name, metadata={"card": dict(card)},
                                   pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
                                   await_registration_for=0)

@@ -286,12 +286,17 @@ def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path
     atomic.write_json(report_dir / "metrics.json", metrics)
 
 
+def predict_split(model: keras.Model, images: np.ndarray, split: SplitRows, batch_size: int) -> np.ndarray:
+    """(n, k) float32 softmax outputs for a split's rows, in order, through the inference input pipeline."""
+    dataset = make_dataset(images, split.rows, split.labels, batch_size=batch_size, training=False, augment=None, seed=0)
+    return np.asarray(model.predict(dataset, verbose=0), np.float32)
+
+
 def test_scores(model: keras.Model, images: np.ndarray, test: SplitRows, batch_size: int) -> dict[str, float]:
     """Accuracy and macro-F1 on the test split, for the stage's summary (the evaluate stage does the rest)."""
     from sklearn.metrics import f1_score
 
-    dataset = make_dataset(images, test.rows, test.labels, batch_size=batch_size, training=False, augment=None, seed=0)
-    predicted = model.predict(dataset, verbose=0).argmax(axis=1)
+    predicted = predict_split(model, images, test, batch_size).argmax(axis=1)
     return {
         "test_accuracy": round(float(np.mean(predicted == test.labels)), 6),
         "test_macro_f1": round(float(f1_score(test.labels, predicted, labels=range(len(CLASS_NAMES)),

@@ -356,14 +356,16 @@ PHANTOM_SIZE = 64
 
 @pytest.fixture(scope="module")
 def phantom_data() -> dict[str, np.ndarray]:
-    """Glioma and no-tumor phantom slices at 64 px, preprocessed, with their masks in the same frame.
+    """Glioma and no-tumor phantom slices at 64 px, preprocessed, with their masks in the same frame:
+    the first 360 to train on, 240 held out (120 with a tumor, enough that one hit moves the pointing
+    game by under 1%).
 
     Two classes keep training under half a minute on 2 cores; the only difference between them is the
     tumor (and its oedema), so a model that learns must look there.
     """
     params = PreprocessParams(image_size=PHANTOM_SIZE)
     images, masks, labels = [], [], []
-    for i in range(480):
+    for i in range(600):
         label = i % 2
         raw, mask = render_slice(np.random.default_rng([7, i]), ("glioma", "no_tumor")[label], 128)
         images.append(preprocess_slice(raw, params))
@@ -372,11 +374,27 @@ def phantom_data() -> dict[str, np.ndarray]:
     return {"images": np.stack(images), "masks": np.stack(masks), "labels": np.array(labels)}
 
 
+def recompute_batchnorm_statistics(model: keras.Model, images: np.ndarray) -> None:
+    """Set every BatchNormalization layer's moving mean and variance to its statistics over ``images``.
+
+    After training, the moving averages trail the weights the model ended with; how far depends on
+    the last steps' trajectory, which differs between CPUs (oneDNN picks kernels by instruction set).
+    On an AVX2 machine this net scored 0.51 in inference mode (0.96 in training mode) before this step.
+    With momentum 0, one training-mode pass over the whole set stores its exact batch statistics.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer in norms:
+        layer.momentum = 0.9
+
+
 @pytest.fixture(scope="module")
 def phantom_model(phantom_data) -> keras.Model:
     """A small conv net (not a pipeline backbone: those need minutes) trained on 360 phantom slices.
 
-    Four conv blocks at 64, 32, 16 and 8 px; 20 epochs take about 20 s on 2 cores.
+    Four conv blocks at 64, 32, 16 and 8 px; 20 epochs take about 12 s on 2 cores.
     """
     keras.utils.set_random_seed(0)
     image = keras.Input((PHANTOM_SIZE, PHANTOM_SIZE, 1), name="image")
@@ -390,25 +408,32 @@ def phantom_model(phantom_data) -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(image, keras.layers.Dense(2, activation="softmax", name="predictions")(x), name="phantom_net")
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(phantom_data["images"][:360, ..., None].astype("float32"), phantom_data["labels"][:360],
-              epochs=20, batch_size=16, verbose=0)
+    train = phantom_data["images"][:360, ..., None].astype("float32")
+    model.fit(train, phantom_data["labels"][:360], epochs=20, batch_size=16, verbose=0)
+    recompute_batchnorm_statistics(model, train)
     return model
+
+
+# Thresholds below were set from 14 trainings (seeds 0-7 here on AVX-512, seeds 0-2 with oneDNN held to
+# AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), seeds 0-2 without oneDNN): held-out accuracy 0.74-0.82, pointing game
+# 2.7-19x chance, within 4 px 3.7-12x, energy inside 3.2-4.5x, randomised rank correlation <= 0.29.
+# Each threshold sits well below the worst run and well above what an untrained map scores (1x chance).
 
 
 @pytest.mark.slow
 def test_phantom_trained_model_points_at_the_tumor_more_often_than_chance(phantom_data, phantom_model):
-    held_out = np.arange(360, 480)
+    held_out = np.arange(360, 600)
     images, labels = phantom_data["images"][held_out], phantom_data["labels"][held_out]
     accuracy = np.mean(phantom_model.predict(images[..., None].astype("float32"), verbose=0).argmax(axis=1) == labels)
-    assert accuracy > 0.65  # it learnt something (0.76 when written)
+    assert accuracy > 0.65  # it learnt something (0.787 with seed 0 here; 0.74-0.82 over the runs above)
     tumor = labels == 0
     heatmaps, _ = grad_cam(make_gradcam_model(phantom_model, "block3"), images[tumor], class_index=0)
     masks = phantom_data["masks"][held_out][tumor]
     chance = mask_area_share(masks)
-    assert chance < 0.03  # gliomas cover about 1.6% of the slice
-    # When written: pointing game 0.15 (chance 0.016), within 4 px 0.33 (chance 0.053), energy 0.059.
-    assert pointing_game(heatmaps, masks) > 4 * chance
-    assert pointing_game(heatmaps, masks, tolerance=4) > 4 * mask_area_share(masks, 4)
+    assert chance < 0.03  # gliomas cover about 1.5% of the slice
+    # Seed 0 here: pointing game 0.125 (chance 0.015), within 4 px 0.342 (chance 0.052), energy 0.053.
+    assert pointing_game(heatmaps, masks) > 2 * chance
+    assert pointing_game(heatmaps, masks, tolerance=4) > 2.5 * mask_area_share(masks, 4)
     assert energy_inside(heatmaps, masks) > 2 * chance
 
 
@@ -533,7 +558,7 @@ def test_stage_finds_masks_only_for_sources_that_have_them(tmp_path):
     from stages.gradcam import load_test_masks
 
     raw = read_yaml((REPO / "params.yaml").read_text())
-    raw["download"]["use"] = ["shared_nickparvar", "phantom"]
+    raw["download"]["use"] = ["local_nickparvar", "phantom"]
     raw["preprocess"]["image_size"] = 32
     params = parse_params(raw)
     paths = ProjectPaths(tmp_path)
@@ -542,15 +567,15 @@ def test_stage_finds_masks_only_for_sources_that_have_them(tmp_path):
     for sub, data in (("images/Testing/meningioma/a.png", image), ("masks/Testing/meningioma/a.png", mask * 255)):
         (folder / sub).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / sub), data.astype(np.uint8))
-    ids = ["shared_nickparvar/Testing/glioma/x.jpg", "phantom/Testing/meningioma/a.png"]
+    ids = ["local_nickparvar/Testing/glioma/x.jpg", "phantom/Testing/meningioma/a.png"]
     paths.processed.mkdir(parents=True)
     paths.interim.mkdir(parents=True)
-    pd.DataFrame({"row": [0, 1], "id": ids, "source": ["shared_nickparvar", "phantom"]}).to_csv(paths.images_index)
-    pd.DataFrame({"id": ids, "path": ["data/raw/shared_nickparvar/images/Testing/glioma/x.jpg",
+    pd.DataFrame({"row": [0, 1], "id": ids, "source": ["local_nickparvar", "phantom"]}).to_csv(paths.images_index)
+    pd.DataFrame({"id": ids, "path": ["data/raw/local_nickparvar/images/Testing/glioma/x.jpg",
                                       "data/raw/phantom/images/Testing/meningioma/a.png"]}).to_csv(paths.manifest)
     masks = load_test_masks(paths, params, np.array([0, 1]))
     assert masks.shape == (2, 32, 32) and not masks[0].any()
     assert np.array_equal(masks[1], preprocess_mask(mask, image, params.preprocess))
     assert load_test_masks(paths, params, np.array([0])) is None  # no test image from the phantom
-    raw["download"]["use"] = ["shared_nickparvar"]
+    raw["download"]["use"] = ["local_nickparvar"]
     assert load_test_masks(paths, parse_params(raw), np.array([0])) is None

@@ -14,6 +14,7 @@ from braintumor.model import build_model, freeze_backbone
 from braintumor.paths import ProjectPaths
 from braintumor.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
 from braintumor.train import configure_runtime, load_training_data, model_card, save_phase, test_scores, summary_metrics, train_base_phase
+from braintumor.weights import resolve_weights
 
 
 def main() -> dict:
@@ -27,8 +28,10 @@ def main() -> dict:
     with stage_run("train_base", params.mlflow, paths.root, logged_params=logged,
                    tags={"data_fingerprint": data.fingerprint}) as run:
         runtime = configure_runtime(params.runtime)
+        weights = resolve_weights(params.model.backbone, params.model.weights, paths.main_root)
+        log.info("backbone %s, weights %s (%s)", params.model.backbone, weights.path or "random", weights.source)
         with runtime.strategy.scope():
-            model = build_model(params.model, params.preprocess.image_size, root=paths.main_root)
+            model = build_model(params.model, params.preprocess.image_size, root=paths.main_root, weights=weights)
             freeze_backbone(model)
             result = train_base_phase(model, data.images, data.split, params.train_base, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
@@ -36,7 +39,7 @@ def main() -> dict:
             **test_scores(model, data.images, data.split["test"], params.train_base.batch_size),
         })
         card = model_card("base.keras", run.info.run_id, params, data.fingerprint,
-                          git_commit=git_commit(paths.root), dvc_experiment=dvc_experiment_name())
+                          git_commit=git_commit(paths.root), dvc_experiment=dvc_experiment_name(), weights=weights)
         save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base", card)
         log_phase(result["history"], metrics, paths.models / "base.keras", card)
         log.info("base model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",

@@ -19,18 +19,34 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def shared_dataset(name: str) -> Path:
-    """Path of a dataset under ../shared/datasets.
-
-    Missing data fails the test under CI (CI=true) and skips it, with the reason, on a user's machine.
-    """
-    path = SHARED_DATASETS / name
-    if not path.is_dir():
-        message = f"real data {path} not found (see ../shared/datasets/README.md)"
+def _require_shared(path: Path, what: str) -> Path:
+    """``path`` under ../shared; missing, it fails the test under CI (CI=true) and skips it elsewhere."""
+    if not path.exists():
+        message = f"{what} {path} not found (see {path.parent}/README.md)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message + ": CI must have it")
         pytest.skip(message)
     return path
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a dataset under ../shared/datasets."""
+    return _require_shared(SHARED_DATASETS / name, "real data")
+
+
+def shared_weights_dir() -> Path:
+    """../shared/weights: real ImageNet Xception weights (Keras 3 format), usable offline."""
+    return _require_shared(SHARED / "weights" / "xception_imagenet_notop.weights.h5", "real ImageNet weights").parent
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the weights host or Keras's download fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr("braintumor.weights.unreachable_reason", refuse)
+    monkeypatch.setattr("keras.utils.get_file", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,10 @@ def test_demo_runs_an_experiment_and_leaves_params_untouched(built_pipeline, tmp
     assert "== demo summary ==" in result.stdout and "false merges 0" in result.stdout
     assert "fine-tuned model: test accuracy" in result.stdout
     assert "| metric (test split) | base | fine-tuned | change |" in result.stdout
-    assert "Grad-CAM report: reports/gradcam/index.html" in result.stdout
+    assert "backbone mobilenetv3small: weights random (none)" in result.stdout
+    assert "Grad-CAM report:   reports/gradcam/index.html" in result.stdout
+    for where in ("reports/evaluation.md", "make mlflow-ui", "make exp-show", "make app"):
+        assert where in result.stdout.split("== where to look ==")[1], where
     assert "Running stage 'gradcam'" in result.stdout + result.stderr
     experiments = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=venv_env,
                                             capture_output=True, text=True, check=True).stdout)
@@ -87,9 +90,9 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     shared_dataset("nickparvar-224"), shared_dataset("sartaj-sample")
     repo = copy_repo(tmp_path / "repo")
     set_params(repo, {
-        "download.use": ["shared_nickparvar", "shared_sartaj"],
-        "download.sources.shared_nickparvar.path": str(SHARED_DATASETS / "nickparvar-224"),
-        "download.sources.shared_sartaj.path": str(SHARED_DATASETS / "sartaj-sample"),
+        "download.use": ["local_nickparvar", "local_sartaj"],
+        "download.sources.local_nickparvar.path": str(SHARED_DATASETS / "nickparvar-224"),
+        "download.sources.local_sartaj.path": str(SHARED_DATASETS / "sartaj-sample"),
         "preprocess.image_size": 64,
     })
     dvc(repo, venv_env, "repro", "split")
@@ -97,7 +100,7 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     split = json.loads((repo / "reports/data/split.json").read_text())
     assert merge["files"] == 7023 + 457
     # The shared "sartaj-sample" holds colour photographs of food, not MRI: all quarantined.
-    assert merge["per_source"]["shared_sartaj"]["quarantined"] == 457
+    assert merge["per_source"]["local_sartaj"]["quarantined"] == 457
     assert merge["quarantined_by_reason"] == {"not_mri_like": 457}
     dups = merge["duplicates"]
     assert dups["exact_within_source"]["groups"] > 100 and dups["near_within_source"]["groups"] > 100
@@ -105,7 +108,7 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     assert split["leakage"]["duplicate_groups_spanning_splits"] == 0
     # The dataset's own Training/Testing folders, as published numbers use them: only split reruns,
     # and the leak is measured and warned about instead of failing the stage.
-    set_params(repo, {"split.strategy": "source_folders", "split.test_source": "shared_nickparvar"})
+    set_params(repo, {"split.strategy": "source_folders", "split.test_source": "local_nickparvar"})
     output = dvc(repo, venv_env, "repro", "split")
     assert ran_stages(output) == {"split"} and "LEAKY split" in output
     leaky = json.loads((repo / "reports/data/split.json").read_text())

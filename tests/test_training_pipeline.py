@@ -44,6 +44,7 @@ def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
     assert card["backbone"] == "mobilenetv3small" and card["image_size"] == 48
     assert card["preprocess"] == base_card["preprocess"] and card["preprocess"]["image_size"] == 48
     assert card["class_names"] == ["glioma", "meningioma", "no_tumor", "pituitary"]
+    assert card["weights"] == base_card["weights"] == {"setting": "none", "source": "none", "file": None}
     # The last 10 backbone layers, less the BatchNorm layers among them, which stay frozen.
     assert 0 < json.loads((repo / "reports/finetune/metrics.json").read_text())["layers_unfrozen"] < 10
     assert "train_base" in dvc(repo, venv_env, "metrics", "show")
@@ -65,6 +66,7 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     assert base.data.params["model.backbone"] == "mobilenetv3small"
     assert base.data.params["train_base.epochs"] == "2"
     assert "data_fingerprint" in base.data.tags and "git_commit" in base.data.tags
+    assert base.data.tags["weights_source"] == runs["finetune"].data.tags["weights_source"] == "none"
     assert len(client.get_metric_history(base.info.run_id, "val_loss")) == base.data.metrics["epochs_run"]
     artifacts = {a.path for a in client.list_artifacts(runs["finetune"].info.run_id)}
     assert {"model_card.json", "history.json"} <= artifacts

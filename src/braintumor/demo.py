@@ -4,6 +4,9 @@ The committed ``params.yaml`` describes the real Kaggle run, so the demo does no
 DVC experiment (``dvc exp run``) with the overrides listed in ``demo.yaml`` passed as ``-S`` flags,
 then puts ``params.yaml`` back byte for byte. The outputs stay in the workspace (``data/``,
 ``reports/``) and the run is listed, with its overrides, in ``dvc exp show``.
+
+Before any stage runs, the backbone's weights are resolved (:mod:`braintumor.weights`): found on disk,
+or downloaded by Keras; offline with nothing on disk, the demo stops in seconds with one message.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from braintumor.config import parse_params, read_yaml
+from braintumor.config import Params, parse_params, read_yaml
 from braintumor.paths import ProjectPaths
+from braintumor.weights import WeightsUnavailableError, resolve_weights
 
 
 def load_overrides(path: Path) -> dict[str, object]:
@@ -56,12 +60,16 @@ def set_param_flags(overrides: dict[str, object]) -> list[str]:
     return flags
 
 
+def overridden_params(root: Path, overrides: dict[str, object]) -> Params:
+    """params.yaml with the overrides applied, validated: a bad demo file fails here, not mid-pipeline."""
+    raw = read_yaml((root / "params.yaml").read_text())
+    return parse_params(apply_overrides(raw, overrides), origin="params.yaml + demo overrides")
+
+
 def run_experiment(root: Path, overrides: dict[str, object], name: str) -> None:
     """``dvc exp run`` with the overrides, restoring ``params.yaml`` whatever happens."""
     params_file = root / "params.yaml"
     original = params_file.read_bytes()
-    # Validate the overridden params up front: a bad demo file fails here, not mid-pipeline.
-    parse_params(apply_overrides(read_yaml(original.decode()), overrides), origin="params.yaml + demo overrides")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     command = ["dvc", "exp", "run", "--name", name, *set_param_flags(overrides)]
     print("$", " ".join(command), flush=True)
@@ -108,9 +116,12 @@ def summary(root: Path) -> str:
             lines.append(f"Grad-CAM {name}: peak inside the tumor {overall['pointing_game']:.0%} of the time "
                          f"(chance {overall['chance']:.1%}), within {sanity['localisation']['tolerance_px']} px "
                          f"{overall['pointing_game_tolerant']:.0%} (chance {overall['chance_tolerant']:.1%})")
-        lines.append(f"Grad-CAM report: {(paths.reports / 'gradcam' / 'index.html').relative_to(root)} (open in a browser)")
-    lines.append(f"reports: {paths.reports.relative_to(root)}/evaluation.md ; experiments: make exp-show ; "
-                 "runs: make mlflow-ui ; app: make app")
+    lines += ["", "== where to look ==",
+              f"evaluation report: {(paths.reports / 'evaluation.md').relative_to(root)}",
+              f"Grad-CAM report:   {(paths.reports / 'gradcam' / 'index.html').relative_to(root)} (open in a browser)",
+              "MLflow runs:       make mlflow-ui   (http://127.0.0.1:5000)",
+              "experiments:       make exp-show    (this run beside earlier ones)",
+              "the model, live:   make app         (http://127.0.0.1:7860)"]
     return "\n".join(lines)
 
 
@@ -125,6 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = read_yaml(value)
+    params = overridden_params(root, overrides)
+    try:
+        weights = resolve_weights(params.model.backbone, params.model.weights, root)
+    except (WeightsUnavailableError, FileNotFoundError) as exc:
+        # The one thing a fresh machine may lack: say it plainly, before any stage has written anything.
+        print(f"make demo cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"backbone {params.model.backbone}: weights {weights.path or 'random'} ({weights.source})", flush=True)
     run_experiment(root, overrides, args.name)
     print(summary(root))
 

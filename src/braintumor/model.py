@@ -33,11 +33,6 @@ loaded Normalization weights instead, so a path to the same ImageNet file gives 
 from __future__ import annotations
 
 import math
-import os
-import socket
-import threading
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,8 +42,7 @@ import numpy as np
 from keras import layers, ops
 
 from braintumor.config import CLASS_NAMES, ModelParams
-
-_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications"
+from braintumor.weights import ResolvedWeights, resolve_weights
 
 # ImageNet channel statistics, RGB order (keras.applications.imagenet_utils).
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -65,10 +59,6 @@ HEAD_LAYER_NAMES = (
 )
 
 
-class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights were asked for but Keras could not download them (no network)."""
-
-
 @dataclass(frozen=True)
 class Backbone:
     """One keras.applications backbone and what the model needs to know about it.
@@ -80,9 +70,6 @@ class Backbone:
         preprocessing_note: what happens to a 0..255 RGB pixel before the first conv, in words.
         last_conv_layer: name of the last conv block's output (the Grad-CAM layer); it is also the
             backbone's output.
-        weights_file: the ImageNet no-top file Keras downloads into ``<KERAS_HOME>/models/``.
-        weights_url: where Keras downloads it from.
-        weights_hash: its md5, as Keras checks it.
         min_size: the smallest input side keras.applications accepts.
         constructor_kwargs: extra keyword arguments for ``constructor``.
     """
@@ -92,15 +79,8 @@ class Backbone:
     preprocessing: str
     preprocessing_note: str
     last_conv_layer: str
-    weights_file: str
-    weights_url: str
-    weights_hash: str
     min_size: int = 32
     constructor_kwargs: tuple[tuple[str, Any], ...] = ()
-
-    def imagenet_cache_path(self) -> Path:
-        """Where Keras keeps (and looks for) the downloaded ImageNet file: ``<KERAS_HOME>/models/<file>``."""
-        return keras_home() / "models" / self.weights_file
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -110,9 +90,6 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="caffe",
         preprocessing_note="caffe: RGB -> BGR, minus the ImageNet channel means (103.939, 116.779, 123.68), no scaling",
         last_conv_layer="conv5_block3_out",
-        weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_url=f"{_KERAS_APPS}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_hash="4d473c1dd8becc155b73f8504c6f6626",
     ),
     "xception": Backbone(
         name="xception",
@@ -120,9 +97,6 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="tf",
         preprocessing_note="tf: x / 127.5 - 1, to [-1, 1]",
         last_conv_layer="block14_sepconv2_act",
-        weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_url=f"{_KERAS_APPS}/xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_hash="b0042744bf5b25fce3cb969f33bebb97",
         min_size=71,
     ),
     "efficientnetb0": Backbone(
@@ -134,9 +108,6 @@ BACKBONES: dict[str, Backbone] = {
             "that come with the weights (mean 0, variance 1, i.e. just x / 255, with weights none)"
         ),
         last_conv_layer="top_activation",
-        weights_file="efficientnetb0_notop.h5",
-        weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-        weights_hash="50bc09e76180e00e4465e1a485ddc09d",
     ),
     "densenet121": Backbone(
         name="densenet121",
@@ -144,9 +115,6 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="torch",
         preprocessing_note="torch: x / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
         last_conv_layer="relu",
-        weights_file="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_url=f"{_KERAS_APPS}/densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_hash="30ee3e1110167f948a6b9946edeeb738",
     ),
     "mobilenetv3small": Backbone(
         name="mobilenetv3small",
@@ -156,9 +124,6 @@ BACKBONES: dict[str, Backbone] = {
         # keras.applications leaves this hard-swish Activation auto-named ("activation_17" or so,
         # depending on what the process built before); build_model gives it this stable name.
         last_conv_layer="conv_1_act",
-        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-        weights_url=f"{_KERAS_APPS}/mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-        weights_hash="d3e8ec802a04aa4fc771ee12a9a9b836",
         constructor_kwargs=(("include_preprocessing", True),),
     ),
 }
@@ -255,98 +220,6 @@ class ImagenetPreprocessing(keras.layers.Layer):
 # --------------------------------------------------------------------------- weights
 
 
-def keras_home() -> Path:
-    """Keras's cache root, as Keras computes it: ``$KERAS_HOME``, else ``~/.keras`` (``/tmp/.keras`` if ~ is read-only).
-
-    Read at call time (Keras reads it once at import), and passed to ``get_file`` so both agree.
-    """
-    if env := os.environ.get("KERAS_HOME"):
-        return Path(env).expanduser()
-    home = Path.home()
-    return (home if os.access(home, os.W_OK) else Path("/tmp")) / ".keras"
-
-
-def unreachable_reason(url: str, timeout: float = 5.0) -> str | None:
-    """Why a TCP connection to ``url``'s host (or the HTTPS proxy) fails, or None if it opens.
-
-    Keras's download has no timeout, and a name lookup may hang on a firewalled machine, so the
-    probe runs in a daemon thread that is abandoned after ``timeout`` seconds.
-    """
-    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or url)
-    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
-    outcome: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            outcome.append(None)
-        except OSError as exc:
-            outcome.append(f"{address[0]}:{address[1]} unreachable ({exc})")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return outcome[0] if outcome else f"{address[0]}:{address[1]} did not answer within {timeout:g} s"
-
-
-def _unavailable_message(spec: Backbone, reason: str) -> str:
-    cache = spec.imagenet_cache_path()
-    return (
-        f"ImageNet weights for backbone {spec.name!r} are not available: Keras could not download "
-        f"{spec.weights_file} ({reason}).\n"
-        f"Keras caches that file at {cache} (<KERAS_HOME>/models/, KERAS_HOME defaults to ~/.keras). Either:\n"
-        f"  - download {spec.weights_url} on a machine with internet and copy it to {cache}, or\n"
-        f"  - set `model.weights: none` in params.yaml to train from a random initialisation, or\n"
-        f"  - set `model.weights: <path>` to a weights file for this backbone "
-        f"(absolute, or relative to the project root)."
-    )
-
-
-def fetch_imagenet_weights(spec: Backbone, timeout: float = 5.0) -> Path:
-    """Path of the backbone's ImageNet file, downloaded by Keras into its cache if not there yet.
-
-    Args:
-        spec: the backbone.
-        timeout: seconds to wait for the download host before giving up.
-
-    Raises:
-        WeightsUnavailableError: offline (checked first, so it fails in seconds) or the download failed.
-    """
-    cache = spec.imagenet_cache_path()
-    if not cache.is_file() and (reason := unreachable_reason(spec.weights_url, timeout)):
-        raise WeightsUnavailableError(_unavailable_message(spec, reason))
-    try:
-        path = keras.utils.get_file(
-            spec.weights_file, spec.weights_url, cache_dir=str(keras_home()),
-            cache_subdir="models", file_hash=spec.weights_hash,
-        )
-    except Exception as exc:  # get_file raises a bare Exception("URL fetch failure ...")
-        raise WeightsUnavailableError(_unavailable_message(spec, str(exc))) from exc
-    return Path(path)
-
-
-def resolve_weights(spec: Backbone, weights: str, root: Path) -> Path | None:
-    """The file to load into the backbone, or None for a random initialisation.
-
-    Args:
-        spec: the backbone.
-        weights: ``model.weights``: "imagenet", "none", or a path (relative paths against ``root``).
-        root: the project root.
-    """
-    if weights == "none":
-        return None
-    if weights == "imagenet":
-        return fetch_imagenet_weights(spec)
-    path = Path(weights).expanduser()
-    path = path if path.is_absolute() else root / path
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.weights: weights file {path} does not exist (from {weights!r}, relative paths are "
-            f"resolved against {root}); use 'imagenet', 'none' or the path of a {spec.name} weights file"
-        )
-    return path
-
-
 def _correct_imagenet_stddev(backbone: keras.Model) -> None:
     """Make EfficientNet's Normalization divide by the ImageNet std, not by its square root.
 
@@ -407,6 +280,7 @@ def build_model(
     image_size: int,
     num_classes: int = len(CLASS_NAMES),
     root: Path | None = None,
+    weights: ResolvedWeights | None = None,
 ) -> keras.Model:
     """The classifier: grey (B, S, S, 1) 0..255 -> probabilities (B, num_classes), every layer trainable.
 
@@ -417,9 +291,11 @@ def build_model(
         image_size: S, the side of the square input; at least the backbone's ``min_size``.
         num_classes: number of softmax outputs.
         root: folder that relative weights paths are resolved against (default: the cwd).
+        weights: ``params.weights`` already resolved (:func:`braintumor.weights.resolve_weights`), for a
+            caller that records where they came from; resolved here when None.
 
     Raises:
-        WeightsUnavailableError: "imagenet" while offline and not cached.
+        WeightsUnavailableError: "imagenet" with no local copy, offline.
         FileNotFoundError: a weights path that does not exist.
         ValueError: an image size below the backbone's minimum, or a weights file that does not fit.
     """
@@ -427,7 +303,8 @@ def build_model(
     if image_size < spec.min_size:
         raise ValueError(f"image_size {image_size} is too small for {spec.name}: it needs at least {spec.min_size}")
     # Resolve (and, for imagenet, fetch) the weights first: fail in seconds, before the slow build.
-    weights_path = resolve_weights(spec, params.weights, Path.cwd() if root is None else Path(root))
+    if weights is None:
+        weights = resolve_weights(spec.name, params.weights, Path.cwd() if root is None else Path(root))
 
     image = keras.Input((image_size, image_size, 1), dtype="float32", name="image")
     rgb = GreyToRGB(name="grey_to_rgb")(image)  # (B, S, S, 3)
@@ -435,8 +312,8 @@ def build_model(
     # input_tensor= inlines the backbone's layers into this graph (Grad-CAM can reach them).
     backbone = spec.constructor(include_top=False, weights=None, input_tensor=ready, **dict(spec.constructor_kwargs))
     _name_backbone_output(backbone, spec)
-    if weights_path is not None:
-        load_backbone_weights(backbone, weights_path, spec)
+    if weights.path is not None:
+        load_backbone_weights(backbone, weights.path, spec)
     outputs = _head(backbone.output, params, num_classes)
     return keras.Model(image, outputs, name=f"{spec.name}_classifier")
 

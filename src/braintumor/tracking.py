@@ -505,6 +505,8 @@ def log_phase(history: Mapping[str, Sequence[float]], metrics: Mapping[str, floa
     log_json_artifact(dict(history), "history.json")
     if card is not None:
         log_json_artifact(dict(card), "model_card.json")
+        if weights := card.get("weights"):  # searchable in the UI: which ImageNet file the run started from
+            mlflow.set_tags({f"weights_{key}": str(value) for key, value in weights.items()})
     if registered_model is None:
         mlflow.log_artifact(str(model_path))
         return None

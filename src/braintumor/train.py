@@ -22,6 +22,7 @@ from braintumor.augment import augment_images
 from braintumor.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
 from braintumor.inputs import class_weights, make_dataset
 from braintumor.model import HEAD_POOL_LAYER, unfreeze_top
+from braintumor.weights import ResolvedWeights
 
 log = logging.getLogger("braintumor.train")
 
@@ -253,7 +254,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
 
 
 def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, git_commit: str | None,
-               dvc_experiment: str | None) -> dict:
+               dvc_experiment: str | None, weights: ResolvedWeights) -> dict:
     """What travels with a saved model: its identity and everything needed to feed it an image.
 
     The app reads this beside the model, so a model brings its own preprocessing and class names
@@ -268,6 +269,7 @@ def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, g
         "git_commit": git_commit,
         "dvc_experiment": dvc_experiment,
         "backbone": params.model.backbone,
+        "weights": weights.record(),  # which ImageNet file (local, Keras's cache, downloaded) or none
         "image_size": params.preprocess.image_size,
         "class_names": list(CLASS_NAMES),
         "data_fingerprint": data_fingerprint,

@@ -21,12 +21,12 @@ demo: install
 
 # The web app on http://127.0.0.1:7860 (params.yaml's app section; flags: --model --host --port).
 app: install
-	$(BIN)/python -m braintumor.app
+	$(BIN)/python -m braintumor.serve.app
 
 # The MLflow UI on http://127.0.0.1:5000 over the project's store (params.yaml's mlflow.tracking_uri).
 MLFLOW_PORT ?= 5000
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m braintumor.tracking)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m braintumor.core.tracking)" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # DVC experiments side by side: the params that differ and both models' headline test metrics.
 exp-show: install

@@ -2,7 +2,7 @@
 
 A ResNet50 classifier at 224 px (``weights: none``: ImageNet weights cannot be downloaded here, and the
 cost is the same) is saved with a model card and a calibration file into a temp ``models/`` folder;
-``python -m braintumor.app`` serves it on a free loopback port, as ``make app`` would. A
+``python -m braintumor.serve.app`` serves it on a free loopback port, as ``make app`` would. A
 ``gradio_client`` then uploads a 512 x 512 phantom slice (PNG) ``--calls`` times after ``--warmup``
 calls. One call is the user's wait: upload, decode, preprocessing, prediction with Grad-CAM,
 calibration, the out-of-distribution rule, PNG encoding of both images, and their download.
@@ -35,7 +35,7 @@ import requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from braintumor.config import CLASS_NAMES, ModelParams, PreprocessParams  # noqa: E402
+from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams  # noqa: E402
 
 SIZE = 224
 TARGET_P50_S = 1.5
@@ -55,8 +55,8 @@ def write_model(models: Path) -> None:
     """models/finetuned.keras (ResNet50, 224 px, random weights) with its card and a calibration entry."""
     import keras
 
-    from braintumor.calibration import calibration_entry
-    from braintumor.model import build_model
+    from braintumor.evaluate.calibration import calibration_entry
+    from braintumor.model.backbones import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(ModelParams(backbone="resnet50", weights="none"), SIZE)
@@ -79,7 +79,7 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "-m", "braintumor.app", "--model", str(model), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "braintumor.serve.app", "--model", str(model), "--port", str(port)],
                                cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(600):
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     from gradio_client import Client, handle_file
 
-    from braintumor.phantom import render_slice
+    from braintumor.data.phantom.source import render_slice
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

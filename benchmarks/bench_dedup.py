@@ -18,7 +18,7 @@ import time
 import cv2
 import numpy as np
 
-from braintumor.dedup import CANONICAL_SIZE, shortlist_descriptors, shortlist_pairs
+from braintumor.data.dedup import CANONICAL_SIZE, shortlist_descriptors, shortlist_pairs
 
 
 def generated_canonical(n: int, copies: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Benchmark of Grad-CAM (src/braintumor/gradcam.py) for one 224 px image with ResNet50.
+"""Benchmark of Grad-CAM (src/braintumor/explain/gradcam.py) for one 224 px image with ResNet50.
 
 The classifier is ``build_model`` with ResNet50 and ``weights: none`` (the ImageNet file cannot be
 downloaded offline; the weights' values do not change the cost). ``make_gradcam_model`` once, then
@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
-from braintumor.config import ModelParams  # noqa: E402
-from braintumor.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model  # noqa: E402
-from braintumor.model import build_model  # noqa: E402
+from braintumor.core.config import ModelParams  # noqa: E402
+from braintumor.explain.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model  # noqa: E402
+from braintumor.model.backbones import build_model  # noqa: E402
 
 SIZE = 224
 TARGET_S = 0.5

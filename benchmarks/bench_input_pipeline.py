@@ -1,4 +1,4 @@
-"""Benchmark of the tf.data input pipeline (src/braintumor/inputs.py) with full augmentation.
+"""Benchmark of the tf.data input pipeline (src/braintumor/model/inputs.py) with full augmentation.
 
 (a) The pipeline alone: a synthetic memory-mapped cache of random 224 x 224 uint8 images in a temp
     .npy, iterated in batches of 32 with the default augmentation (rotation, zoom, shift, shear,
@@ -35,8 +35,8 @@ import keras  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
-from braintumor.config import AugmentParams  # noqa: E402
-from braintumor.inputs import make_dataset  # noqa: E402
+from braintumor.core.config import AugmentParams  # noqa: E402
+from braintumor.model.inputs import make_dataset  # noqa: E402
 
 SIZE = 224
 BATCH = 32

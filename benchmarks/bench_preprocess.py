@@ -1,6 +1,6 @@
 """Benchmark of the preprocessing cache writer on the real slices (7,023 + 457 = 7,480 JPEGs).
 
-Times :func:`braintumor.preprocess.preprocess_to_array` with default params (224 px) on one process
+Times :func:`braintumor.preprocess.slices.preprocess_to_array` with default params (224 px) on one process
 and on two, best of 3 each (runs interleaved, so load from elsewhere hits both alike), after reading
 every file once to warm the page cache. Prints one JSON line. Targets (issue): the parallel run under
 6 s, and at least 1.7x the images/s of one process.
@@ -30,9 +30,9 @@ TARGET_SECONDS = 6.0
 TARGET_SPEEDUP = 1.7
 
 sys.path.insert(0, str(REPO / "src"))
-from braintumor import preprocess as pp  # noqa: E402
-from braintumor.config import PreprocessParams  # noqa: E402
-from braintumor.imageio import IMAGE_SUFFIXES, read_image, to_grayscale  # noqa: E402
+from braintumor.preprocess import slices as pp  # noqa: E402
+from braintumor.core.config import PreprocessParams  # noqa: E402
+from braintumor.core.imageio import IMAGE_SUFFIXES, read_image, to_grayscale  # noqa: E402
 
 
 def list_images(folders) -> list[Path]:

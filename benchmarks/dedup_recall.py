@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from braintumor.config import PhantomDuplicates, PhantomSource, load_params
-from braintumor.merge import merge_sources, planted_duplicate_recall
-from braintumor.phantom import generate_phantom_source
+from braintumor.core.config import PhantomDuplicates, PhantomSource, load_params
+from braintumor.data.merge import merge_sources, planted_duplicate_recall
+from braintumor.data.phantom.source import generate_phantom_source
 
 REPO = Path(__file__).resolve().parents[1]
 

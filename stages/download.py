@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from braintumor.config import load_params
-from braintumor.download import fetch_source
-from braintumor.logs import setup_logging
-from braintumor.paths import ProjectPaths
+from braintumor.core.config import load_params
+from braintumor.data.download import fetch_source
+from braintumor.core.logs import setup_logging
+from braintumor.core.paths import ProjectPaths
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,17 +20,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-import braintumor.model  # noqa: F401  registers the custom layers for safe-mode loading
-from braintumor import atomic
-from braintumor.calibration import apply_temperature, calibration_entry, fit_temperature, reliability_bins
-from braintumor.config import CLASS_NAMES, EvaluateParams, load_params
-from braintumor.evaluation import (MODEL_TITLES, confusion_counts, evaluation_report, flat_metrics, image_paths,
+import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
+from braintumor.core import atomic
+from braintumor.evaluate.calibration import apply_temperature, calibration_entry, fit_temperature, reliability_bins
+from braintumor.core.config import CLASS_NAMES, EvaluateParams, load_params
+from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, flat_metrics, image_paths,
                                    misclassified, model_metrics, prediction_table, roc_curves, training_curves)
-from braintumor.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
-from braintumor.logs import setup_logging
-from braintumor.paths import ProjectPaths
-from braintumor.tracking import flatten_params, log_summary, stage_run, tag_registered_version
-from braintumor.train import SplitRows, TrainingData, load_training_data, predict_split
+from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
+from braintumor.core.logs import setup_logging
+from braintumor.core.paths import ProjectPaths
+from braintumor.core.tracking import flatten_params, log_summary, stage_run, tag_registered_version
+from braintumor.model.train import SplitRows, TrainingData, load_training_data, predict_split
 
 MODELS = ("base", "finetuned")  # models/<name>.keras
 PHASES = ("train_base", "finetune")  # reports/<phase>/history.json, in training order

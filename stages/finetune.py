@@ -12,12 +12,12 @@ from datetime import datetime, timezone
 
 import keras
 
-import braintumor.model  # noqa: F401  registers the custom layers for safe-mode loading
-from braintumor.config import load_params
-from braintumor.logs import setup_logging
-from braintumor.paths import ProjectPaths
-from braintumor.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
-from braintumor.train import configure_runtime, finetune_phase, load_training_data, save_phase, test_scores, summary_metrics
+import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
+from braintumor.core.config import load_params
+from braintumor.core.logs import setup_logging
+from braintumor.core.paths import ProjectPaths
+from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
+from braintumor.model.train import configure_runtime, finetune_phase, load_training_data, save_phase, test_scores, summary_metrics
 
 
 def main() -> dict:

@@ -14,17 +14,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from braintumor import atomic
-from braintumor.calibration import apply_temperature, load_calibration
-from braintumor.config import CLASS_NAMES, PhantomSource, load_params
-from braintumor.gradcam import (grad_cam, gradcam_layer_name, make_gradcam_model, predict_probabilities,
+from braintumor.core import atomic
+from braintumor.evaluate.calibration import apply_temperature, load_calibration
+from braintumor.core.config import CLASS_NAMES, PhantomSource, load_params
+from braintumor.explain.gradcam import (grad_cam, gradcam_layer_name, make_gradcam_model, predict_probabilities,
                                 randomisation_test)
-from braintumor.gradcam_report import render_report_html, report_items, sample_positions, select_examples, write_folder
-from braintumor.localisation import load_masks, localisation_by_class, mask_files
-from braintumor.logs import setup_logging
-from braintumor.paths import ProjectPaths
-from braintumor.tracking import flatten_params, log_summary, stage_run
-from braintumor.train import load_training_data
+from braintumor.explain.report import render_report_html, report_items, sample_positions, select_examples, write_folder
+from braintumor.explain.localisation import load_masks, localisation_by_class, mask_files
+from braintumor.core.logs import setup_logging
+from braintumor.core.paths import ProjectPaths
+from braintumor.core.tracking import flatten_params, log_summary, stage_run
+from braintumor.model.train import load_training_data
 
 MODELS = ("finetuned", "base")  # the first decides which examples count as correctly classified
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 
-from braintumor import atomic
-from braintumor.config import PhantomSource, load_params
-from braintumor.logs import setup_logging
-from braintumor.merge import MANIFEST_COLUMNS, fetched_class_root, merge_report, merge_sources, planted_duplicate_recall
-from braintumor.paths import ProjectPaths
+from braintumor.core import atomic
+from braintumor.core.config import PhantomSource, load_params
+from braintumor.core.logs import setup_logging
+from braintumor.data.merge import MANIFEST_COLUMNS, fetched_class_root, merge_report, merge_sources, planted_duplicate_recall
+from braintumor.core.paths import ProjectPaths
 
 
 def main() -> dict:

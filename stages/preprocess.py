@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from braintumor import atomic
-from braintumor.config import load_params
-from braintumor.logs import setup_logging
-from braintumor.paths import ProjectPaths
-from braintumor.preprocess import preprocess_to_array
+from braintumor.core import atomic
+from braintumor.core.config import load_params
+from braintumor.core.logs import setup_logging
+from braintumor.core.paths import ProjectPaths
+from braintumor.preprocess.slices import preprocess_to_array
 
 
 def main() -> dict:

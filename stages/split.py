@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from braintumor import atomic
-from braintumor.config import load_params
-from braintumor.logs import setup_logging
-from braintumor.paths import ProjectPaths
-from braintumor.split import leak_free_split, source_folders_split, split_fingerprint, split_report
+from braintumor.core import atomic
+from braintumor.core.config import load_params
+from braintumor.core.logs import setup_logging
+from braintumor.core.paths import ProjectPaths
+from braintumor.split.partition import leak_free_split, source_folders_split, split_fingerprint, split_report
 
 
 def main() -> dict:

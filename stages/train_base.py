@@ -8,13 +8,13 @@ Outputs: models/base.keras, models/base.json (model card), reports/train_base/hi
 from __future__ import annotations
 
 
-from braintumor.config import load_params
-from braintumor.logs import setup_logging
-from braintumor.model import build_model, freeze_backbone
-from braintumor.paths import ProjectPaths
-from braintumor.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
-from braintumor.train import configure_runtime, load_training_data, model_card, save_phase, test_scores, summary_metrics, train_base_phase
-from braintumor.weights import resolve_weights
+from braintumor.core.config import load_params
+from braintumor.core.logs import setup_logging
+from braintumor.model.backbones import build_model, freeze_backbone
+from braintumor.core.paths import ProjectPaths
+from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
+from braintumor.model.train import configure_runtime, load_training_data, model_card, save_phase, test_scores, summary_metrics, train_base_phase
+from braintumor.model.weights import resolve_weights
 
 
 def main() -> dict:

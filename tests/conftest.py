@@ -45,7 +45,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")
 
-    monkeypatch.setattr("braintumor.weights.unreachable_reason", refuse)
+    monkeypatch.setattr("braintumor.model.weights.unreachable_reason", refuse)
     monkeypatch.setattr("keras.utils.get_file", refuse)
 
 

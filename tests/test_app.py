@@ -1,4 +1,4 @@
-"""The web app, for real: a tiny trained model, `python -m braintumor.app` serving it on a free loopback port,
+"""The web app, for real: a tiny trained model, `python -m braintumor.serve.app` serving it on a free loopback port,
 driven through gradio_client and a headless Chromium; the loader's handling of missing or broken files.
 
 The results the server returns are checked against the library run in this process on the same file:
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from braintumor.config import CLASS_NAMES, ModelParams, PreprocessParams
+from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams
 from conftest import REPO
 from test_uploads import STORED, make_dicom, png_with_header_size
 
@@ -40,7 +40,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 def phantom_files(folder: Path, count: int, seed: int) -> list[Path]:
-    from braintumor.phantom import render_slice
+    from braintumor.data.phantom.source import render_slice
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -54,8 +54,8 @@ def phantom_files(folder: Path, count: int, seed: int) -> list[Path]:
 
 def pipeline_arrays(paths: list[Path]) -> np.ndarray:
     """(N, S, S) uint8 as the preprocess stage makes them: its decoder, then preprocess_slice."""
-    from braintumor.imageio import read_grayscale
-    from braintumor.preprocess import preprocess_slice
+    from braintumor.core.imageio import read_grayscale
+    from braintumor.preprocess.slices import preprocess_slice
 
     return np.stack([preprocess_slice(read_grayscale(p), PREPROCESS) for p in paths])
 
@@ -63,7 +63,7 @@ def pipeline_arrays(paths: list[Path]) -> np.ndarray:
 def train_tiny_model(train: np.ndarray, labels: np.ndarray):
     import keras
 
-    from braintumor.model import build_model
+    from braintumor.model.backbones import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(ModelParams(backbone="mobilenetv3small", weights="none", dense_units=(16, 8)), SIZE)
@@ -78,7 +78,7 @@ def train_tiny_model(train: np.ndarray, labels: np.ndarray):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """models/finetuned.keras with its card and calibration.json, as the training and evaluate stages write them."""
-    from braintumor.calibration import apply_temperature, calibration_entry
+    from braintumor.evaluate.calibration import apply_temperature, calibration_entry
 
     root = tmp_path_factory.mktemp("app")
     train_paths = phantom_files(root / "train", 48, seed=1)
@@ -101,8 +101,8 @@ def trained(tmp_path_factory) -> dict:
 
 def expected_result(trained: dict, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(preprocessed, calibrated probabilities, Grad-CAM overlay) computed here with the library."""
-    from braintumor.calibration import apply_temperature
-    from braintumor.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model, overlay
+    from braintumor.evaluate.calibration import apply_temperature
+    from braintumor.explain.gradcam import grad_cam, gradcam_layer_name, make_gradcam_model, overlay
 
     image = pipeline_arrays([path])[0]
     model = trained["model"]
@@ -121,12 +121,12 @@ def free_port() -> int:
 
 
 def start_app(log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """`python -m braintumor.app ...` on a free loopback port; returns once the page answers."""
+    """`python -m braintumor.serve.app ...` on a free loopback port; returns once the page answers."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("BRAINTUMOR_ROOT", None)
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "braintumor.app", *args, "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "braintumor.serve.app", *args, "--host", "127.0.0.1", "--port", str(port)],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -346,7 +346,7 @@ def copy_model(trained: dict, folder: Path, card: bool, calibration: bool) -> Pa
 
 
 def test_loader_says_what_is_missing(trained, tmp_path):
-    from braintumor.serving import load_bundle
+    from braintumor.serve.bundle import load_bundle
 
     bare = load_bundle(copy_model(trained, tmp_path / "bare", card=False, calibration=False), tmp_path, PREPROCESS)
     notes = " ".join(bare.notes)
@@ -358,7 +358,7 @@ def test_loader_says_what_is_missing(trained, tmp_path):
 
 
 def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):
-    from braintumor.app import main
+    from braintumor.serve.app import main
 
     broken = tmp_path / "finetuned.keras"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
@@ -369,7 +369,7 @@ def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):
 
 
 def test_loader_refuses_files_that_do_not_fit(trained, tmp_path):
-    from braintumor.serving import ModelLoadError, ModelNotFoundError, load_bundle
+    from braintumor.serve.bundle import ModelLoadError, ModelNotFoundError, load_bundle
 
     with pytest.raises(ModelNotFoundError, match="make demo"):
         load_bundle("models/nothing.keras", tmp_path, PREPROCESS)

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.config import load_params
-from braintumor.serving import preprocess_upload
+from braintumor.core.config import load_params
+from braintumor.serve.bundle import preprocess_upload
 from conftest import REPO
 from conftest import TINY, set_params
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from braintumor.config import CLASS_NAMES, ParamsError, load_params, parse_params
+from braintumor.core.config import CLASS_NAMES, ParamsError, load_params, parse_params
 
 from conftest import REPO
 

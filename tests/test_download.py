@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from braintumor.config import KaggleSource, LocalSource
-from braintumor.download import fetch_source
+from braintumor.core.config import KaggleSource, LocalSource
+from braintumor.data.download import fetch_source
 
 
 def _dataset(root):
@@ -50,7 +50,7 @@ def test_missing_local_folder_is_named(tmp_path):
 
 
 def test_kaggle_without_credentials_leaves_nothing(tmp_path, monkeypatch):
-    from braintumor.kaggle_source import KaggleCredentialsError
+    from braintumor.data.kaggle import KaggleCredentialsError
 
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR"):
         monkeypatch.delenv(var, raising=False)

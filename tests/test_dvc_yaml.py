@@ -22,8 +22,8 @@ def imported_modules(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("braintumor"):
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if (PACKAGE / f"{a.name}.py").exists() and node.module == "braintumor"}
+            found.add(node.module)  # `from braintumor.core import atomic` imports a module, not a name:
+            found |= {f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}").is_file()}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("braintumor")}
     return found

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.calibration import load_calibration
-from braintumor.config import CLASS_NAMES
-from braintumor.evaluation import comparison_table
+from braintumor.evaluate.calibration import load_calibration
+from braintumor.core.config import CLASS_NAMES
+from braintumor.evaluate.metrics import comparison_table
 from conftest import copy_built_pipeline, dvc, ran_stages
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, roc_auc_score
 
-from braintumor.calibration import (apply_temperature, calibration_entry, expected_calibration_error, fit_temperature,
+from braintumor.evaluate.calibration import (apply_temperature, calibration_entry, expected_calibration_error, fit_temperature,
                                     load_calibration, max_probability_quantiles, negative_log_likelihood,
                                     reliability_bins)
-from braintumor.evaluation import (_macro_f1_from_counts, bootstrap_intervals, classification_metrics,
+from braintumor.evaluate.metrics import (_macro_f1_from_counts, bootstrap_intervals, classification_metrics,
                                    comparison_table, confusion_counts, evaluation_report, flat_metrics, image_paths,
                                    misclassified, model_metrics, prediction_table, roc_curves, row_normalised,
                                    training_curves)
@@ -353,7 +353,7 @@ def test_evaluation_report_holds_the_table_confusion_errors_and_figure_links():
 def test_figures_are_written_as_png(tmp_path):
     from PIL import Image
 
-    from braintumor.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
+    from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
 
     bins = reliability_bins(PROBS, LABELS, 10)
     curves = roc_curves(LABELS, PROBS, CLASSES)

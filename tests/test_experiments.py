@@ -161,8 +161,8 @@ def test_each_run_registers_its_finetuned_model_and_it_loads_by_uri(experiments,
     latest = max(int(v["version"]) for v in versions["model_versions"])
     script = (
         "import json, sys, numpy as np\n"
-        "from braintumor.config import load_params\n"
-        "from braintumor.serving import load_bundle\n"
+        "from braintumor.core.config import load_params\n"
+        "from braintumor.serve.bundle import load_bundle\n"
         "params = load_params('params.yaml')\n"
         f"bundle = load_bundle('models:/braintumor-classifier/{latest}', None, params.preprocess,\n"
         "                     tracking_uri=sys.argv[1])\n"

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.config import CLASS_NAMES, ModelParams, PreprocessParams
-from braintumor.gradcam import (
+from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams
+from braintumor.explain.gradcam import (
     grad_cam,
     gradcam_layer_name,
     make_gradcam_model,
@@ -31,7 +31,7 @@ from braintumor.gradcam import (
     spearman_per_image,
     ssim_per_image,
 )
-from braintumor.gradcam_report import (
+from braintumor.explain.report import (
     Example,
     render_report_html,
     report_items,
@@ -39,7 +39,7 @@ from braintumor.gradcam_report import (
     select_examples,
     write_folder,
 )
-from braintumor.localisation import (
+from braintumor.explain.localisation import (
     centre_prior,
     energy_inside,
     energy_inside_per_image,
@@ -53,9 +53,9 @@ from braintumor.localisation import (
     pointing_hits,
     preprocess_mask,
 )
-from braintumor.model import build_model
-from braintumor.phantom import render_slice
-from braintumor.preprocess import preprocess_slice
+from braintumor.model.backbones import build_model
+from braintumor.data.phantom.source import render_slice
+from braintumor.preprocess.slices import preprocess_slice
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -160,7 +160,7 @@ def test_gradcam_errors_name_the_problem(small_classifier):
         gradcam_layer_name(small_classifier, "nope")
     with pytest.raises(ValueError, match="outputs shape .* needs \\(B, h, w, K\\)"):
         gradcam_layer_name(small_classifier, "head_pool")
-    with pytest.raises(ValueError, match="'auto' needs a model from braintumor.model.build_model"):
+    with pytest.raises(ValueError, match="'auto' needs a model from braintumor.model.backbones.build_model"):
         gradcam_layer_name(block_model(), "auto")
     cam = make_gradcam_model(small_classifier, "auto")
     with pytest.raises(ValueError, match=r"\(N, 48, 48\) uint8"):
@@ -541,7 +541,7 @@ def test_write_folder_replaces_the_old_contents(tmp_path):
 
 
 def test_predict_probabilities_matches_the_model_batch_by_batch(small_classifier):
-    from braintumor.gradcam import predict_probabilities
+    from braintumor.explain.gradcam import predict_probabilities
 
     images = np.random.default_rng(2).integers(0, 256, (5, 48, 48), dtype=np.uint8)
     expected = small_classifier.predict(images[..., None].astype("float32"), verbose=0)
@@ -552,8 +552,8 @@ def test_predict_probabilities_matches_the_model_batch_by_batch(small_classifier
 
 def test_stage_finds_masks_only_for_sources_that_have_them(tmp_path):
     """Real sources have no masks (localisation: not applicable); the phantom's rows get theirs."""
-    from braintumor.config import parse_params, read_yaml
-    from braintumor.paths import ProjectPaths
+    from braintumor.core.config import parse_params, read_yaml
+    from braintumor.core.paths import ProjectPaths
     from conftest import REPO
     from stages.gradcam import load_test_masks
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from braintumor.augment import (
+from braintumor.model.augment import (
     apply_transforms,
     augment_images,
     inverse_affine_matrix,
@@ -17,8 +17,8 @@ from braintumor.augment import (
     random_affine_transforms,
     to_projective_transforms,
 )
-from braintumor.config import AugmentParams
-from braintumor.inputs import class_weights, make_dataset
+from braintumor.core.config import AugmentParams
+from braintumor.model.inputs import class_weights, make_dataset
 
 OFF = AugmentParams(rotation_deg=0.0, zoom=0.0, shift=0.0, shear_deg=0.0, horizontal_flip=False)
 SEED = tf.constant([7, 11], tf.int64)

@@ -1,4 +1,4 @@
-"""Tests of :mod:`braintumor.kaggle_source` against a fake Kaggle API on loopback.
+"""Tests of :mod:`braintumor.data.kaggle` against a fake Kaggle API on loopback.
 
 Nothing inside the client is mocked: kagglesdk runs for real with ``KAGGLE_API_ENVIRONMENT=TEST``,
 which points it at http://localhost:7777, where :class:`FakeKaggle` answers the two requests a
@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor import kaggle_source
-from braintumor.kaggle_source import (
+from braintumor.data import kaggle as kaggle_source
+from braintumor.data.kaggle import (
     KaggleCredentialsError,
     KaggleDownloadError,
     download_kaggle_dataset,
@@ -524,6 +524,6 @@ def test_importing_module_does_not_load_the_kaggle_client():
     import subprocess
     import sys
 
-    code = "import sys, braintumor.kaggle_source; print('kaggle' in sys.modules, 'kagglesdk' in sys.modules)"
+    code = "import sys, braintumor.data.kaggle; print('kaggle' in sys.modules, 'kagglesdk' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

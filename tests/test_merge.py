@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.config import NearDuplicateParams, load_params
-from braintumor.merge import (
+from braintumor.core.config import NearDuplicateParams, load_params
+from braintumor.data.merge import (
     UnmappedFolderError,
     list_source_files,
     map_labels,

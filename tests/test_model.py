@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from braintumor import config
-from braintumor.config import ModelParams
-from braintumor.weights import WEIGHTS_DIR_ENV
+from braintumor.core import config
+from braintumor.core.config import ModelParams
+from braintumor.model.weights import WEIGHTS_DIR_ENV
 from conftest import shared_weights_dir
-from braintumor.model import (
+from braintumor.model.backbones import (
     BACKBONES,
     HEAD_LAYER_NAMES,
     IMAGENET_MEAN_RGB,

@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.config import CLASS_NAMES, load_params
-from braintumor.ood import OodLimits, assess, confidence_flag, flat_share, head_share, image_flags, image_stats
-from braintumor.phantom import render_slice
-from braintumor.uploads import decode_upload
+from braintumor.core.config import CLASS_NAMES, load_params
+from braintumor.serve.ood import OodLimits, assess, confidence_flag, flat_share, head_share, image_flags, image_stats
+from braintumor.data.phantom.source import render_slice
+from braintumor.serve.uploads import decode_upload
 from conftest import REPO, shared_dataset
 
 PARAMS = load_params(REPO / "params.yaml")

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.config import PreprocessParams
-from braintumor.preprocess import (
+from braintumor.core.config import PreprocessParams
+from braintumor.preprocess.slices import (
     PreprocessError,
     apply_clahe,
     crop_to_head,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.split import (
+from braintumor.split.partition import (
     groups_spanning_splits,
     leak_free_split,
     source_folders_split,

@@ -13,8 +13,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from braintumor.config import MlflowParams, ModelParams
-from braintumor.tracking import (
+from braintumor.core.config import MlflowParams, ModelParams
+from braintumor.core.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     flatten_params,
     git_commit,
@@ -223,10 +223,10 @@ def test_reserved_tags_and_calls_outside_a_run_are_refused(workspace):
 # --------------------------------------------------------------------------- real DVC experiments
 
 STAGE_SCRIPT = '''\
-"""The throw-away repo's one stage: a run through braintumor.tracking, as the real stages log."""
-from braintumor.config import MlflowParams, read_yaml
-from braintumor.paths import find_project_root
-from braintumor.tracking import flatten_params, log_history, log_json_artifact, stage_run
+"""The throw-away repo's one stage: a run through braintumor.core.tracking, as the real stages log."""
+from braintumor.core.config import MlflowParams, read_yaml
+from braintumor.core.paths import find_project_root
+from braintumor.core.tracking import flatten_params, log_history, log_json_artifact, stage_run
 
 root = find_project_root()
 raw = read_yaml((root / "params.yaml").read_text())

@@ -23,7 +23,7 @@ def trained_repo(built_pipeline, tmp_path_factory) -> Path:
 def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
     repo = trained_repo
     script = (
-        "import keras, numpy as np, braintumor.model\n"
+        "import keras, numpy as np, braintumor.model.backbones\n"
         "for name in ('base', 'finetuned'):\n"
         "    m = keras.saving.load_model(f'models/{name}.keras', safe_mode=True)\n"
         "    p = m.predict(np.zeros((2, 48, 48, 1), 'float32'), verbose=0)\n"
@@ -77,8 +77,8 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     assert version.run_id == runs["finetune"].info.run_id
     script = (
         "import numpy as np\n"
-        "from braintumor.config import load_params\n"
-        "from braintumor.serving import load_bundle\n"
+        "from braintumor.core.config import load_params\n"
+        "from braintumor.serve.bundle import load_bundle\n"
         f"b = load_bundle('models:/braintumor-classifier/{version.version}', None, load_params('params.yaml').preprocess,\n"
         "                tracking_uri='sqlite:///mlflow.db')\n"
         "assert b.identity.mlflow_run_id == '" + version.run_id + "' and b.image_size == 48, b.identity\n"

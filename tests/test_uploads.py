@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.imageio import read_grayscale
-from braintumor.uploads import REASONS, UploadError, decode_upload, is_dicom
+from braintumor.core.imageio import read_grayscale
+from braintumor.serve.uploads import REASONS, UploadError, decode_upload, is_dicom
 
 MB = 2**20
 LIMITS = {"max_bytes": 20 * MB, "max_pixels": 50_000_000}

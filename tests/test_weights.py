@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from braintumor import weights
-from braintumor.weights import (
+from braintumor.model import weights
+from braintumor.model.weights import (
     IMAGENET_FILES,
     WEIGHTS_DIR_ENV,
     ResolvedWeights,
@@ -39,7 +39,7 @@ def test_registry_names_the_files_keras_downloads():
     """The URLs and md5s are Keras's own; a Keras upgrade that moves them fails here."""
     from keras.src.applications import densenet, efficientnet, mobilenet_v3, resnet, xception
 
-    from braintumor.model import BACKBONES
+    from braintumor.model.backbones import BACKBONES
 
     modules = {"resnet50": resnet, "xception": xception, "efficientnetb0": efficientnet,
                "densenet121": densenet, "mobilenetv3small": mobilenet_v3}
@@ -61,7 +61,7 @@ def test_registry_names_the_files_keras_downloads():
 
 def test_the_weights_module_needs_no_tensorflow():
     """The demo's preflight imports it: a lookup or an offline failure must not wait for TensorFlow."""
-    code = "import sys, braintumor.demo, braintumor.weights; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    code = "import sys, braintumor.demo, braintumor.model.weights; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

@@ -5,7 +5,7 @@ DVC experiment (``dvc exp run``) with the overrides listed in ``demo.yaml`` pass
 then puts ``params.yaml`` back byte for byte. The outputs stay in the workspace (``data/``,
 ``reports/``) and the run is listed, with its overrides, in ``dvc exp show``.
 
-Before any stage runs, the backbone's weights are resolved (:mod:`braintumor.weights`): found on disk,
+Before any stage runs, the backbone's weights are resolved (:mod:`braintumor.model.weights`): found on disk,
 or downloaded by Keras; offline with nothing on disk, the demo stops in seconds with one message.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from braintumor.config import Params, parse_params, read_yaml
-from braintumor.paths import ProjectPaths
-from braintumor.weights import WeightsUnavailableError, resolve_weights
+from braintumor.core.config import Params, parse_params, read_yaml
+from braintumor.core.paths import ProjectPaths
+from braintumor.model.weights import WeightsUnavailableError, resolve_weights
 
 
 def load_overrides(path: Path) -> dict[str, object]:
@@ -101,7 +101,7 @@ def summary(root: Path) -> str:
             lines.append(f"{model} model: test accuracy {m['test_accuracy']:.3f}, best val accuracy "
                          f"{m['best_val_accuracy']:.3f}, {m['epochs_run']} epochs")
     if paths.metrics_json.is_file():
-        from braintumor.evaluation import comparison_table
+        from braintumor.evaluate.metrics import comparison_table
 
         lines += ["", "test split, base vs fine-tuned (95% bootstrap intervals):",
                   comparison_table(json.loads(paths.metrics_json.read_text())), ""]

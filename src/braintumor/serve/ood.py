@@ -119,7 +119,7 @@ def image_stats(gray: np.ndarray, colour_share: float, head_threshold: int) -> I
 
     Args:
         gray: uint8 (H, W) decoded slice (before preprocessing).
-        colour_share: :func:`braintumor.imageio.colour_pixel_share` of the decoded file.
+        colour_share: :func:`braintumor.core.imageio.colour_pixel_share` of the decoded file.
         head_threshold: ``preprocess.head_threshold`` of the model.
     """
     if gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:

@@ -19,10 +19,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from braintumor.config import NearDuplicateParams
-from braintumor.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
-from braintumor.parallel import single_threaded_opencv
-from braintumor.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
+from braintumor.core.config import NearDuplicateParams
+from braintumor.data.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
+from braintumor.core.parallel import single_threaded_opencv
+from braintumor.core.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
 
 
 class UnmappedFolderError(ValueError):

@@ -1,9 +1,9 @@
 """The web app: upload a brain MRI slice, see the predicted class, its calibrated confidence and Grad-CAM.
 
-Run ``make app`` or ``python -m braintumor.app [--model models/finetuned.keras] [--host 127.0.0.1] [--port 7860]``
+Run ``make app`` or ``python -m braintumor.serve.app [--model models/finetuned.keras] [--host 127.0.0.1] [--port 7860]``
 from inside the project; defaults come from params.yaml's ``app`` section. The model is loaded once at
-start (:func:`braintumor.serving.load_bundle`); every upload goes through
-:func:`braintumor.serving.predict_upload`, the same function the tests call.
+start (:func:`braintumor.serve.bundle.load_bundle`); every upload goes through
+:func:`braintumor.serve.bundle.predict_upload`, the same function the tests call.
 
 API (``gradio_client``), endpoint ``/classify``, one input (the file), five outputs: the label
 (class confidences, or None when flagged), the verdict in Markdown, the preprocessed input and the
@@ -31,14 +31,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from braintumor.config import CLASS_NAMES, load_params
-from braintumor.paths import find_project_root
-from braintumor.serving import (ModelBundle, ModelLoadError, ModelNotFoundError, PredictionResult, ServingSettings,
+from braintumor.core.config import CLASS_NAMES, load_params
+from braintumor.core.paths import find_project_root
+from braintumor.serve.bundle import (ModelBundle, ModelLoadError, ModelNotFoundError, PredictionResult, ServingSettings,
                                 load_bundle, predict_upload)
-from braintumor.tracking import resolve_tracking_uri
-from braintumor.uploads import UploadError
+from braintumor.core.tracking import resolve_tracking_uri
+from braintumor.serve.uploads import UploadError
 
-log = logging.getLogger("braintumor.app")
+log = logging.getLogger("braintumor.serve.app")
 
 API_NAME = "classify"
 NOTICE = (
@@ -117,7 +117,7 @@ def result_details(result: PredictionResult, bundle: ModelBundle) -> dict:
 
 def write_examples(folder: Path, size: int = EXAMPLE_SIZE, seed: int = EXAMPLE_SEED) -> list[tuple[Path, str]]:
     """One synthetic phantom slice per class as PNG (never patient data): [(path, caption)]."""
-    from braintumor.phantom import render_slice
+    from braintumor.data.phantom.source import render_slice
 
     folder.mkdir(parents=True, exist_ok=True)
     examples = []
@@ -141,7 +141,7 @@ def make_classify(bundle: ModelBundle | None, settings: ServingSettings, missing
     """The event handler: file path -> (label, verdict, preprocessed, overlay, details).
 
     A file the app cannot use is answered, not raised: the page shows why where the result would be,
-    and API callers find ``details["error"]`` = {"reason": one of braintumor.uploads.REASONS, "message"}.
+    and API callers find ``details["error"]`` = {"reason": one of braintumor.serve.uploads.REASONS, "message"}.
     """
     empty = (None, "", None, None, None)
 
@@ -203,7 +203,7 @@ def build_app(bundle: ModelBundle | None, settings: ServingSettings, missing_mod
 
 
 def parse_args(argv: list[str] | None, defaults) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m braintumor.app", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m braintumor.serve.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=defaults.model,
                         help=".keras file, relative to the project root, or an MLflow registry URI such as "
                              f"models:/braintumor-classifier/3 or models:/braintumor-classifier@champion (default: {defaults.model})")

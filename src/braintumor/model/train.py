@@ -17,14 +17,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from braintumor import atomic
-from braintumor.augment import augment_images
-from braintumor.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
-from braintumor.inputs import class_weights, make_dataset
-from braintumor.model import HEAD_POOL_LAYER, unfreeze_top
-from braintumor.weights import ResolvedWeights
+from braintumor.core import atomic
+from braintumor.model.augment import augment_images
+from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
+from braintumor.model.inputs import class_weights, make_dataset
+from braintumor.model.backbones import HEAD_POOL_LAYER, unfreeze_top
+from braintumor.model.weights import ResolvedWeights
 
-log = logging.getLogger("braintumor.train")
+log = logging.getLogger("braintumor.model.train")
 
 
 @dataclass(frozen=True)

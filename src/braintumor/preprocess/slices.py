@@ -21,9 +21,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from braintumor.config import PreprocessParams
-from braintumor.imageio import UnreadableImageError, read_grayscale
-from braintumor.parallel import single_threaded_opencv
+from braintumor.core.config import PreprocessParams
+from braintumor.core.imageio import UnreadableImageError, read_grayscale
+from braintumor.core.parallel import single_threaded_opencv
 
 # Rows a worker claims at a time. Small, so the slow tail (large images often sit together, one
 # source after another) is shared by all workers; claiming costs a lock, a few microseconds.
@@ -184,7 +184,7 @@ def preprocess_slice(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """The shared preprocessing: crop to head -> pad to square -> CLAHE -> sharpen -> resize.
 
     Args:
-        gray: uint8 (H, W) slice, as :func:`braintumor.imageio.read_grayscale` returns it.
+        gray: uint8 (H, W) slice, as :func:`braintumor.core.imageio.read_grayscale` returns it.
         params: the ``preprocess`` section of params.yaml.
 
     Returns:
@@ -267,7 +267,7 @@ def _fill_parallel(array_path: str, paths: Sequence[str | Path], params: Preproc
     args = (array_path, list(paths), params, next_row, errors)
     processes = [context.Process(target=_fill_claimed_rows, args=args, daemon=True) for _ in range(workers)]
     try:
-        with single_threaded_opencv():  # inherited by the forked workers (see braintumor.parallel)
+        with single_threaded_opencv():  # inherited by the forked workers (see braintumor.core.parallel)
             for process in processes:
                 process.start()
         for process in processes:

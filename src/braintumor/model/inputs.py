@@ -3,7 +3,7 @@
 The cache is one (N, S, S) uint8 array; a split is a list of its row indices. Batches are gathered
 from the memmap with NumPy (one fancy-indexing read per batch, never the whole array: 100,000
 images at 224 px are 5 GB), cast to float32 0..255 with one channel, and, for training, augmented
-with one fused affine transform per image (:mod:`braintumor.augment`).
+with one fused affine transform per image (:mod:`braintumor.model.augment`).
 
 Determinism: each pass over a training dataset (each ``iter()``, which is what ``model.fit`` does
 once per epoch) is the next epoch e = 0, 1, 2, ...; its order is a stateless shuffle seeded by
@@ -18,8 +18,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from braintumor.augment import augment_images, is_identity
-from braintumor.config import AugmentParams
+from braintumor.model.augment import augment_images, is_identity
+from braintumor.core.config import AugmentParams
 
 # Separate random streams derived from the user's seed, so the shuffle and the augmentation of
 # the same epoch never share random numbers.

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from braintumor import atomic
-from braintumor.calibration import ReliabilityBins
-from braintumor.evaluation import row_normalised
+from braintumor.core import atomic
+from braintumor.evaluate.calibration import ReliabilityBins
+from braintumor.evaluate.metrics import row_normalised
 
 DPI = 120
 

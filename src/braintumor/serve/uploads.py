@@ -1,8 +1,8 @@
 """Decoding an uploaded file into the grey slice the shared preprocessing takes, with guards.
 
-Accepted: the image formats :mod:`braintumor.imageio` reads (PNG and JPEG above all; 8 or 16 bit; grey,
+Accepted: the image formats :mod:`braintumor.core.imageio` reads (PNG and JPEG above all; 8 or 16 bit; grey,
 RGB or RGBA; any size up to a pixel limit) and DICOM MR images. Images go through the pipeline's own
-decoder (:func:`braintumor.imageio.decode_image_bytes`, then :func:`~braintumor.imageio.to_grayscale`),
+decoder (:func:`braintumor.core.imageio.decode_image_bytes`, then :func:`~braintumor.core.imageio.to_grayscale`),
 so an uploaded file gives exactly the pixels the preprocess stage read from the same file.
 
 DICOM: the file must carry the standard "DICM" preamble, be one MR frame with pixel data in a transfer
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from braintumor.imageio import UnreadableImageError, colour_pixel_share, decode_image_bytes, to_grayscale, to_uint8
+from braintumor.core.imageio import UnreadableImageError, colour_pixel_share, decode_image_bytes, to_grayscale, to_uint8
 
 REASONS = (
     "empty_file", "file_too_large", "too_many_pixels", "not_an_image", "truncated", "decode_failed",
@@ -60,7 +60,7 @@ class DecodedUpload:
     """One uploaded slice, decoded.
 
     Attributes:
-        gray: uint8 (H, W), what :func:`braintumor.preprocess.preprocess_slice` takes.
+        gray: uint8 (H, W), what :func:`braintumor.preprocess.slices.preprocess_slice` takes.
         colour_share: share of coloured pixels in the decoded file (0 for grey and DICOM MONOCHROME).
         kind: "image" or "dicom".
         description: format, size and bit depth in words, for the result panel (never patient data).
@@ -102,7 +102,7 @@ def _header_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
 
 
 def decode_image_upload(data: bytes, max_pixels: int) -> DecodedUpload:
-    """A PNG/JPEG (or other :mod:`braintumor.imageio` format) upload, decoded exactly as the pipeline decodes files.
+    """A PNG/JPEG (or other :mod:`braintumor.core.imageio` format) upload, decoded exactly as the pipeline decodes files.
 
     The pixel count is checked from the header before decoding, so a decompression bomb costs nothing.
     """

@@ -286,7 +286,7 @@ class GradcamParams(_Section):
 
 
 class OodParams(_Section):
-    """The app's out-of-distribution rule (see braintumor.ood): an upload failing any check gets no label.
+    """The app's out-of-distribution rule (see braintumor.serve.ood): an upload failing any check gets no label.
 
     The image checks were set on the 7,023 Nickparvar slices (none flagged) against colour photographs,
     blank images and rendered text; the colour check reuses ``merge.max_colour_share``.

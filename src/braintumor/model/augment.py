@@ -23,7 +23,7 @@ import math
 
 import tensorflow as tf
 
-from braintumor.config import AugmentParams
+from braintumor.core.config import AugmentParams
 
 
 def is_identity(params: AugmentParams) -> bool:

@@ -39,8 +39,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from braintumor.config import MlflowParams
-from braintumor.paths import EXPS_TMP_PARTS, ENV_EXP_BASELINE_REV, ENV_EXP_NAME, main_project_root
+from braintumor.core.config import MlflowParams
+from braintumor.core.paths import EXPS_TMP_PARTS, ENV_EXP_BASELINE_REV, ENV_EXP_NAME, main_project_root
 
 logger = logging.getLogger(__name__)
 
@@ -556,8 +556,8 @@ def tag_registered_version(name: str, run_id: str, tags: Mapping[str, str]) -> s
 
 def main() -> None:
     """Print the resolved tracking URI of the project around the current directory (for `make mlflow-ui`)."""
-    from braintumor.config import load_params
-    from braintumor.paths import find_project_root
+    from braintumor.core.config import load_params
+    from braintumor.core.paths import find_project_root
 
     root = find_project_root()
     print(resolve_tracking_uri(load_params(root / "params.yaml").mlflow.tracking_uri, root))

@@ -41,8 +41,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from braintumor.config import CLASS_NAMES, ModelParams
-from braintumor.weights import ResolvedWeights, resolve_weights
+from braintumor.core.config import CLASS_NAMES, ModelParams
+from braintumor.model.weights import ResolvedWeights, resolve_weights
 
 # ImageNet channel statistics, RGB order (keras.applications.imagenet_utils).
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -291,7 +291,7 @@ def build_model(
         image_size: S, the side of the square input; at least the backbone's ``min_size``.
         num_classes: number of softmax outputs.
         root: folder that relative weights paths are resolved against (default: the cwd).
-        weights: ``params.weights`` already resolved (:func:`braintumor.weights.resolve_weights`), for a
+        weights: ``params.weights`` already resolved (:func:`braintumor.model.weights.resolve_weights`), for a
             caller that records where they came from; resolved here when None.
 
     Raises:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from braintumor.config import NearDuplicateParams
-from braintumor.imageio import collapse_equal_channels, to_grayscale
-from braintumor.preprocess import head_bbox
+from braintumor.core.config import NearDuplicateParams
+from braintumor.core.imageio import collapse_equal_channels, to_grayscale
+from braintumor.preprocess.slices import head_bbox
 
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation

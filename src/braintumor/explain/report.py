@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from braintumor.gradcam import overlay
+from braintumor.explain.gradcam import overlay
 
 OVERLAYS_FOLDER = "overlays"
 
@@ -137,7 +137,7 @@ def report_items(examples: list[Example], images: np.ndarray,
         images: (E, S, S) uint8, the slices of ``examples`` in order.
         explanations: model name -> (heatmaps (E, S, S), explained class ids (E,), probabilities to
             show (E, C)) of those slices.
-        alpha: overlay opacity (see :func:`braintumor.gradcam.overlay`).
+        alpha: overlay opacity (see :func:`braintumor.explain.gradcam.overlay`).
     """
     items = [ReportItem(example, f"{example.row}_slice.png") for example in examples]
     pngs = {item.image_file: encode_png(image) for item, image in zip(items, images)}

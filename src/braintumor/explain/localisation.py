@@ -4,7 +4,7 @@ Only the phantom source has masks: ``data/raw/<source>/masks/<path below images/
 the size of the raw image). A mask lives in the raw image's frame; the model sees the preprocessed
 slice (crop to the head, pad to a square, resize), so :func:`preprocess_mask` puts the mask through
 the same geometry, with the crop box computed from the raw image exactly as
-:func:`braintumor.preprocess.preprocess_slice` computes it.
+:func:`braintumor.preprocess.slices.preprocess_slice` computes it.
 
 Scores, for heatmaps (N, S, S) in [0, 1] and masks (N, S, S) bool, each mask non-empty:
 
@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from braintumor.config import PreprocessParams
-from braintumor.imageio import read_grayscale
-from braintumor.preprocess import head_bbox, pad_to_square
+from braintumor.core.config import PreprocessParams
+from braintumor.core.imageio import read_grayscale
+from braintumor.preprocess.slices import head_bbox, pad_to_square
 
 MASKS_FOLDER = "masks"
 IMAGES_FOLDER = "images"

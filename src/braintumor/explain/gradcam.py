@@ -34,7 +34,7 @@ import tensorflow as tf
 from keras import ops
 from scipy.stats import rankdata
 
-from braintumor.model import BACKBONES, last_conv_layer_name
+from braintumor.model.backbones import BACKBONES, last_conv_layer_name
 
 # The name build_model gives a model: f"{backbone}_classifier".
 _MODEL_SUFFIX = "_classifier"
@@ -49,7 +49,7 @@ def gradcam_layer_name(model: keras.Model, layer: str = "auto") -> str:
     """The conv layer Grad-CAM reads: ``layer`` itself, checked, or for "auto" the backbone's last conv block.
 
     Args:
-        model: a classifier from :func:`braintumor.model.build_model` (or reloaded); with an explicit
+        model: a classifier from :func:`braintumor.model.backbones.build_model` (or reloaded); with an explicit
             ``layer``, any Keras model whose layer ``layer`` has a 4-D output (B, h, w, K).
         layer: a layer name, or "auto" (``model.last_conv_layer_name`` of the backbone the model was
             built with, recognised by the model's name ``<backbone>_classifier``).
@@ -62,7 +62,7 @@ def gradcam_layer_name(model: keras.Model, layer: str = "auto") -> str:
         backbone = model.name.removesuffix(_MODEL_SUFFIX)
         if not model.name.endswith(_MODEL_SUFFIX) or backbone not in BACKBONES:
             raise ValueError(
-                f"gradcam layer 'auto' needs a model from braintumor.model.build_model (named "
+                f"gradcam layer 'auto' needs a model from braintumor.model.backbones.build_model (named "
                 f"'<backbone>_classifier', backbones {sorted(BACKBONES)}); model {model.name!r} is not one: "
                 f"give the layer name (gradcam.layer)"
             )
@@ -166,7 +166,7 @@ def grad_cam(
 
     Args:
         gradcam_model: from :func:`make_gradcam_model`.
-        images: (N, S, S) uint8, as :func:`braintumor.preprocess.preprocess_slice` returns them.
+        images: (N, S, S) uint8, as :func:`braintumor.preprocess.slices.preprocess_slice` returns them.
         class_index: the class to explain: one id for all images, (N,) ids, or None for each image's
             predicted class.
         batch_size: images per forward/backward pass (memory bound, not a result).

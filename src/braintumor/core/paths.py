@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
 
-# Variables DVC sets for stage commands (see braintumor.tracking's module docstring for measurements).
+# Variables DVC sets for stage commands (see braintumor.core.tracking's module docstring for measurements).
 ENV_DVC_ROOT = "DVC_ROOT"
 ENV_EXP_NAME = "DVC_EXP_NAME"
 ENV_EXP_BASELINE_REV = "DVC_EXP_BASELINE_REV"

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 
-from braintumor.calibration import apply_temperature, expected_calibration_error, negative_log_likelihood
+from braintumor.evaluate.calibration import apply_temperature, expected_calibration_error, negative_log_likelihood
 
 DIGITS = 6  # metrics are rounded to this many decimals: stable, readable `dvc metrics diff`
 MODEL_TITLES = {"base": "base", "finetuned": "fine-tuned"}
@@ -172,7 +172,7 @@ def model_metrics(test_labels: np.ndarray, test_probabilities: np.ndarray, class
         test_labels: (n,) true class ids of the test split.
         test_probabilities: (n, k) the model's softmax outputs on it.
         class_names: the name of each class id.
-        temperature: fitted on the validation split (:func:`braintumor.calibration.fit_temperature`),
+        temperature: fitted on the validation split (:func:`braintumor.evaluate.calibration.fit_temperature`),
             judged here on the test split.
         bootstrap_resamples, bootstrap_seed: see :func:`bootstrap_intervals`.
         calibration_bins: bins of the expected calibration error.

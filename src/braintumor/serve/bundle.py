@@ -14,7 +14,7 @@ a calibration entry it shows raw softmax probabilities, labelled uncalibrated, a
 confidence check. Nothing is loaded from the network.
 
 :func:`predict_upload` is what the app and the tests call: bytes (or a path) in, a
-:class:`PredictionResult` out, an :class:`braintumor.uploads.UploadError` for a bad file.
+:class:`PredictionResult` out, an :class:`braintumor.serve.uploads.UploadError` for a bad file.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from braintumor.config import CLASS_NAMES, Params, PreprocessParams
-from braintumor.ood import ImageStats, OodLimits, Verdict, assess, image_stats
-from braintumor.preprocess import preprocess_slice
-from braintumor.uploads import DecodedUpload, UploadError, decode_upload
+from braintumor.core.config import CLASS_NAMES, Params, PreprocessParams
+from braintumor.serve.ood import ImageStats, OodLimits, Verdict, assess, image_stats
+from braintumor.preprocess.slices import preprocess_slice
+from braintumor.serve.uploads import DecodedUpload, UploadError, decode_upload
 
 HOW_TO_GET_A_MODEL = (
     "Train one first: `make demo` (offline, on the built-in phantom data, about 5 minutes) or `dvc repro` "
     "(the real datasets; see the README), then start the app again. A model file from elsewhere: "
-    "`python -m braintumor.app --model path/to/model.keras`."
+    "`python -m braintumor.serve.app --model path/to/model.keras`."
 )
 
 
@@ -82,7 +82,7 @@ class ModelBundle:
     """Everything needed to classify an upload with one model, loaded once."""
 
     model: Any  # keras.Model
-    gradcam_model: Any  # from braintumor.gradcam.make_gradcam_model
+    gradcam_model: Any  # from braintumor.explain.gradcam.make_gradcam_model
     gradcam_layer: str
     identity: ModelIdentity
     preprocess: PreprocessParams
@@ -249,7 +249,7 @@ def _identity(card: dict | None, model_path: Path) -> ModelIdentity:
 
 def load_model_calibration(model_path: Path) -> tuple[Calibration, list[str]]:
     """The model's entry of ``calibration.json`` (key = the model's stem), or an uncalibrated one with a note."""
-    from braintumor.calibration import load_calibration
+    from braintumor.evaluate.calibration import load_calibration
 
     path = calibration_path(model_path)
     uncalibrated = Calibration(1.0, {}, None)
@@ -270,7 +270,7 @@ def load_model_calibration(model_path: Path) -> tuple[Calibration, list[str]]:
 def _load_keras_model(model_path: Path):
     import keras
 
-    import braintumor.model  # noqa: F401  registers the custom layers, so safe mode can rebuild them
+    import braintumor.model.backbones  # noqa: F401  registers the custom layers, so safe mode can rebuild them
 
     try:
         return keras.saving.load_model(model_path, safe_mode=True)
@@ -302,7 +302,7 @@ def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessPa
     Raises:
         ModelNotFoundError: no model file. ModelLoadError: a file that is there but unusable.
     """
-    from braintumor.gradcam import gradcam_layer_name, grad_cam, make_gradcam_model
+    from braintumor.explain.gradcam import gradcam_layer_name, grad_cam, make_gradcam_model
 
     model_path = resolve_model_file(model, root, tracking_uri)
     card = read_model_card(model_path)
@@ -371,8 +371,8 @@ def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, setti
     Raises:
         UploadError: the file is not an image or DICOM MR slice this app accepts (the message says why).
     """
-    from braintumor.calibration import apply_temperature
-    from braintumor.gradcam import grad_cam, overlay
+    from braintumor.evaluate.calibration import apply_temperature
+    from braintumor.explain.gradcam import grad_cam, overlay
 
     started = time.perf_counter()
     data = read_upload(upload, settings.max_upload_bytes)

@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from braintumor.config import KaggleSource, LocalSource, PhantomSource, Source
+from braintumor.core.config import KaggleSource, LocalSource, PhantomSource, Source
 
 
 def file_list_checksum(folder: Path) -> tuple[int, str]:
@@ -58,12 +58,12 @@ def _fetch_into(staging: Path, source: Source, project_root: Path) -> dict:
         copy_local_folder(origin, images, source.mode)
         return {"path": source.path, "resolved_path": str(origin), "mode": source.mode}
     if isinstance(source, PhantomSource):
-        from braintumor.phantom import generate_phantom_source
+        from braintumor.data.phantom.source import generate_phantom_source
 
         summary = generate_phantom_source(staging, source)
         return {"seed": source.seed, "generator": "braintumor.phantom", "summary": summary}
     if isinstance(source, KaggleSource):
-        from braintumor.kaggle_source import download_kaggle_dataset
+        from braintumor.data.kaggle import download_kaggle_dataset
 
         images.mkdir()
         return download_kaggle_dataset(source.slug, source.version, images)

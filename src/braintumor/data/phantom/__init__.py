@@ -1,0 +1,1 @@
+"""The built-in synthetic source: anatomy, tumors, planted copies, and the folder they are written to."""

@@ -1,0 +1,1 @@
+"""Stage evaluate: metrics with bootstrap intervals, calibration, figures, the report."""

@@ -1,0 +1,1 @@
+"""Stage gradcam: Grad-CAM maps, their localisation and randomisation checks, the HTML report."""

@@ -1,0 +1,1 @@
+"""Stages train_base and finetune: backbones, the input pipeline, augmentation, training."""

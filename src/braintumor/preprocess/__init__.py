@@ -1,0 +1,1 @@
+"""Stage preprocess: head crop, CLAHE, sharpening, and the cached image array."""

@@ -17,7 +17,7 @@ import pytest
 from braintumor.data.phantom import source as phantom
 from braintumor.core.config import CLASS_NAMES, PhantomDuplicates, PhantomSource
 from braintumor.data.phantom.source import CLASS_FOLDERS, DUPLICATE_KINDS, SPLITS, generate_phantom_source
-from braintumor.preprocess.slices import head_bbox
+from braintumor.data.head import head_bbox
 
 SMALL = PhantomSource(kind="phantom", images_per_class=12, image_size=128, seed=3,
                       duplicates=PhantomDuplicates(**{kind: 2 for kind in DUPLICATE_KINDS}))

@@ -59,6 +59,17 @@ def test_rerun_is_a_noop_and_one_param_reruns_only_its_stages(phantom_repo, venv
     assert "download@phantom" in dvc(repo, venv_env, "dag")
 
 
+
+def test_editing_preprocessing_code_leaves_download_and_merge_up_to_date(built_pipeline, tmp_path, venv_env):
+    """The head box lives in data/head.py, so a change to CLAHE or sharpening concerns preprocess (and
+    gradcam, which crops the masks with it), never the download or the duplicate search."""
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    assert json.loads(dvc(repo, venv_env, "status", "--json")) == {}
+    with (repo / "src/braintumor/preprocess/slices.py").open("a") as module:
+        module.write("\n# an edit to the preprocessing code\n")
+    changed = set(json.loads(dvc(repo, venv_env, "status", "--json")))
+    assert changed == {"preprocess", "gradcam"}, changed  # gradcam crops the masks with the same code
+
 def test_demo_runs_an_experiment_and_leaves_params_untouched(built_pipeline, tmp_path, venv_env):
     repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
     # One override that differs from the committed tiny params: the experiment reruns gradcam only,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from braintumor.core.config import PreprocessParams
+from braintumor.data.head import head_bbox
 from braintumor.preprocess.slices import (
     PreprocessError,
     apply_clahe,
     crop_to_head,
-    head_bbox,
     pad_to_square,
     preprocess_file,
     preprocess_slice,

@@ -128,3 +128,11 @@ def colour_pixel_share(image: np.ndarray, min_difference: int = 24) -> float:
         return 0.0
     bgr = image[:, :, :3].astype(np.int16)
     return float((bgr.max(axis=2) - bgr.min(axis=2) > min_difference).mean())
+
+
+def require_gray(gray: np.ndarray) -> None:
+    """Raise a ValueError naming the shape and dtype unless ``gray`` is a non-empty uint8 (H, W) array."""
+    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
+        shape = getattr(gray, "shape", None)
+        dtype = getattr(gray, "dtype", type(gray).__name__)
+        raise ValueError(f"expected a non-empty 2-D uint8 image (H, W), got shape {shape} dtype {dtype}")

@@ -30,7 +30,7 @@ import numpy as np
 
 from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
-from braintumor.preprocess.slices import head_bbox
+from braintumor.data.head import head_bbox
 
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation

@@ -26,7 +26,8 @@ import pandas as pd
 
 from braintumor.core.config import PreprocessParams
 from braintumor.core.imageio import read_grayscale
-from braintumor.preprocess.slices import head_bbox, pad_to_square
+from braintumor.data.head import head_bbox
+from braintumor.preprocess.slices import pad_to_square
 
 MASKS_FOLDER = "masks"
 IMAGES_FOLDER = "images"

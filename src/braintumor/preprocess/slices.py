@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from braintumor.core.config import PreprocessParams
-from braintumor.core.imageio import UnreadableImageError, read_grayscale
+from braintumor.core.imageio import UnreadableImageError, read_grayscale, require_gray
+from braintumor.data.head import head_bbox
 from braintumor.core.parallel import single_threaded_opencv
 
 # Rows a worker claims at a time. Small, so the slow tail (large images often sit together, one
@@ -45,43 +46,7 @@ class PreprocessError(RuntimeError):
         return type(self), (self.path, self.detail)
 
 
-def _require_gray(gray: np.ndarray) -> None:
-    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
-        shape = getattr(gray, "shape", None)
-        dtype = getattr(gray, "dtype", type(gray).__name__)
-        raise ValueError(f"expected a non-empty 2-D uint8 image (H, W), got shape {shape} dtype {dtype}")
-
-
 # --------------------------------------------------------------------------- geometry
-
-
-def head_bbox(gray: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
-    """Bounding box (y0, y1, x0, x1), end-exclusive, of the head in a slice.
-
-    The head is the foreground region (pixels above ``threshold`` after a 3x3 Gaussian blur) whose
-    outer contour encloses the largest area. Enclosed area rather than pixel count, because where dark
-    CSF and bone separate the scalp ring from the brain, the ring is a region of its own and the brain
-    alone would otherwise be taken for the head; JPEG noise, burnt-in text labels, specks and the
-    broken frame lines some scanners draw enclose little and do not enlarge the box. ~0.09 ms at 224 px.
-
-    Args:
-        gray: uint8 (H, W) slice.
-        threshold: grey level (0..255); pixels strictly above it after the blur are foreground.
-
-    Returns:
-        (y0, y1, x0, x1); the whole image (0, H, 0, W) if no pixel exceeds ``threshold``.
-    """
-    _require_gray(gray)
-    if not 0 <= threshold <= 255:
-        raise ValueError(f"threshold must be in 0..255, got {threshold}")
-    _, mask = cv2.threshold(cv2.GaussianBlur(gray, (3, 3), 0), threshold, 255, cv2.THRESH_BINARY)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return 0, gray.shape[0], 0, gray.shape[1]
-    # A one-pixel region has zero contour area; ties then go to the region with more outline points.
-    head = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
-    x, y, w, h = cv2.boundingRect(head)
-    return y, y + h, x, x + w
 
 
 def crop_to_head(gray: np.ndarray, threshold: int) -> np.ndarray:
@@ -104,7 +69,7 @@ def pad_to_square(gray: np.ndarray) -> np.ndarray:
     Args:
         gray: uint8 (H, W) image.
     """
-    _require_gray(gray)
+    require_gray(gray)
     height, width = gray.shape
     if height == width:
         return gray
@@ -122,7 +87,7 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
         gray: uint8 (H, W) image.
         size: output side in pixels (>= 1).
     """
-    _require_gray(gray)
+    require_gray(gray)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     if gray.shape == (size, size):
@@ -145,7 +110,7 @@ def apply_clahe(gray: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarr
         clip_limit: histogram clip limit, relative to a flat histogram; 0 returns ``gray`` unchanged.
         tile_grid: the image is split into tile_grid x tile_grid tiles (>= 1).
     """
-    _require_gray(gray)
+    require_gray(gray)
     if clip_limit < 0:
         raise ValueError(f"clip_limit must be >= 0 (0 disables CLAHE), got {clip_limit}")
     if tile_grid < 1:
@@ -164,7 +129,7 @@ def unsharp_mask(gray: np.ndarray, sigma: float, amount: float) -> np.ndarray:
             for that sigma (7x7 at sigma 1).
         amount: how much of the detail (img - blur) to add back; 0 returns ``gray`` unchanged.
     """
-    _require_gray(gray)
+    require_gray(gray)
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     if amount < 0:
@@ -190,7 +155,7 @@ def preprocess_slice(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
     Returns:
         A new uint8 (S, S) array, S = ``params.image_size``.
     """
-    _require_gray(gray)
+    require_gray(gray)
     image = crop_to_head(gray, params.head_threshold) if params.crop_to_head else gray
     image = pad_to_square(image)
     image = apply_clahe(image, params.clahe_clip_limit, params.clahe_tile_grid)

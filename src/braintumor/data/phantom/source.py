@@ -53,7 +53,7 @@ import numpy as np
 
 from braintumor.core.config import CLASS_NAMES, PhantomDuplicates, PhantomSource
 from braintumor.core.imageio import to_grayscale
-from braintumor.preprocess.slices import head_bbox
+from braintumor.data.head import head_bbox
 
 # Nickparvar's folder names and file-name codes for the canonical labels.
 CLASS_FOLDERS: dict[str, str] = {

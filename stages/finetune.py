@@ -17,7 +17,8 @@ from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
-from braintumor.model.train import configure_runtime, finetune_phase, load_training_data, save_phase, test_scores, summary_metrics
+from braintumor.split.load import load_training_data
+from braintumor.model.train import configure_runtime, finetune_phase, save_phase, test_scores, summary_metrics
 
 
 def main() -> dict:

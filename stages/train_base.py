@@ -13,7 +13,8 @@ from braintumor.core.logs import setup_logging
 from braintumor.model.backbones import build_model, freeze_backbone
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
-from braintumor.model.train import configure_runtime, load_training_data, model_card, save_phase, test_scores, summary_metrics, train_base_phase
+from braintumor.split.load import load_training_data
+from braintumor.model.train import configure_runtime, model_card, save_phase, test_scores, summary_metrics, train_base_phase
 from braintumor.model.weights import resolve_weights
 
 

@@ -280,9 +280,9 @@ def test_model_metrics_has_the_metrics_json_layout():
 
 
 def test_flat_metrics_are_dotted_with_interval_bounds_and_skip_none():
-    flat = flat_metrics({"finetuned": {"accuracy": 0.7, "accuracy_ci95": [0.6, 0.8], "roc_auc_macro": None,
+    flat = flat_metrics({"finetuned": {"accuracy": 0.7, "accuracy_ci95": {"low": 0.6, "high": 0.8}, "roc_auc_macro": None,
                                        "per_class": {"glioma": {"f1": 0.5}}}})
-    assert flat == {"finetuned.accuracy": 0.7, "finetuned.accuracy_ci95_low": 0.6, "finetuned.accuracy_ci95_high": 0.8,
+    assert flat == {"finetuned.accuracy": 0.7, "finetuned.accuracy_ci95.low": 0.6, "finetuned.accuracy_ci95.high": 0.8,
                     "finetuned.per_class.glioma.f1": 0.5}
 
 

@@ -31,13 +31,13 @@ from braintumor.explain.gradcam import (
     spearman_per_image,
     ssim_per_image,
 )
+from braintumor.core.atomic import write_folder
 from braintumor.explain.report import (
     Example,
     render_report_html,
     report_items,
     sample_positions,
     select_examples,
-    write_folder,
 )
 from braintumor.explain.localisation import (
     centre_prior,
@@ -555,7 +555,7 @@ def test_stage_finds_masks_only_for_sources_that_have_them(tmp_path):
     from braintumor.core.config import parse_params, read_yaml
     from braintumor.core.paths import ProjectPaths
     from conftest import REPO
-    from stages.gradcam import load_test_masks
+    from braintumor.explain.run import load_test_masks, mask_sources
 
     raw = read_yaml((REPO / "params.yaml").read_text())
     raw["download"]["use"] = ["local_nickparvar", "phantom"]
@@ -573,9 +573,17 @@ def test_stage_finds_masks_only_for_sources_that_have_them(tmp_path):
     pd.DataFrame({"row": [0, 1], "id": ids, "source": ["local_nickparvar", "phantom"]}).to_csv(paths.images_index)
     pd.DataFrame({"id": ids, "path": ["data/raw/local_nickparvar/images/Testing/glioma/x.jpg",
                                       "data/raw/phantom/images/Testing/meningioma/a.png"]}).to_csv(paths.manifest)
-    masks = load_test_masks(paths, params, np.array([0, 1]))
+
+    def test_masks(params, rows):
+        return load_test_masks(np.array(rows), pd.read_csv(paths.images_index, keep_default_na=False),
+                               pd.read_csv(paths.manifest, keep_default_na=False), paths.root,
+                               mask_sources(params.download, paths.raw_source), params.preprocess)
+
+    assert mask_sources(params.download, paths.raw_source) == {"phantom": folder}
+    masks = test_masks(params, [0, 1])
     assert masks.shape == (2, 32, 32) and not masks[0].any()
     assert np.array_equal(masks[1], preprocess_mask(mask, image, params.preprocess))
-    assert load_test_masks(paths, params, np.array([0])) is None  # no test image from the phantom
+    assert test_masks(params, [0]) is None  # no test image from the phantom
     raw["download"]["use"] = ["local_nickparvar"]
-    assert load_test_masks(paths, parse_params(raw), np.array([0])) is None
+    assert mask_sources(parse_params(raw).download, paths.raw_source) == {}
+    assert test_masks(parse_params(raw), [0]) is None

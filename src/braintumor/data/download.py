@@ -17,10 +17,10 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from braintumor.core import atomic
 from braintumor.core.config import KaggleSource, LocalSource, PhantomSource, Source
 
 
@@ -79,10 +79,7 @@ def fetch_source(name: str, source: Source, dest: Path, project_root: Path) -> d
         dest: ``data/raw/<name>``.
         project_root: relative local paths are resolved against it.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with atomic.atomic_folder(dest) as staging:
         origin = _fetch_into(staging, source, project_root)
         count, checksum = file_list_checksum(staging / "images")
         if count == 0:
@@ -98,10 +95,6 @@ def fetch_source(name: str, source: Source, dest: Path, project_root: Path) -> d
             **origin,
         }
         (staging / "source.json").write_text(json.dumps(record, indent=2) + "\n")
-        _replace_folder(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return record
 
 
@@ -112,14 +105,3 @@ def check_class_root(staging: Path, subdir: str) -> str:
         top = sorted(p.name for p in (staging / "images").iterdir())
         raise FileNotFoundError(f"subdir {subdir!r} is not in the download; its top-level entries are {top}")
     return class_root.as_posix()
-
-
-def _replace_folder(new: Path, dest: Path) -> None:
-    # rename() cannot replace a non-empty folder, so move the old one aside first.
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        dest.rename(old)
-    new.rename(dest)
-    if old is not None:
-        shutil.rmtree(old)

@@ -198,17 +198,13 @@ def _low_high(interval) -> dict[str, float]:
 
 def flat_metrics(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     """``reports/metrics.json`` as MLflow metrics: dotted keys (``finetuned.per_class.glioma.f1``,
-    ``finetuned.accuracy_ci95.low``); a [low, high] list as ``<key>_low`` and ``<key>_high``. Values that
-    are None (an undefined ROC-AUC) are left out.
+    ``finetuned.accuracy_ci95.low``). Values that are None (an undefined ROC-AUC) are left out.
     """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(flat_metrics(value, name))
-        elif isinstance(value, (list, tuple)):
-            low, high = value
-            flat[f"{name}_low"], flat[f"{name}_high"] = float(low), float(high)
         elif value is not None:
             flat[name] = float(value)
     return flat

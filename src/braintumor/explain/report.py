@@ -9,11 +9,7 @@ model, the true label, and each model's prediction with its class probabilities.
 from __future__ import annotations
 
 import html
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -78,34 +74,6 @@ def encode_png(rgb_or_grey: np.ndarray) -> bytes:
     if not ok:
         raise ValueError(f"cannot encode an image of shape {rgb_or_grey.shape} dtype {rgb_or_grey.dtype} as PNG")
     return data.tobytes()
-
-
-def write_folder(folder: Path, files: dict[str, bytes]) -> None:
-    """Replace ``folder`` by one holding exactly ``files`` (name -> bytes), built beside it and renamed.
-
-    An interrupted run leaves either the old folder or the new one, never a half-written one.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        for name, data in files.items():
-            if Path(name).name != name:
-                raise ValueError(f"write_folder: {name!r} must be a plain file name")
-            (staging / name).write_bytes(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the report is an ordinary folder
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
-            os.replace(folder, old / folder.name)
-        os.replace(staging, folder)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 @dataclass

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from braintumor.model.augment import augment_images, is_identity
 from braintumor.core.config import AugmentParams
+from braintumor.split.load import SplitRows
 
 # Separate random streams derived from the user's seed, so the shuffle and the augmentation of
 # the same epoch never share random numbers.
@@ -145,3 +147,9 @@ def make_dataset(
     dataset = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def predict_split(model: keras.Model, images: np.ndarray, split: SplitRows, batch_size: int) -> np.ndarray:
+    """(n, k) float32 softmax outputs for a split's rows, in order, through the inference input pipeline."""
+    dataset = make_dataset(images, split.rows, split.labels, batch_size=batch_size, training=False, augment=None, seed=0)
+    return np.asarray(model.predict(dataset, verbose=0), np.float32)

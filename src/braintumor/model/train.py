@@ -20,7 +20,8 @@ import tensorflow as tf
 from braintumor.core import atomic
 from braintumor.model.augment import augment_images
 from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
-from braintumor.model.inputs import class_weights, make_dataset
+from braintumor.model.inputs import class_weights, make_dataset, predict_split
+from braintumor.split.load import SplitRows
 from braintumor.model.backbones import HEAD_POOL_LAYER, unfreeze_top
 from braintumor.model.weights import ResolvedWeights
 
@@ -173,40 +174,6 @@ def summary_metrics(result: dict, extra: dict | None = None) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class SplitRows:
-    rows: np.ndarray  # (R,) rows of images.npy
-    labels: np.ndarray  # (R,) class ids, indices into CLASS_NAMES
-
-
-def load_cached_images(images_npy: Path) -> np.ndarray:
-    """The preprocessed (N, S, S) uint8 array, memory-mapped; a clear error if it is missing."""
-    if not Path(images_npy).is_file():
-        raise FileNotFoundError(f"no preprocessed images at {images_npy}: run `dvc repro preprocess` first")
-    return np.load(images_npy, mmap_mode="r")
-
-
-def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
-    """Rows and class ids of each split from ``data/split/split.csv``; a clear error if it is missing."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(split_csv, keep_default_na=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no split at {split_csv}: run `dvc repro split` first") from None
-    ids = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted(set(table["label"]) - set(ids))
-    if unknown:
-        raise ValueError(f"{split_csv} has labels {unknown} outside {list(class_names)}")
-    result = {}
-    for split in ("train", "val", "test"):
-        part = table[table["split"] == split]
-        if part.empty:
-            raise ValueError(f"{split_csv} has no {split!r} rows")
-        result[split] = SplitRows(part["row"].to_numpy(np.int64), part["label"].map(ids).to_numpy(np.int32))
-    return result
-
-
 def _class_weight(labels: np.ndarray, enabled: bool) -> dict[int, float] | None:
     return class_weights(labels, len(CLASS_NAMES)) if enabled else None
 
@@ -288,12 +255,6 @@ def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path
     atomic.write_json(report_dir / "metrics.json", metrics)
 
 
-def predict_split(model: keras.Model, images: np.ndarray, split: SplitRows, batch_size: int) -> np.ndarray:
-    """(n, k) float32 softmax outputs for a split's rows, in order, through the inference input pipeline."""
-    dataset = make_dataset(images, split.rows, split.labels, batch_size=batch_size, training=False, augment=None, seed=0)
-    return np.asarray(model.predict(dataset, verbose=0), np.float32)
-
-
 def test_scores(model: keras.Model, images: np.ndarray, test: SplitRows, batch_size: int) -> dict[str, float]:
     """Accuracy and macro-F1 on the test split, for the stage's summary (the evaluate stage does the rest)."""
     from sklearn.metrics import f1_score
@@ -304,20 +265,3 @@ def test_scores(model: keras.Model, images: np.ndarray, test: SplitRows, batch_s
         "test_macro_f1": round(float(f1_score(test.labels, predicted, labels=range(len(CLASS_NAMES)),
                                               average="macro", zero_division=0)), 6),
     }
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    images: np.ndarray  # (N, S, S) uint8, memory-mapped
-    split: dict[str, SplitRows]
-    fingerprint: str  # of the split, from reports/data/split.json: tags the MLflow runs
-
-
-def load_training_data(paths) -> TrainingData:
-    """What both training stages read, with clear errors when an earlier stage has not run."""
-    import json
-
-    split = load_split(paths.split_csv, CLASS_NAMES)
-    images = load_cached_images(paths.images_npy)
-    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
-    return TrainingData(images, split, fingerprint)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +20,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from braintumor.core import atomic
 from braintumor.core.config import PreprocessParams
 from braintumor.core.imageio import UnreadableImageError, read_grayscale, require_gray
 from braintumor.data.head import head_bbox
@@ -277,20 +277,14 @@ def preprocess_to_array(
     workers = _resolve_workers(workers, params, count)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.unlink(missing_ok=True)
-    handle, array_path = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic.atomic_path(out_path) as array_path:
         # Creating the map writes the .npy header and sizes the (sparse) file; the map itself is
         # dropped at once, as the fillers open their own.
-        np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(count, size, size))
+        np.lib.format.open_memmap(str(array_path), mode="w+", dtype=np.uint8, shape=(count, size, size))
         if workers == 1:
-            _fill_serial(array_path, paths, params)
+            _fill_serial(str(array_path), paths, params)
         else:
-            _fill_parallel(array_path, paths, params, workers)
-        os.replace(array_path, out_path)
-    except BaseException:
-        Path(array_path).unlink(missing_ok=True)
-        raise
+            _fill_parallel(str(array_path), paths, params, workers)
     seconds = time.perf_counter() - started
     return {
         "images": count,

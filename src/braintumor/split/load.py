@@ -1,0 +1,60 @@
+"""Reading the split back: what the training, evaluate and gradcam stages load, with clear errors
+when an earlier stage has not run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from braintumor.core.config import CLASS_NAMES
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    rows: np.ndarray  # (R,) rows of images.npy
+    labels: np.ndarray  # (R,) class ids, indices into CLASS_NAMES
+
+
+def load_cached_images(images_npy: Path) -> np.ndarray:
+    """The preprocessed (N, S, S) uint8 array, memory-mapped; a clear error if it is missing."""
+    if not Path(images_npy).is_file():
+        raise FileNotFoundError(f"no preprocessed images at {images_npy}: run `dvc repro preprocess` first")
+    return np.load(images_npy, mmap_mode="r")
+
+
+def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
+    """Rows and class ids of each split from ``data/split/split.csv``; a clear error if it is missing."""
+    try:
+        table = pd.read_csv(split_csv, keep_default_na=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no split at {split_csv}: run `dvc repro split` first") from None
+    ids = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(table["label"]) - set(ids))
+    if unknown:
+        raise ValueError(f"{split_csv} has labels {unknown} outside {list(class_names)}")
+    result = {}
+    for split in ("train", "val", "test"):
+        part = table[table["split"] == split]
+        if part.empty:
+            raise ValueError(f"{split_csv} has no {split!r} rows")
+        result[split] = SplitRows(part["row"].to_numpy(np.int64), part["label"].map(ids).to_numpy(np.int32))
+    return result
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    images: np.ndarray  # (N, S, S) uint8, memory-mapped
+    split: dict[str, SplitRows]
+    fingerprint: str  # of the split, from reports/data/split.json: tags the MLflow runs
+
+
+def load_training_data(paths) -> TrainingData:
+    """What the training, evaluate and gradcam stages read, with clear errors when an earlier stage has not run."""
+    split = load_split(paths.split_csv, CLASS_NAMES)
+    images = load_cached_images(paths.images_npy)
+    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
+    return TrainingData(images, split, fingerprint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pydantic
 import pytest
 import yaml
 
@@ -35,8 +36,9 @@ def test_committed_params_load_and_describe_the_real_kaggle_run():
 
 def test_params_are_frozen():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="Instance is frozen"):
         params.split.seed = 1
+    assert params.split.seed == load_params(REPO / "params.yaml").split.seed
 
 
 def test_unknown_key_is_named(raw):

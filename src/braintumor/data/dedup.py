@@ -17,7 +17,7 @@ contrast, and a crop or a rotation moves every hash bit), so the method here is:
    above ``verify_similarity`` are duplicates.
 
 Exact duplicates (identical decoded pixels, whatever the file bytes) are found by hashing pixels.
-Duplicate pairs are joined into groups with a union-find.
+Duplicate pairs are joined into groups as connected components of the pair graph (scipy).
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""Duplicate search on tiny hand-made slices: a copy, a rotated copy, an adjacent slice, a different one.
+
+The slices are drawn with OpenCV (a 96 px head of two ellipses with a few blobs and two "ventricles"), so
+every relation is known: the rotated copy is the same pixels turned 5 degrees, the adjacent slice moves
+the ventricles 4 px (the next slice of one series), the different slice shares nothing.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from braintumor.core.config import NearDuplicateParams
+from braintumor.data.dedup import exact_pairs, find_duplicate_groups, fingerprint_image, group_ids, verify_pairs
+
+THRESHOLD = 12  # preprocess.head_threshold's default
+# Everything reaches verification (no shortlist cut: five images have no meaningful dataset mean), and
+# the related level sits between the adjacent slice (~0.93) and the different one (~0.67).
+PARAMS = NearDuplicateParams(shortlist_similarity=-1.0, verify_similarity=0.95, related_similarity=0.90)
+
+
+def head_slice(ventricle_shift: int = 0) -> np.ndarray:
+    img = np.zeros((96, 96), np.uint8)
+    cv2.ellipse(img, (48, 48), (34, 40), 0, 0, 360, 120, -1)
+    cv2.ellipse(img, (48, 48), (28, 34), 0, 0, 360, 170, -1)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        centre = tuple(int(v) for v in rng.integers(30, 66, 2))
+        cv2.circle(img, centre, int(rng.integers(3, 8)), int(rng.integers(40, 250)), -1)
+    cv2.ellipse(img, (40 + ventricle_shift, 44), (5, 10), 0, 0, 360, 60, -1)
+    cv2.ellipse(img, (56 - ventricle_shift, 44), (5, 10), 0, 0, 360, 60, -1)
+    return img
+
+
+def different_slice() -> np.ndarray:
+    img = np.zeros((96, 96), np.uint8)
+    cv2.ellipse(img, (48, 48), (40, 30), 0, 0, 360, 150, -1)
+    cv2.rectangle(img, (30, 40), (66, 56), 230, -1)
+    cv2.circle(img, (48, 30), 6, 40, -1)
+    return img
+
+
+@pytest.fixture(scope="module")
+def slices() -> list[np.ndarray]:
+    original = head_slice()
+    rotated = cv2.warpAffine(original, cv2.getRotationMatrix2D((48, 48), 5, 1.0), (96, 96))
+    return [original, original.copy(), rotated, head_slice(ventricle_shift=4), different_slice()]
+
+
+def test_exact_pairs_link_each_repeat_to_the_first_with_its_hash():
+    assert exact_pairs(["a", "b", "a", "c", "a", "b"]).tolist() == [[0, 2], [0, 4], [1, 5]]
+    assert exact_pairs(["a", "b"]).shape == (0, 2) and exact_pairs([]).dtype == np.int64
+
+
+def test_group_ids_are_connected_components_numbered_by_first_member():
+    # 0-3 and 3-4 join {0, 3, 4}; 2-1 joins {1, 2}; 5 is alone.
+    assert group_ids(6, np.array([[0, 3], [3, 4], [2, 1]])).tolist() == [0, 1, 1, 0, 0, 2]
+    assert group_ids(3, np.empty((0, 2), np.int64)).tolist() == [0, 1, 2]
+
+
+def test_fingerprint_ignores_the_file_encoding_of_identical_pixels(slices):
+    rgb = cv2.cvtColor(slices[0], cv2.COLOR_GRAY2BGR)
+    first, second = fingerprint_image(slices[0], THRESHOLD), fingerprint_image(rgb, THRESHOLD)
+    assert first.pixel_hash == second.pixel_hash
+    np.testing.assert_array_equal(first.canonical, second.canonical)
+
+
+def test_verification_scores_order_copy_rotation_adjacent_different(slices):
+    prints = [fingerprint_image(s, THRESHOLD) for s in slices]
+    heads, canonical = np.stack([p.head for p in prints]), np.stack([p.canonical for p in prints])
+    copy, rotated, adjacent, different = verify_pairs(heads, canonical, np.array([[0, 1], [0, 2], [0, 3], [0, 4]]),
+                                                      THRESHOLD, PARAMS.max_rotation_deg, PARAMS.rotation_step_deg)
+    assert copy == pytest.approx(1.0, abs=1e-5)
+    assert rotated >= 0.99  # the rotation search turns it back
+    assert 0.91 < adjacent < 0.95  # alike, but not a copy
+    assert different < 0.8
+
+
+def test_find_duplicate_groups_on_the_four_relations(slices):
+    search = find_duplicate_groups([fingerprint_image(s, THRESHOLD) for s in slices], THRESHOLD, PARAMS)
+    assert search.exact.tolist() == [[0, 1]]
+    assert {tuple(sorted(p)) for p in search.near.tolist()} == {(0, 2), (1, 2)}  # the rotated copy, of both
+    assert search.groups.tolist() == [0, 0, 0, 1, 2]  # copies of one slice: one kept later
+    assert search.related.tolist() == [0, 0, 0, 0, 1]  # the adjacent slice shares their split
+    assert search.shortlisted == 10  # every pair of five was verified
+
+
+def test_near_search_off_finds_only_exact_copies(slices):
+    off = PARAMS.model_copy(update={"enabled": False})
+    search = find_duplicate_groups([fingerprint_image(s, THRESHOLD) for s in slices], THRESHOLD, off)
+    assert search.groups.tolist() == search.related.tolist() == [0, 0, 1, 2, 3] and search.shortlisted == 0

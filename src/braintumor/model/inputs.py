@@ -18,6 +18,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
 
 from braintumor.model.augment import augment_images, is_identity
 from braintumor.core.config import AugmentParams
@@ -47,7 +48,8 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     missing = np.flatnonzero(counts == 0).tolist()
     if missing:
         raise ValueError(f"class_weights: class id(s) {missing} have no examples; their weight would be infinite")
-    return {c: float(labels.size / (num_classes * counts[c])) for c in range(num_classes)}
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)  # n / (k * count_c)
+    return {c: float(w) for c, w in enumerate(weights)}
 
 
 def _check_inputs(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, batch_size: int) -> None:

@@ -84,6 +84,23 @@ def test_mlflow_run_has_params_metrics_and_the_report(gradcam_repo):
     assert {"gradcam/index.html", "gradcam/sanity.json", "gradcam/overlays"} <= artifacts
 
 
+
+def test_a_model_that_fails_to_load_leaves_a_failed_run(built_pipeline, tmp_path, venv_env):
+    """The models load inside the stage's MLflow run, so a broken model file is recorded as FAILED."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    (repo / "models/base.keras").unlink()  # a DVC link into the cache: replace it, never write through it
+    (repo / "models/base.keras").write_bytes(b"not a keras file")
+    result = subprocess.run(["python", "stages/gradcam.py"], cwd=repo, env=venv_env, capture_output=True, text=True)
+    assert result.returncode != 0 and "base.keras" in result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("braintumor")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("stage") == "gradcam"]
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]  # newest first: this one, then the build's
+
 def test_report_opens_from_disk_in_a_headless_browser(gradcam_repo, tmp_path):
     if not Path(CHROMIUM).is_file():
         message = f"{CHROMIUM} not found (Debian package chromium; `make browser` installs it)"

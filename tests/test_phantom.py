@@ -14,10 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.data.phantom import source as phantom
 from braintumor.core.config import CLASS_NAMES, PhantomDuplicates, PhantomSource
-from braintumor.data.phantom.source import CLASS_FOLDERS, DUPLICATE_KINDS, SPLITS, generate_phantom_source
 from braintumor.data.head import head_bbox
+from braintumor.data.phantom import source as phantom
+from braintumor.data.phantom.copies import DUPLICATE_KINDS, make_copy
+from braintumor.data.phantom.source import CLASS_FOLDERS, SPLITS, generate_phantom_source
 
 SMALL = PhantomSource(kind="phantom", images_per_class=12, image_size=128, seed=3,
                       duplicates=PhantomDuplicates(**{kind: 2 for kind in DUPLICATE_KINDS}))
@@ -210,9 +211,9 @@ def test_render_slice_returns_a_uint8_image_and_a_bool_mask_from_its_generator_o
 def test_make_copy_rejects_an_unknown_kind_and_mismatched_sizes():
     image, mask = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
     with pytest.raises(ValueError, match="unknown duplicate kind 'sheared'"):
-        phantom.make_copy("sheared", image, mask, np.random.default_rng(0))
+        make_copy("sheared", image, mask, np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"image \(8, 8\) and mask \(4, 4\) differ"):
-        phantom.make_copy("flipped", image, mask[:4, :4], np.random.default_rng(0))
+        make_copy("flipped", image, mask[:4, :4], np.random.default_rng(0))
 
 
 def test_render_slice_rejects_an_unknown_label():

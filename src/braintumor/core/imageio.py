@@ -136,3 +136,16 @@ def require_gray(gray: np.ndarray) -> None:
         shape = getattr(gray, "shape", None)
         dtype = getattr(gray, "dtype", type(gray).__name__)
         raise ValueError(f"expected a non-empty 2-D uint8 image (H, W), got shape {shape} dtype {dtype}")
+
+
+def encode_image(image: np.ndarray, suffix: str, quality: int = 95) -> bytes:
+    """Encode an image as ``.jpg`` (at ``quality``) or ``.png`` bytes with OpenCV."""
+    if suffix == ".jpg":
+        ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    elif suffix == ".png":
+        ok, buffer = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    else:
+        raise ValueError(f"unsupported suffix {suffix!r}; allowed: '.jpg', '.png'")
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {image.shape} {image.dtype} image as {suffix}")
+    return buffer.tobytes()

@@ -33,12 +33,12 @@ def main() -> dict:
     log = setup_logging("evaluate")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    data = load_training_data(paths)
-    files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False),
-                        pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"]))
-    histories = {phase: json.loads((paths.reports / phase / "history.json").read_text()) for phase in PHASES}
-    with stage_run("evaluate", params.mlflow, paths.root, logged_params=flatten_params(params.evaluate, "evaluate"),
-                   tags={"data_fingerprint": data.fingerprint}) as run:
+    with stage_run("evaluate", params.mlflow, paths.root, logged_params=flatten_params(params.evaluate, "evaluate")) as run:
+        data = load_training_data(paths)
+        mlflow.set_tag("data_fingerprint", data.fingerprint)
+        files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False),
+                            pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"]))
+        histories = {phase: json.loads((paths.reports / phase / "history.json").read_text()) for phase in PHASES}
         result = evaluate_models({name: paths.models / f"{name}.keras" for name in MODELS}, data, files, histories,
                                  params.evaluate, paths.evaluate_reports)
         atomic.write_json(paths.calibration_json, result.calibration)

@@ -8,9 +8,9 @@ Outputs: models/finetuned.keras, models/finetuned.json (model card), reports/fin
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 
 import keras
+import mlflow
 
 import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
 from braintumor.core.config import load_params
@@ -18,18 +18,18 @@ from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
 from braintumor.split.load import load_training_data
-from braintumor.model.train import configure_runtime, finetune_phase, save_phase, test_scores, summary_metrics
+from braintumor.model.train import configure_runtime, finetune_card, finetune_phase, save_phase, summary_metrics, test_scores
 
 
 def main() -> dict:
     log = setup_logging("finetune")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    data = load_training_data(paths)
     logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
               **flatten_params(params.runtime, "runtime"), **flatten_params(params.finetune, "finetune")}
-    with stage_run("finetune", params.mlflow, paths.root, logged_params=logged,
-                   tags={"data_fingerprint": data.fingerprint}) as run:
+    with stage_run("finetune", params.mlflow, paths.root, logged_params=logged) as run:
+        data = load_training_data(paths)
+        mlflow.set_tag("data_fingerprint", data.fingerprint)
         runtime = configure_runtime(params.runtime)
         with runtime.strategy.scope():
             model = keras.saving.load_model(paths.models / "base.keras", safe_mode=True)
@@ -38,10 +38,8 @@ def main() -> dict:
             "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
             **test_scores(model, data.images, data.split["test"], params.finetune.batch_size),
         })
-        # The fine-tuned model inherits the base model's input contract (backbone, size, preprocessing).
-        card = {**json.loads((paths.models / "base.json").read_text()), "model_file": "finetuned.keras",
-                "mlflow_run_id": run.info.run_id, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "git_commit": git_commit(paths.root), "dvc_experiment": dvc_experiment_name()}
+        card = finetune_card(json.loads((paths.models / "base.json").read_text()), run.info.run_id,
+                             git_commit=git_commit(paths.root), dvc_experiment=dvc_experiment_name())
         save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune", card)
         version = log_phase(result["history"], metrics, paths.models / "finetuned.keras", card,
                             registered_model=params.mlflow.registered_model, model=model)

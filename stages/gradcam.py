@@ -27,12 +27,12 @@ def main() -> dict:
     log = setup_logging("gradcam")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    data = load_training_data(paths)
-    test = data.split["test"]
-    sources = mask_sources(params.download, paths.raw_source)
     logged = {**flatten_params(params.gradcam, "gradcam"), "download.use": ",".join(params.download.use)}
-    with stage_run("gradcam", params.mlflow, paths.root, logged_params=logged,
-                   tags={"data_fingerprint": data.fingerprint}) as run:
+    with stage_run("gradcam", params.mlflow, paths.root, logged_params=logged) as run:
+        data = load_training_data(paths)
+        mlflow.set_tag("data_fingerprint", data.fingerprint)
+        test = data.split["test"]
+        sources = mask_sources(params.download, paths.raw_source)
         masks = load_test_masks(test.rows, pd.read_csv(paths.images_index, keep_default_na=False),
                                 pd.read_csv(paths.manifest, keep_default_na=False), paths.root, sources,
                                 params.preprocess)

@@ -13,7 +13,7 @@ import json
 from braintumor.core import atomic
 from braintumor.core.config import PhantomSource, load_params
 from braintumor.core.logs import setup_logging
-from braintumor.data.merge import MANIFEST_COLUMNS, fetched_class_root, merge_report, merge_sources, planted_duplicate_recall
+from braintumor.data.merge import MANIFEST_COLUMNS, fetched_class_root, merge_json, merge_sources
 from braintumor.core.paths import ProjectPaths
 
 
@@ -33,17 +33,9 @@ def main() -> dict:
         near=params.merge.near_duplicates,
         workers=params.merge.workers,
     )
-    report = merge_report(manifest)
-    report["near_duplicate_search"] = {
-        "shortlisted_pairs": search.shortlisted,
-        "exact_pairs": int(len(search.exact)),
-        "near_duplicate_pairs": int(len(search.near)),
-        "related_pairs": int(len(search.related_pairs)),
-    }
-    for name in params.download.use:
-        if isinstance(params.download.sources[name], PhantomSource):
-            planted = json.loads((paths.raw_source(name) / "planted.json").read_text())
-            report.setdefault("planted", {})[name] = planted_duplicate_recall(manifest, name, planted)
+    planted = {name: json.loads((paths.raw_source(name) / "planted.json").read_text()) for name in params.download.use
+               if isinstance(params.download.sources[name], PhantomSource)}
+    report = merge_json(manifest, search, planted)
 
     atomic.write_csv(paths.manifest, manifest[MANIFEST_COLUMNS])
     atomic.write_csv(paths.data_reports / "quarantine.csv", manifest.loc[manifest["status"] == "quarantined", ["id", "path", "reason"]])

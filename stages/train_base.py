@@ -8,6 +8,8 @@ Outputs: models/base.keras, models/base.json (model card), reports/train_base/hi
 from __future__ import annotations
 
 
+import mlflow
+
 from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.model.backbones import build_model, freeze_backbone
@@ -22,12 +24,12 @@ def main() -> dict:
     log = setup_logging("train_base")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    data = load_training_data(paths)
     logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
               **flatten_params(params.runtime, "runtime"), **flatten_params(params.train_base, "train_base"),
               "preprocess.image_size": str(params.preprocess.image_size)}
-    with stage_run("train_base", params.mlflow, paths.root, logged_params=logged,
-                   tags={"data_fingerprint": data.fingerprint}) as run:
+    with stage_run("train_base", params.mlflow, paths.root, logged_params=logged) as run:
+        data = load_training_data(paths)
+        mlflow.set_tag("data_fingerprint", data.fingerprint)
         runtime = configure_runtime(params.runtime)
         weights = resolve_weights(params.model.backbone, params.model.weights, paths.main_root)
         log.info("backbone %s, weights %s (%s)", params.model.backbone, weights.path or "random", weights.source)

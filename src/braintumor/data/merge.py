@@ -292,6 +292,22 @@ def merge_report(manifest: pd.DataFrame) -> dict:
     return report
 
 
+def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[str, list[dict]]) -> dict:
+    """``reports/data/merge.json``: :func:`merge_report`, the duplicate search's pair counts, and for each
+    source with planted duplicates (``planted``: source name -> its ``planted.json`` records) their recall
+    (:func:`planted_duplicate_recall`)."""
+    report = merge_report(manifest)
+    report["near_duplicate_search"] = {
+        "shortlisted_pairs": search.shortlisted,
+        "exact_pairs": int(len(search.exact)),
+        "near_duplicate_pairs": int(len(search.near)),
+        "related_pairs": int(len(search.related_pairs)),
+    }
+    for name, records in planted.items():
+        report.setdefault("planted", {})[name] = planted_duplicate_recall(manifest, name, records)
+    return report
+
+
 MANIFEST_COLUMNS = [
     "id", "source", "path", "source_split", "folder", "label", "bytes", "height", "width", "channels",
     "file_sha256", "pixel_hash", "status", "reason", "group", "group_size", "duplicate_kind", "split_group", "kept", "drop_reason",

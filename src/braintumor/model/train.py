@@ -244,6 +244,16 @@ def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, g
     }
 
 
+def finetune_card(base_card: dict, run_id: str, *, git_commit: str | None, dvc_experiment: str | None) -> dict:
+    """The fine-tuned model's card: the base model's input contract (backbone, size, preprocessing,
+    class names, data) with this run's identity."""
+    from datetime import datetime, timezone
+
+    return {**base_card, "model_file": "finetuned.keras", "mlflow_run_id": run_id,
+            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit, "dvc_experiment": dvc_experiment}
+
+
 def save_phase(model: keras.Model, result: dict, metrics: dict, model_path: Path, report_dir: Path,
                card: dict) -> None:
     """The model (``.keras``) with its card (``.json`` beside it), per-epoch history and summary metrics,

@@ -1,17 +1,27 @@
-"""Running OpenCV work in several processes without oversubscribing or deadlocking.
+"""Worker pools: one function that maps a task over items in processes or threads, keeping order.
 
 N worker processes should each run OpenCV on one thread, so that they use N cores instead of
 fighting over them. The thread count must be set in the parent *before* forking: calling
 ``cv2.setNumThreads`` inside a forked child deadlocks when the parent had already run OpenCV's thread
 pool (the child inherits the pool's lock held by a thread that does not exist in the child).
+:func:`map_in_workers` does this for its processes. Processes are forked where the platform can (the
+workers share the imported modules and need no ``__main__`` guard), else spawned; a worker that dies
+raises ``BrokenProcessPool`` instead of hanging the parent. The first task that fails stops the
+handing out of the rest and its exception is raised in the caller.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+import multiprocessing
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
 import cv2
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -23,3 +33,52 @@ def single_threaded_opencv() -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(previous)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int, jobs: int) -> int:
+    """Workers for ``jobs`` tasks: ``workers`` (0 = one per available core), at most ``jobs``, at least 1.
+
+    Raises:
+        ValueError: if ``workers`` is negative.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
+    return max(1, min(workers or available_cores(), jobs))
+
+
+def map_in_workers(task: Callable[[T], R], items: Iterable[T], workers: int, *,
+                   kind: Literal["process", "thread"] = "process", chunksize: int = 1) -> list[R]:
+    """``[task(item) for item in items]``, computed by ``workers`` processes or threads.
+
+    Args:
+        task: a module-level function (processes pickle it by name).
+        items: its arguments, one per call; results come back in this order.
+        workers: pool size; 1 runs every call here, in order.
+        kind: ``"process"`` for CPU-bound work that holds the GIL, ``"thread"`` for work that
+            releases it (NumPy and OpenCV array operations) and so needs no process start-up.
+        chunksize: items sent to a process at a time (ignored by threads).
+    """
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1 or len(items) <= 1:
+        return [task(item) for item in items]
+    if kind == "process":
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool: Executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    elif kind == "thread":
+        pool = ThreadPoolExecutor(workers)
+    else:
+        raise ValueError(f"unknown worker kind {kind!r}; allowed: 'process', 'thread'")
+    # The processes are forked inside map(), so inside this block (see the module docstring).
+    with single_threaded_opencv() if kind == "process" else nullcontext():
+        try:
+            return list(pool.map(task, items, chunksize=chunksize))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

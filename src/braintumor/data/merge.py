@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,7 +19,7 @@ import pandas as pd
 
 from braintumor.core.config import NearDuplicateParams
 from braintumor.data.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
-from braintumor.core.parallel import single_threaded_opencv
+from braintumor.core.parallel import map_in_workers, resolve_workers
 from braintumor.core.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
 
 
@@ -139,12 +137,9 @@ def _inspect_worker(args: tuple[Path, int, float]) -> Inspection:
 
 def inspect_files(paths: Sequence[Path], head_threshold: int, max_colour_share: float, workers: int) -> list[Inspection]:
     """:func:`inspect_file` over many files, in ``workers`` processes (0 = one per core)."""
-    workers = workers or os.cpu_count() or 1
     jobs = [(p, head_threshold, max_colour_share) for p in paths]
-    if workers == 1 or len(jobs) < 64:
-        return [_inspect_worker(j) for j in jobs]
-    with single_threaded_opencv(), multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(_inspect_worker, jobs, chunksize=64)
+    workers = 1 if len(jobs) < 64 else resolve_workers(workers, len(jobs))  # a pool pays off from ~64 files
+    return map_in_workers(_inspect_worker, jobs, workers, chunksize=64)
 
 
 def build_manifest(files: Sequence[RawFile], labels: Sequence[str | None], inspections: Sequence[Inspection], root: Path) -> pd.DataFrame:

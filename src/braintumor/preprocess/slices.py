@@ -10,9 +10,6 @@ with its parameters as plain arguments, so the app and the tests call exactly wh
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,11 +21,11 @@ from braintumor.core import atomic
 from braintumor.core.config import PreprocessParams
 from braintumor.core.imageio import UnreadableImageError, read_grayscale, require_gray
 from braintumor.data.head import head_bbox
-from braintumor.core.parallel import single_threaded_opencv
+from braintumor.core.parallel import map_in_workers, resolve_workers, single_threaded_opencv
 
-# Rows a worker claims at a time. Small, so the slow tail (large images often sit together, one
-# source after another) is shared by all workers; claiming costs a lock, a few microseconds.
-_CLAIM_ROWS = 16
+# Rows a worker takes at a time. Small, so the slow tail (large images often sit together, one
+# source after another) is shared by all workers; handing out a chunk costs well under a millisecond.
+_CHUNK_ROWS = 16
 
 
 class PreprocessError(RuntimeError):
@@ -173,80 +170,33 @@ def preprocess_file(path: str | Path, params: PreprocessParams) -> np.ndarray:
 # --------------------------------------------------------------------------- the cache writer
 
 
-def _fill_rows(out: np.ndarray, paths: Sequence[str | Path], params: PreprocessParams, start: int, stop: int) -> None:
-    for i in range(start, stop):
-        try:
-            out[i] = preprocess_file(paths[i], params)
-        except UnreadableImageError as exc:
-            raise PreprocessError(paths[i], f"{exc.reason}: {exc}") from exc
-        except Exception as exc:
-            raise PreprocessError(paths[i], f"{type(exc).__name__}: {exc}") from exc
+def _fill_chunk(job: tuple[str, Sequence[str | Path], PreprocessParams, int]) -> None:
+    """Worker: preprocess ``paths`` into rows ``start..`` of the memory-mapped ``.npy`` at ``array_path``.
 
-
-def _fill_claimed_rows(array_path: str, paths: Sequence[str | Path], params: PreprocessParams,
-                       next_row, errors) -> None:
-    """Worker process: claim _CLAIM_ROWS rows at a time from the shared counter until none are left.
-
-    Rows go straight into the memory-mapped file, so no image travels back to the parent. The first
-    error is sent to the parent and ends the claiming for every worker.
+    Rows go straight into the shared map, so no image travels back to the parent. No flush (msync):
+    the rows are already in the page cache that the parent's os.replace publishes.
     """
+    array_path, paths, params, start = job
+    out = np.lib.format.open_memmap(array_path, mode="r+")
     try:
-        out = np.lib.format.open_memmap(array_path, mode="r+")
-        while True:
-            with next_row.get_lock():
-                start = next_row.value
-                next_row.value = start + _CLAIM_ROWS
-            if start >= len(paths):
-                break
-            _fill_rows(out, paths, params, start, min(start + _CLAIM_ROWS, len(paths)))
-        # No flush (msync): the map is shared, so the rows are already in the page cache that the
-        # parent's os.replace publishes; forcing them to disk would only add I/O waits.
-    except BaseException as exc:
-        with next_row.get_lock():
-            next_row.value = len(paths)
-        errors.put(exc if isinstance(exc, PreprocessError) else RuntimeError(f"worker failed: {exc!r}"))
-        sys.exit(1)
-
-
-def _resolve_workers(workers: int | None, params: PreprocessParams, count: int) -> int:
-    workers = params.workers if workers is None else workers
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
-    workers = workers or os.cpu_count() or 1
-    return max(1, min(workers, count))
-
-
-def _fill_serial(array_path: str, paths: Sequence[str | Path], params: PreprocessParams) -> None:
-    # The same single-threaded OpenCV a worker runs, so workers=1 is a fair baseline for workers=N.
-    with single_threaded_opencv():
-        out = np.lib.format.open_memmap(array_path, mode="r+")
-        _fill_rows(out, paths, params, 0, len(paths))
+        for i, path in enumerate(paths, start):
+            try:
+                out[i] = preprocess_file(path, params)
+            except UnreadableImageError as exc:
+                raise PreprocessError(path, f"{exc.reason}: {exc}") from exc
+            except Exception as exc:
+                raise PreprocessError(path, f"{type(exc).__name__}: {exc}") from exc
+    finally:
         del out  # unmap before os.replace (required on Windows)
 
 
-def _fill_parallel(array_path: str, paths: Sequence[str | Path], params: PreprocessParams, workers: int) -> None:
-    # No Pool: workers pull rows from a shared counter, so the parent only waits (it would otherwise
-    # take CPU from the workers to hand out tasks). fork shares the imported modules and the paths.
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    next_row, errors = context.Value("q", 0), context.SimpleQueue()
-    args = (array_path, list(paths), params, next_row, errors)
-    processes = [context.Process(target=_fill_claimed_rows, args=args, daemon=True) for _ in range(workers)]
-    try:
-        with single_threaded_opencv():  # inherited by the forked workers (see braintumor.core.parallel)
-            for process in processes:
-                process.start()
-        for process in processes:
-            process.join()
-    finally:  # on an interrupt in the parent, do not leave workers writing to a deleted file
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-                process.join()
-    if not errors.empty():
-        raise errors.get()
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"preprocessing worker(s) died with exit code(s) {failed}")
+def _fill(array_path: str, paths: Sequence[str | Path], params: PreprocessParams, workers: int) -> None:
+    # Chunks of _CHUNK_ROWS rows, each job carrying only its own paths. OpenCV runs on one thread in
+    # the serial case too, so that workers=1 is a fair baseline for workers=N.
+    paths = list(paths)
+    jobs = [(array_path, paths[i : i + _CHUNK_ROWS], params, i) for i in range(0, len(paths), _CHUNK_ROWS)]
+    with single_threaded_opencv():
+        map_in_workers(_fill_chunk, jobs, workers)
 
 
 def preprocess_to_array(
@@ -254,7 +204,7 @@ def preprocess_to_array(
 ) -> dict:
     """Preprocess every file into one (N, S, S) uint8 ``.npy``; row i is ``preprocess_file(paths[i])``.
 
-    The array is written through a memory map by worker processes, each claiming contiguous row ranges,
+    The array is written through a memory map by worker processes, each taking chunks of contiguous rows,
     into a temporary file next to ``out_path`` that is renamed to it only once complete. An existing
     ``out_path`` is deleted first, so an interrupted or failed run leaves neither a partial file nor a
     stale one that looks finished. Load the result with ``np.load(out_path, mmap_mode="r")``.
@@ -274,17 +224,14 @@ def preprocess_to_array(
     started = time.perf_counter()
     out_path = Path(out_path)
     count, size = len(paths), params.image_size
-    workers = _resolve_workers(workers, params, count)
+    workers = resolve_workers(params.workers if workers is None else workers, count)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.unlink(missing_ok=True)
     with atomic.atomic_path(out_path) as array_path:
         # Creating the map writes the .npy header and sizes the (sparse) file; the map itself is
         # dropped at once, as the fillers open their own.
         np.lib.format.open_memmap(str(array_path), mode="w+", dtype=np.uint8, shape=(count, size, size))
-        if workers == 1:
-            _fill_serial(str(array_path), paths, params)
-        else:
-            _fill_parallel(str(array_path), paths, params, workers)
+        _fill(str(array_path), paths, params, workers)
     seconds = time.perf_counter() - started
     return {
         "images": count,

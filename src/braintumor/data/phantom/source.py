@@ -34,8 +34,6 @@ The slice is drawn in :mod:`~braintumor.data.phantom.anatomy` (head, brain, slic
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import numpy as np
 
 from braintumor.core.config import CLASS_NAMES, PhantomSource
 from braintumor.core.imageio import encode_image
+from braintumor.core.parallel import available_cores, map_in_workers
 from braintumor.data.phantom.anatomy import (
     apply_acquisition,
     blend,
@@ -206,24 +205,18 @@ def _render_original(job: tuple[list[int], PlannedImage, int]) -> tuple[bytes, b
 
 def _worker_count(jobs: int) -> int:
     # A thread pool only pays off once there is enough work to share.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1 if jobs < 64 else min(cores, 8)
+    return 1 if jobs < 64 else min(available_cores(), 8)
 
 
 def render_originals(originals: list[PlannedImage], cfg: PhantomSource) -> list[tuple[bytes, bytes]]:
     """File bytes of every original and its mask, rendered by a few threads when there are many.
 
-    Threads, not processes: NumPy and OpenCV release the GIL inside their array operations, and a
-    thread pool needs neither a ``__main__`` guard in the caller (spawn) nor a fork of OpenCV's
-    thread pool, on which a child can hang. Each slice has its own seed, so the result does not
-    depend on the number of workers.
+    Threads, not processes: NumPy and OpenCV release the GIL inside their array operations, so
+    threads share the work without starting processes or sending images back. Each slice has its
+    own seed, so the result does not depend on the number of workers.
     """
     jobs = [(_seed_entropy(cfg.seed), plan, cfg.image_size) for plan in originals]
-    workers = _worker_count(len(jobs))
-    if workers == 1:
-        return [_render_original(job) for job in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_render_original, jobs))
+    return map_in_workers(_render_original, jobs, _worker_count(len(jobs)), kind="thread")
 
 
 def render_copy(

@@ -107,12 +107,11 @@ TINY_PIPELINE = {
 
 
 def set_params(repo: Path, overrides: dict) -> None:
-    import yaml
-
+    from braintumor.core.config import read_yaml, write_yaml
     from braintumor.demo import apply_overrides
 
     params = repo / "params.yaml"
-    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), overrides), sort_keys=False))
+    write_yaml(params, apply_overrides(read_yaml(params.read_text()), overrides))
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:

@@ -95,3 +95,16 @@ def test_bare_no_reads_as_a_folder_name_like_dvc_writes_it(tmp_path):
     text = (REPO / "params.yaml").read_text().replace('"no"', "no")
     (tmp_path / "params.yaml").write_text(text)
     assert load_params(tmp_path / "params.yaml").merge.folder_to_label()["no"] == "no_tumor"
+
+
+def test_dump_yaml_round_trips_under_yaml_1_2_and_1_1():
+    import yaml
+
+    from braintumor.core.config import dump_yaml, read_yaml
+
+    value = {"use": ["phantom"], "word": "no", "flag": True, "none": None, "rate": 1.5e-05, "n": 3, "empty": ""}
+    for flow in (False, True):
+        text = dump_yaml(value, flow=flow)
+        assert read_yaml(text) == value == yaml.safe_load(text)
+    assert dump_yaml(["phantom"], flow=True) == "[phantom]" and dump_yaml(0.5, flow=True) == "0.5"
+    assert dump_yaml("no", flow=True) == "'no'" and list(read_yaml(dump_yaml(value))) == list(value)

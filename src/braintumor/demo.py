@@ -19,9 +19,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from braintumor.core.config import Params, parse_params, read_yaml
+from braintumor.core.config import Params, dump_yaml, parse_params, read_yaml
 from braintumor.core.paths import ProjectPaths
 from braintumor.model.weights import WeightsUnavailableError, resolve_weights
 
@@ -54,9 +52,7 @@ def set_param_flags(overrides: dict[str, object]) -> list[str]:
     """``-S key=value`` flags for ``dvc exp run``, values in flow-style YAML (``[phantom]``, ``0.5``)."""
     flags = []
     for key, value in overrides.items():
-        rendered = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-        rendered = rendered.removesuffix("\n...").strip()
-        flags += ["-S", f"{key}={rendered}"]
+        flags += ["-S", f"{key}={dump_yaml(value, flow=True)}"]
     return flags
 
 

@@ -367,6 +367,31 @@ def read_yaml(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
 
+def dump_yaml(value: Any, *, flow: bool = False) -> str:
+    """YAML text of ``value`` that :func:`read_yaml` (YAML 1.2) and YAML 1.1 readers both read back equal.
+
+    Written by PyYAML's safe dumper: it quotes every scalar a YAML 1.1 reader would take for another
+    type (``'no'``, ``'on'``), which YAML 1.2 reads as the same string, whereas a YAML 1.2 writer
+    leaves them bare. Keys keep their order.
+
+    Args:
+        value: plain data (dicts, lists, strings, numbers, booleans, None).
+        flow: one line in flow style (``[phantom]``, ``{a: 1}``, ``0.5``), as ``dvc exp run -S
+            key=value`` takes it; otherwise block style, as params.yaml is written.
+    """
+    import yaml
+
+    if not flow:
+        return yaml.safe_dump(value, sort_keys=False)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").strip()  # a bare scalar ends its document with "..."
+
+
+def write_yaml(path: str | Path, value: Any) -> None:
+    """Write ``value`` to ``path`` as block-style YAML (:func:`dump_yaml`)."""
+    Path(path).write_text(dump_yaml(value))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file."""
     from ruamel.yaml import YAMLError

@@ -176,11 +176,13 @@ def fetch_registered_model(uri: str, tracking_uri: str, dest: Path) -> Path:
     from mlflow.models import Model
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    # The URI comes resolved from core.tracking.resolve_tracking_uri; it is passed, never set globally.
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = _registered_version(client, uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{REGISTRY_PREFIX}{version.name}/{version.version}",
-                                                          dst_path=str(dest / "download")))
+    # The version's own artifact URI, not models:/...: MLflow resolves those with the global registry URI.
+    source = client.get_model_version_download_uri(version.name, version.version)
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest / "download"),
+                                                          tracking_uri=tracking_uri))
     keras_files = sorted(downloaded.rglob("*.keras"))
     if len(keras_files) != 1:
         raise ModelLoadError(f"{uri!r}: expected one .keras file in the registered model, found {len(keras_files)}")

@@ -40,14 +40,14 @@ from typing import Any, Callable
 import keras
 import numpy as np
 from keras import layers, ops
+from keras.applications import imagenet_utils
 
 from braintumor.core.config import CLASS_NAMES, ModelParams
 from braintumor.model.weights import ResolvedWeights, resolve_weights
 
-# ImageNet channel statistics, RGB order (keras.applications.imagenet_utils).
+# ImageNet channel statistics, RGB order (keras.applications.imagenet_utils): EfficientNet's Normalization check.
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
 # The head's global pooling: where the backbone ends. Find it by this name, not by type: EfficientNet's
@@ -153,25 +153,19 @@ def last_conv_layer_name(params_or_backbone: ModelParams | Backbone | str) -> st
 
 
 def preprocess_rgb(rgb: Any, mode: str) -> Any:
-    """ImageNet preprocessing of RGB pixels in 0..255, as keras.applications' ``preprocess_input``.
+    """ImageNet preprocessing of RGB pixels in 0..255: keras.applications' ``preprocess_input``.
 
     Args:
         rgb: tensor (..., 3), RGB order, values 0..255.
         mode: "caffe" (BGR, minus channel means), "tf" (to [-1, 1]), "torch" (to [0, 1], then
             standardised per channel) or "none" (unchanged: the backbone rescales itself).
     """
+    if mode not in PREPROCESSING_MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; allowed: {list(PREPROCESSING_MODES)}")
     if mode == "none":
         return rgb
-    if mode == "tf":
-        return rgb / 127.5 - 1.0
-    if mode == "caffe":
-        bgr = ops.flip(rgb, axis=-1)
-        return bgr - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=rgb.dtype)
-    if mode == "torch":
-        mean = ops.convert_to_tensor(IMAGENET_MEAN_RGB, dtype=rgb.dtype)
-        std = ops.convert_to_tensor(IMAGENET_STD_RGB, dtype=rgb.dtype)
-        return (rgb / 255.0 - mean) / std
-    raise ValueError(f"unknown preprocessing mode {mode!r}; allowed: {list(PREPROCESSING_MODES)}")
+    # As a tensor: given a NumPy array, preprocess_input would scale the caller's array in place.
+    return imagenet_utils.preprocess_input(ops.convert_to_tensor(rgb), data_format="channels_last", mode=mode)
 
 
 @keras.saving.register_keras_serializable(package="braintumor")

@@ -8,10 +8,11 @@ model, the true label, and each model's prediction with its class probabilities.
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import cv2
+import jinja2
 import numpy as np
 
 from braintumor.explain.gradcam import overlay
@@ -136,100 +137,93 @@ figure img{display:block;width:200px;height:200px;image-rendering:auto}
 """
 
 
-def _probability_bars(probabilities: np.ndarray, class_names: tuple[str, ...], top: int) -> str:
-    bars = []
-    for index, (name, value) in enumerate(zip(class_names, probabilities)):
-        bars.append(
-            f'<div class="bar{" top" if index == top else ""}"><span class="name">{html.escape(name)}</span>'
-            f'<span class="track"><span class="fill" style="width:{100 * float(value):.1f}%"></span></span>'
-            f"<span>{float(value):.3f}</span></div>"
-        )
-    return "".join(bars)
-
-
-def _item_html(item: ReportItem, class_names: tuple[str, ...]) -> str:
-    truth = class_names[item.example.label]
-    figures = [f'<figure><img src="{OVERLAYS_FOLDER}/{html.escape(item.image_file)}" alt="slice {item.example.row}">'
-               f"slice (row {item.example.row})</figure>"]
-    predictions = []
-    for model, file in item.overlays.items():
-        probabilities = item.probabilities[model]
-        predicted = class_names[item.predicted[model]]
-        figures.append(f'<figure><img src="{OVERLAYS_FOLDER}/{html.escape(file)}" alt="{html.escape(model)} Grad-CAM">'
-                       f"{html.escape(model)}: Grad-CAM of {html.escape(predicted)}</figure>")
-        mark = "correct" if predicted == truth else "wrong"
-        predictions.append(f"<div><b>{html.escape(model)}</b>: {html.escape(predicted)} ({mark})"
-                           f"{_probability_bars(probabilities, class_names, item.predicted[model])}</div>")
-    status = "" if item.example.correct else " wrong"
-    return (f'<div class="item{status}">{"".join(figures)}<div class="pred">'
-            f"<div>true: <b>{html.escape(truth)}</b></div>"
-            f'{"".join(predictions)}</div></div>')
-
-
 def _number(value) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _sanity_html(sanity: dict) -> str:
-    parts = ["<h2>Sanity checks</h2>"]
-    randomisation = sanity["randomisation"]
-    verdict = "pass" if randomisation["passed"] else "fail"
-    parts.append(
-        "<h3>Model randomisation test (Adebayo et al., 2018)</h3>"
-        f'<p class="note">Grad-CAM maps of each trained model compared with those of the same model with its top '
-        f"layers re-initialised, for the same {randomisation['images']} test images and their true class. A map "
-        f"that reflects what the model learnt must change: low similarity is good (1 = unchanged). Pass: mean "
-        f"Spearman rank correlation below {randomisation['max_rank_correlation']}.</p>"
-        '<table class="sanity"><tr><th>model</th><th>re-initialised layers</th><th>Spearman rank correlation</th>'
-        "<th>SSIM</th><th>verdict</th></tr>"
-    )
-    for model, scores in randomisation["models"].items():
-        passed = "pass" if scores["passed"] else "fail"
-        parts.append(f"<tr><td>{html.escape(model)}</td><td>{scores['randomised_layers']} (from "
-                     f"<code>{html.escape(scores['first_randomised_layer'])}</code>)</td>"
-                     f"<td>{_number(scores['rank_correlation'])}</td><td>{_number(scores['ssim'])}</td>"
-                     f'<td class="verdict-{passed}">{passed}</td></tr>')
-    parts.append(f'</table><p>Overall: <span class="verdict-{verdict}">{verdict}</span></p>')
-    parts.append(_localisation_html(sanity["localisation"]))
-    return "".join(parts)
+# One page, autoescaped: every value below is text, only the constant CSS is marked safe.
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ css|safe }}</style></head><body>
+<h1>{{ title }}</h1>
+{%- for note in notes %}<p class="note">{{ note }}</p>{% endfor %}
+{%- set r = sanity["randomisation"] %}
+<h2>Sanity checks</h2>
+<h3>Model randomisation test (Adebayo et al., 2018)</h3>
+<p class="note">Grad-CAM maps of each trained model compared with those of the same model with its top
+layers re-initialised, for the same {{ r["images"] }} test images and their true class. A map
+that reflects what the model learnt must change: low similarity is good (1 = unchanged). Pass: mean
+Spearman rank correlation below {{ r["max_rank_correlation"] }}.</p>
+<table class="sanity"><tr><th>model</th><th>re-initialised layers</th><th>Spearman rank correlation</th><th>SSIM</th><th>verdict</th></tr>
+{%- for model, s in r["models"].items() %}
+{%- set verdict = "pass" if s["passed"] else "fail" %}
+<tr><td>{{ model }}</td><td>{{ s["randomised_layers"] }} (from <code>{{ s["first_randomised_layer"] }}</code>)</td>
+<td>{{ s["rank_correlation"]|number }}</td><td>{{ s["ssim"]|number }}</td><td class="verdict-{{ verdict }}">{{ verdict }}</td></tr>
+{%- endfor %}
+</table>
+{%- set verdict = "pass" if r["passed"] else "fail" %}
+<p>Overall: <span class="verdict-{{ verdict }}">{{ verdict }}</span></p>
+{%- set loc = sanity["localisation"] %}
+<h3>Localisation on known tumor masks</h3>
+{%- if not loc["applicable"] %}
+<p class="note">Not applicable: {{ loc["reason"] }}</p>
+{%- else %}
+{%- set tol = "%g"|format(loc["tolerance_px"]) %}
+<p class="note">On {{ loc["images"] }} test images with a tumor mask (sources: {{ loc["sources"]|join(", ") }}),
+Grad-CAM of the true class. <b>Pointing game</b>: share of maps whose peak lies inside the mask (and within
+{{ tol }} px of it, the usual tolerance for coarse maps). <b>Energy inside</b>: share of the map's mass inside
+the mask. <b>Chance</b>: what a map that knows nothing scores (the mask's share of the image). <b>Centre
+prior</b>: a fixed Gaussian at the image centre, which knows only that tumors tend to sit near the middle.</p>
+<table class="sanity"><tr><th>model / class</th><th>images</th><th>pointing game</th><th>within {{ tol }} px</th>
+<th>energy inside</th><th>chance (pointing, energy)</th><th>chance within {{ tol }} px</th>
+<th>centre prior pointing</th><th>centre prior energy</th></tr>
+{%- for model, groups in loc["models"].items() %}{% for group, s in groups.items() %}
+<tr><td>{{ model }} / {{ group }}</td><td>{{ s["images"] }}</td>
+<td>{{ s["pointing_game"]|number }}</td><td>{{ s["pointing_game_tolerant"]|number }}</td>
+<td>{{ s["energy_inside"]|number }}</td><td>{{ s["chance"]|number }}</td><td>{{ s["chance_tolerant"]|number }}</td>
+<td>{{ s["centre_prior_pointing_game"]|number }}</td><td>{{ s["centre_prior_energy_inside"]|number }}</td></tr>
+{%- endfor %}{% endfor %}
+</table>
+{%- endif %}
+{%- for name, group in groups_by_class %}
+{%- set correct = group|selectattr("example.correct")|list|length %}
+<h2>True class: {{ name }} ({{ correct }} correct, {{ group|length - correct }} misclassified by the fine-tuned model)</h2>
+{%- for item in group %}
+{%- set truth = class_names[item.example.label] %}
+<div class="item{{ "" if item.example.correct else " wrong" }}">
+<figure><img src="{{ folder }}/{{ item.image_file }}" alt="slice {{ item.example.row }}">slice (row {{ item.example.row }})</figure>
+{%- for model, file in item.overlays.items() %}
+<figure><img src="{{ folder }}/{{ file }}" alt="{{ model }} Grad-CAM">{{ model }}: Grad-CAM of {{ class_names[item.predicted[model]] }}</figure>
+{%- endfor %}
+<div class="pred"><div>true: <b>{{ truth }}</b></div>
+{%- for model in item.overlays %}
+{%- set top = item.predicted[model] %}
+<div><b>{{ model }}</b>: {{ class_names[top] }} ({{ "correct" if class_names[top] == truth else "wrong" }})
+{%- for value in item.probabilities[model] -%}
+<div class="bar{{ " top" if loop.index0 == top else "" }}"><span class="name">{{ class_names[loop.index0] }}</span><span class="track"><span class="fill" style="width:{{ "%.1f"|format(100 * value) }}%"></span></span><span>{{ "%.3f"|format(value) }}</span></div>
+{%- endfor %}</div>
+{%- endfor %}</div></div>
+{%- else %}
+<p class="note">No test images.</p>
+{%- endfor %}
+{%- endfor %}
+</body></html>
+"""
 
 
-def _localisation_html(localisation: dict) -> str:
-    parts = ["<h3>Localisation on known tumor masks</h3>"]
-    if not localisation["applicable"]:
-        parts.append(f'<p class="note">Not applicable: {html.escape(localisation["reason"])}</p>')
-        return "".join(parts)
-    tolerance = localisation["tolerance_px"]
-    parts.append(
-        f'<p class="note">On {localisation["images"]} test images with a tumor mask (sources: '
-        f'{html.escape(", ".join(localisation["sources"]))}), Grad-CAM of the true class. '
-        "<b>Pointing game</b>: share of maps "
-        f"whose peak lies inside the mask (and within {tolerance:g} px of it, the usual tolerance for coarse maps). "
-        "<b>Energy inside</b>: share of the map's mass inside the mask. <b>Chance</b>: what a map that knows "
-        "nothing scores (the mask's share of the image). <b>Centre prior</b>: a fixed Gaussian at the image "
-        "centre, which knows only that tumors tend to sit near the middle.</p>"
-        '<table class="sanity"><tr><th>model / class</th><th>images</th><th>pointing game</th>'
-        f"<th>within {tolerance:g} px</th><th>energy inside</th><th>chance (pointing, energy)</th>"
-        f"<th>chance within {tolerance:g} px</th><th>centre prior pointing</th><th>centre prior energy</th></tr>"
-    )
-    for model, groups in localisation["models"].items():
-        for group, scores in groups.items():
-            parts.append(
-                f"<tr><td>{html.escape(model)} / {html.escape(group)}</td><td>{scores['images']}</td>"
-                f"<td>{_number(scores['pointing_game'])}</td><td>{_number(scores['pointing_game_tolerant'])}</td>"
-                f"<td>{_number(scores['energy_inside'])}</td><td>{_number(scores['chance'])}</td>"
-                f"<td>{_number(scores['chance_tolerant'])}</td><td>{_number(scores['centre_prior_pointing_game'])}</td>"
-                f"<td>{_number(scores['centre_prior_energy_inside'])}</td></tr>"
-            )
-    parts.append("</table>")
-    return "".join(parts)
+@lru_cache(maxsize=1)
+def _page_template() -> jinja2.Template:
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    environment.filters["number"] = _number
+    return environment.from_string(_PAGE)
 
 
 def render_report_html(items: list[ReportItem], sanity: dict, class_names: tuple[str, ...], title: str,
                        notes: list[str]) -> str:
     """The whole page as one string: inline CSS, images by relative path, no script, no external URL.
+
+    Rendered by Jinja2 with autoescaping, so names, notes and layer names are always shown as text.
 
     Args:
         items: the images, in display order (grouped by class by :func:`select_examples`).
@@ -238,13 +232,11 @@ def render_report_html(items: list[ReportItem], sanity: dict, class_names: tuple
         title: the page title.
         notes: short paragraphs shown under the title (layer, calibration, counts).
     """
-    body = [f"<h1>{html.escape(title)}</h1>"] + [f'<p class="note">{html.escape(note)}</p>' for note in notes]
-    body.append(_sanity_html(sanity))
-    for label, name in enumerate(class_names):
-        group = [item for item in items if item.example.label == label]
-        correct = sum(item.example.correct for item in group)
-        body.append(f"<h2>True class: {html.escape(name)} ({correct} correct, {len(group) - correct} misclassified "
-                    f"by the fine-tuned model)</h2>")
-        body += [_item_html(item, class_names) for item in group] or ['<p class="note">No test images.</p>']
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    # Probabilities as Python floats, which the page formats with "%.3f".
+    shown = [ReportItem(item.example, item.image_file, item.overlays, item.predicted,
+                        {model: [float(v) for v in values] for model, values in item.probabilities.items()})
+             for item in items]
+    groups_by_class = [(name, [item for item in shown if item.example.label == label])
+                       for label, name in enumerate(class_names)]
+    return _page_template().render(title=title, css=_CSS, notes=notes, sanity=sanity, class_names=class_names,
+                                   groups_by_class=groups_by_class, folder=OVERLAYS_FOLDER)

@@ -16,7 +16,7 @@ import braintumor.model.backbones  # noqa: F401  registers the custom layers for
 from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
-from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
+from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.split.load import load_training_data
 from braintumor.model.train import configure_runtime, finetune_card, finetune_phase, save_phase, summary_metrics, test_scores
 
@@ -25,8 +25,7 @@ def main() -> dict:
     log = setup_logging("finetune")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
-              **flatten_params(params.runtime, "runtime"), **flatten_params(params.finetune, "finetune")}
+    logged = flatten_sections(params, "model", "augment", "runtime", "finetune")
     with stage_run("finetune", params.mlflow, paths.root, logged_params=logged) as run:
         data = load_training_data(paths)
         mlflow.set_tag("data_fingerprint", data.fingerprint)

@@ -14,7 +14,7 @@ from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.model.backbones import build_model, freeze_backbone
 from braintumor.core.paths import ProjectPaths
-from braintumor.core.tracking import dvc_experiment_name, flatten_params, git_commit, log_phase, stage_run
+from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.split.load import load_training_data
 from braintumor.model.train import configure_runtime, model_card, save_phase, test_scores, summary_metrics, train_base_phase
 from braintumor.model.weights import resolve_weights
@@ -24,8 +24,7 @@ def main() -> dict:
     log = setup_logging("train_base")
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
-    logged = {**flatten_params(params.model, "model"), **flatten_params(params.augment, "augment"),
-              **flatten_params(params.runtime, "runtime"), **flatten_params(params.train_base, "train_base"),
+    logged = {**flatten_sections(params, "model", "augment", "runtime", "train_base"),
               "preprocess.image_size": str(params.preprocess.image_size)}
     with stage_run("train_base", params.mlflow, paths.root, logged_params=logged) as run:
         data = load_training_data(paths)

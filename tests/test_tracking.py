@@ -94,6 +94,17 @@ def test_flatten_params_gives_dotted_keys_and_json_values():
     }
 
 
+def test_flatten_sections_joins_the_named_sections_in_order():
+    from braintumor.core.config import load_params
+    from braintumor.core.tracking import flatten_sections
+    from conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    joined = flatten_sections(params, "model", "runtime")
+    assert joined == {**flatten_params(params.model, "model"), **flatten_params(params.runtime, "runtime")}
+    assert list(joined)[0].startswith("model.") and list(joined)[-1].startswith("runtime.")
+
+
 def test_flatten_params_truncates_long_values_and_refuses_bad_keys():
     value = flatten_params({"v": "x" * 7000}, "p")["p.v"]
     assert len(value) == MAX_PARAM_VALUE_LENGTH and value.endswith("...[truncated from 7000 chars]")

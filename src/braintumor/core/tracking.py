@@ -287,6 +287,11 @@ def flatten_params(section: BaseModel | Mapping[str, Any], prefix: str) -> dict[
     return out
 
 
+def flatten_sections(params: BaseModel, *sections: str) -> dict[str, str]:
+    """:func:`flatten_params` of several top-level sections of ``params``, each under its own name."""
+    return {key: value for name in sections for key, value in flatten_params(getattr(params, name), name).items()}
+
+
 # --------------------------------------------------------------------------- the run
 
 

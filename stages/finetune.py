@@ -35,6 +35,7 @@ def main() -> dict:
             result = finetune_phase(model, data.images, data.split, params.finetune, params.augment, runtime, params.runtime.seed)
         metrics = summary_metrics(result, {
             "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
+            "activation_cache_seconds": result.get("activation_cache_seconds", 0.0),
             **test_scores(model, data.images, data.split["test"], params.finetune.batch_size),
         })
         card = finetune_card(json.loads((paths.models / "base.json").read_text()), run.info.run_id,

@@ -1,4 +1,5 @@
-"""tf.data input pipeline over the memory-mapped image cache ``data/processed/images.npy``.
+"""tf.data input pipeline over the memory-mapped image cache ``data/processed/images.npy``, and over
+the fine-tuning stage's activation cache (the frozen backbone's outputs, float16, also memory-mapped).
 
 The cache is one (N, S, S) uint8 array; a split is a list of its row indices. Batches are gathered
 from the memmap with NumPy (one fancy-indexing read per batch, never the whole array: 100,000
@@ -52,11 +53,16 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     return {c: float(w) for c, w in enumerate(weights)}
 
 
+def is_image_cache(array: np.ndarray) -> bool:
+    """An (N, S, S) uint8 cache of grey slices (not an activation cache)."""
+    return array.ndim == 3 and array.shape[1] == array.shape[2] and array.dtype == np.uint8
+
+
 def _check_inputs(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
     """Raise ValueError naming the first bad argument of :func:`make_dataset`."""
-    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
-        raise ValueError(f"make_dataset: images must be an (N, S, S) uint8 array, got shape "
-                         f"{images.shape} dtype {images.dtype}")
+    if not (is_image_cache(images) or (images.ndim >= 2 and np.issubdtype(images.dtype, np.floating))):
+        raise ValueError(f"make_dataset: images must be an (N, S, S) uint8 image cache or an (N, ...) float "
+                         f"activation cache, got shape {images.shape} dtype {images.dtype}")
     if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"make_dataset: rows must be a non-empty 1-D integer array, got shape "
                          f"{rows.shape} dtype {rows.dtype}")
@@ -94,7 +100,7 @@ def _epoch_counter() -> tf.data.Dataset:
 
 
 def _row_reader(images: np.ndarray):
-    """A function rows (B,) int64 -> (B, S, S) uint8 copy of those rows, read from ``images``."""
+    """A function rows (B,) int64 -> (B, ...) copy of those rows, read from ``images``."""
 
     def read(rows: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(images[rows])  # one read per batch; a memmap pages in only these rows
@@ -114,12 +120,17 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Batches (x (B, S, S, 1) float32 in 0..255, y (B,) int32) of one split of the image cache.
 
+    An activation cache (N, h, w, c) float16 gives x (B, h, w, c) float32, shuffled the same way and
+    never augmented (its augmented copies were made before the frozen layers, see
+    :func:`braintumor.model.train.cache_outputs`).
+
     Training: reshuffled every pass (epoch), augmented when ``augment`` is given. Evaluation
     (``training=False``): the rows in the given order, never augmented. Every row appears exactly
     once per pass; the last batch may be smaller. Prefetched.
 
     Args:
-        images: (N, S, S) uint8 cache, typically ``np.load(path, mmap_mode="r")``.
+        images: (N, S, S) uint8 cache, typically ``np.load(path, mmap_mode="r")``, or an (N, ...) float
+            activation cache.
         rows: (n,) row indices of this split into ``images``.
         labels: (n,) integer class ids aligned with ``rows``.
         batch_size: images per batch.
@@ -129,18 +140,22 @@ def make_dataset(
     """
     rows, labels = np.asarray(rows), np.asarray(labels)
     _check_inputs(images, rows, labels, batch_size)
-    size = images.shape[1]
+    image_cache = is_image_cache(images)
+    item_shape = [images.shape[1], images.shape[2], 1] if image_cache else list(images.shape[1:])
     if training:
         indices = _epoch_counter().flat_map(lambda epoch: _epoch_batches(epoch, len(rows), batch_size, seed))
     else:
         indices = _epoch_batches(tf.constant(0, tf.int64), len(rows), batch_size, seed=None)
     rows_t, labels_t = tf.constant(rows, tf.int64), tf.constant(labels, tf.int32)
     read_rows = _row_reader(images)
+    if augment is not None and training and not image_cache and not is_identity(augment):
+        raise ValueError("make_dataset: an activation cache cannot be augmented; augment the images before caching")
     augment = augment if training and augment is not None and not is_identity(augment) else None
+    stored = tf.as_dtype(images.dtype)
 
     def load(epoch: tf.Tensor, index: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        pixels = tf.numpy_function(read_rows, [tf.gather(rows_t, positions)], tf.uint8, stateful=False)
-        x = tf.cast(tf.reshape(pixels, [-1, size, size, 1]), tf.float32)  # (B, S, S, 1) 0..255
+        values = tf.numpy_function(read_rows, [tf.gather(rows_t, positions)], stored, stateful=False)
+        x = tf.cast(tf.reshape(values, [-1, *item_shape]), tf.float32)  # (B, S, S, 1) 0..255, or activations
         if augment is not None:
             batch_seed = tf.random.experimental.stateless_fold_in(_stream_seed(seed, _AUGMENT_STREAM, epoch), index)
             x = augment_images(x, augment, batch_seed)

@@ -1,14 +1,20 @@
-"""Training: runtime set-up, the feature cache for the frozen-backbone phase, fitting with callbacks.
+"""Training: runtime set-up, the feature and activation caches, fitting with callbacks.
 
 The base phase trains only the head on top of a frozen backbone run in inference mode. Since the
-frozen backbone maps an image to the same features every epoch, :func:`cache_features` runs it once
-per image (and once per augmented copy) and the head is trained on the cached features; the head's
-layers are the model's own, so the saved model is still one ordinary Keras model.
+frozen backbone maps an image to the same features every epoch, :func:`cache_outputs` runs it once
+per image (and once per augmented copy) and the head is trained on the cached features.
+
+Fine-tuning does the same one level down: the backbone below the unfreeze point is frozen too, so
+its output (an activation map, e.g. (14, 14, 728) for Xception's exit flow at 224 px) is cached once,
+as float16 in a memory-mapped file, and the epochs run only the unfrozen top and the head on it.
+In both cases the trained sub-model shares the full model's layer objects, so the saved model is
+still one ordinary Keras model (backbone + head) that the app and Grad-CAM load unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +28,7 @@ from braintumor.model.augment import augment_images
 from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
 from braintumor.model.inputs import class_weights, make_dataset, predict_split
 from braintumor.split.load import SplitRows
-from braintumor.model.backbones import HEAD_POOL_LAYER, unfreeze_top
+from braintumor.model.backbones import unfreeze_top
 from braintumor.model.weights import ResolvedWeights
 
 log = logging.getLogger("braintumor.model.train")
@@ -58,23 +64,35 @@ def configure_runtime(params: RuntimeParams) -> Runtime:
     return Runtime(strategy, _resolve(params.xla, gpus > 0), precision, gpus)
 
 
-def split_at_pooling(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """(features, head): the model up to its global pooling, and a model of the layers after it.
+def split_at_frozen(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
+    """(bottom, top): the frozen layers below the first trainable one, and a model of the rest.
 
-    The head model reuses the full model's layer objects, so training it trains the full model.
+    The cut is the latest single tensor that alone feeds every layer above it (in a residual
+    network, a block's output, not a tensor inside the block). ``top`` reuses the model's layer
+    objects, so training it trains the model. None when nothing frozen sits below the first
+    trainable layer (the whole backbone unfrozen): there is nothing to cache.
     """
-    # By name: EfficientNet and MobileNetV3 have pooling layers of their own inside the backbone.
-    pooling = [layer.name for layer in model.layers].index(HEAD_POOL_LAYER)
-    features = keras.Model(model.inputs, model.layers[pooling].output, name="features")
-    inputs = keras.Input(shape=model.layers[pooling].output.shape[1:], name="pooled_features")
-    x = inputs
-    for layer in model.layers[pooling + 1 :]:
-        x = layer(x)
-    return features, keras.Model(inputs, x, name="head")
+    layers = model.layers
+    first = next(i for i, layer in enumerate(layers) if layer.trainable_weights)
+    # Below the last frozen layer with weights there is only input plumbing (grey to RGB, scaling):
+    # caching it would save nothing.
+    lowest = next((i for i in range(first) if layers[i].weights), None)
+    if lowest is None:
+        return None
+    for cut in range(first - 1, lowest - 1, -1):
+        tensor = layers[cut].output
+        if isinstance(tensor, (list, tuple)):
+            continue
+        try:
+            top = keras.Model(tensor, model.outputs, name="unfrozen_top")
+        except ValueError:  # a branch above the cut needs a tensor from below it
+            continue
+        return keras.Model(model.inputs, tensor, name="frozen_bottom"), top
+    return None
 
 
-def cache_features(
-    features: keras.Model,
+def cache_outputs(
+    model: keras.Model,
     images: np.ndarray,
     rows: np.ndarray,
     *,
@@ -82,22 +100,31 @@ def cache_features(
     augment: AugmentParams | None,
     copies: int,
     seed: int,
+    dtype: str = "float32",
+    folder: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features (R * (1 + copies), F) and the row each came from.
+    """A frozen model's outputs (R * (1 + copies), ...) for the images in ``rows``, and the row each came from.
 
     Copy 0 is the image itself; copies 1..K are augmented with seeds derived from (seed, copy, batch),
-    so the cache is reproducible.
+    so the cache is reproducible. With ``folder`` the outputs go to a memory-mapped ``.npy`` there
+    (an activation cache can be gigabytes); otherwise they are kept in memory.
     """
-    outputs, sources = [], []
-    for copy in range(1 + (copies if augment is not None else 0)):
+    copies = copies if augment is not None else 0
+    shape = (len(rows) * (1 + copies), *model.output.shape[1:])
+    out = (np.lib.format.open_memmap(Path(folder) / "outputs.npy", mode="w+", dtype=dtype, shape=shape)
+           if folder is not None else np.empty(shape, dtype))
+    sources = np.empty(len(out), np.int64)
+    filled = 0
+    for copy in range(1 + copies):
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start : start + batch_size]
             x = tf.convert_to_tensor(images[batch_rows][..., None], tf.float32)  # (B, S, S, 1), 0..255
             if copy > 0:
                 x = augment_images(x, augment, tf.constant([seed, copy * 1_000_003 + start], tf.int64))
-            outputs.append(np.asarray(features(x, training=False), np.float32))
-            sources.append(batch_rows)
-    return np.concatenate(outputs), np.concatenate(sources)
+            out[filled : filled + len(batch_rows)] = np.asarray(model(x, training=False))
+            sources[filled : filled + len(batch_rows)] = batch_rows
+            filled += len(batch_rows)
+    return out, sources
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -178,6 +205,12 @@ def _class_weight(labels: np.ndarray, enabled: bool) -> dict[int, float] | None:
     return class_weights(labels, len(CLASS_NAMES)) if enabled else None
 
 
+def labels_of(sources: np.ndarray, split: SplitRows) -> np.ndarray:
+    """The class id of each cached output, from the image row it came from."""
+    label_of = dict(zip(split.rows.tolist(), split.labels.tolist()))
+    return np.array([label_of[r] for r in sources.tolist()], np.int32)
+
+
 def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: TrainBaseParams,
                      augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
     """Train the head on a frozen backbone: on cached features, or end to end through tf.data."""
@@ -189,13 +222,12 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
                                        augment=augment, seed=seed),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
                    phase, "train_base", len(train.rows), weight)
-    features, head = split_at_pooling(model)
+    features, head = split_at_frozen(model)  # frozen backbone: cut at the pooled features
     started = time.perf_counter()
-    x_train, sources = cache_features(features, images, train.rows, batch_size=phase.batch_size, augment=augment,
-                                      copies=phase.feature_cache_copies, seed=seed)
-    label_of = dict(zip(train.rows.tolist(), train.labels.tolist()))
-    y_train = np.array([label_of[r] for r in sources.tolist()], np.int32)
-    x_val, _ = cache_features(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
+    x_train, sources = cache_outputs(features, images, train.rows, batch_size=phase.batch_size, augment=augment,
+                                     copies=phase.feature_cache_copies, seed=seed)
+    y_train = labels_of(sources, train)
+    x_val, _ = cache_outputs(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
     cache_seconds = time.perf_counter() - started
     log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
     compile_for(head, phase.learning_rate, runtime.jit_compile)
@@ -207,17 +239,49 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
 
 def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: FinetuneParams,
                    augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
-    """Unfreeze the top of the backbone (BatchNorm stays frozen), recompile, train end to end."""
+    """Unfreeze the top of the backbone (BatchNorm stays frozen), recompile, train: on the activation
+    cache when ``phase.activation_cache`` and something frozen lies below the unfrozen layers, else
+    end to end through the image pipeline."""
     counts = unfreeze_top(model, phase.unfreeze)
-    compile_for(model, phase.learning_rate, runtime.jit_compile)
+    parts = split_at_frozen(model) if phase.activation_cache else None
     train, val = split["train"], split["val"]
-    result = fit(model,
-                 make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
-                              augment=augment, seed=seed),
-                 make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
-                 phase, "finetune", len(train.rows), _class_weight(train.labels, phase.class_weights))
-    result["unfrozen"] = counts
-    return result
+    weight = _class_weight(train.labels, phase.class_weights)
+    if parts is None:
+        log.info("fine-tuning end to end (%s)", "activation cache off" if not phase.activation_cache
+                 else "nothing frozen below the unfrozen layers to cache")
+        compile_for(model, phase.learning_rate, runtime.jit_compile)
+        result = fit(model,
+                     make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
+                                  augment=augment, seed=seed),
+                     make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
+                     phase, "finetune", len(train.rows), weight)
+        return {**result, "unfrozen": counts}
+    bottom, top = parts
+    with tempfile.TemporaryDirectory(prefix="activations-") as folder:
+        started = time.perf_counter()
+        (Path(folder) / "train").mkdir()
+        (Path(folder) / "val").mkdir()
+        x_train, sources = cache_outputs(bottom, images, train.rows, batch_size=phase.batch_size, augment=augment,
+                                         copies=phase.cache_copies, seed=seed, dtype=phase.cache_dtype,
+                                         folder=Path(folder) / "train")
+        x_val, _ = cache_outputs(bottom, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0,
+                                 seed=seed, dtype=phase.cache_dtype, folder=Path(folder) / "val")
+        seconds = time.perf_counter() - started
+        log.info("activation cache: %d training and %d validation maps %s at %s in %.1f s (%.0f MB)",
+                 len(x_train), len(x_val), tuple(x_train.shape[1:]), bottom.layers[-1].name, seconds,
+                 (x_train.nbytes + x_val.nbytes) / 1e6)
+        y_train = labels_of(sources, train)
+        positions = np.arange(len(x_train))
+        compile_for(top, phase.learning_rate, runtime.jit_compile)
+        result = fit(top,
+                     make_dataset(x_train, positions, y_train, batch_size=phase.batch_size, training=True,
+                                  augment=None, seed=seed),
+                     make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
+                                  training=False, augment=None, seed=seed),
+                     phase, "finetune", len(x_train), weight)
+        del x_train, x_val  # close the memmaps before their folder goes
+    return {**result, "unfrozen": counts, "activation_cache_seconds": round(seconds, 2),
+            "activation_cache_layer": bottom.layers[-1].name}
 
 
 def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, git_commit: str | None,

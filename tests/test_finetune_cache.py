@@ -1,0 +1,113 @@
+"""Fine-tuning from cached activations: where the model is cut, that the cut model computes the same
+function, and that cached and uncached fine-tuning reach the same weights after the same steps."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+import keras
+import numpy as np
+import pytest
+
+from braintumor.core.config import FinetuneParams, ModelParams, RuntimeParams
+from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
+from braintumor.model.train import cache_outputs, configure_runtime, finetune_phase, split_at_frozen
+from braintumor.split.load import SplitRows
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The structure of `inputs` doesn't match:UserWarning"),
+]
+
+SIZE = 71  # Xception's smallest input; random MobileNetV3 activations (1e-10) would underflow float16
+TINY = ModelParams(backbone="xception", weights="none", dense_units=(8, 8), dropout=(0.0, 0.0))
+UNFREEZE = "block13_sepconv1"  # Xception's exit flow, as on the real data
+
+
+def test_xception_is_cut_at_the_block_output_that_feeds_the_residual_branch_too():
+    model = build_model(ModelParams(backbone="xception", weights="none", dense_units=(8, 8)), 96)
+    unfreeze_top(model, "block13_sepconv1")
+    bottom, top = split_at_frozen(model)
+    # block13_sepconv1_act comes first, but block 13's 1x1 residual conv reads the block-12 sum
+    # (add_10) too: the latest single tensor that feeds everything above is that sum.
+    assert bottom.layers[-1].name == "add_10" and tuple(bottom.output.shape[1:]) == (6, 6, 728)
+    assert top.get_layer("block13_sepconv1") is model.get_layer("block13_sepconv1")  # shared, not copied
+    images = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 1)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(top(bottom(images))), np.asarray(model(images)))
+
+
+def test_nothing_to_cache_when_the_whole_backbone_is_unfrozen():
+    model = build_model(TINY.model_copy(update={"backbone": "mobilenetv3small"}), 32)
+    unfreeze_top(model, "all")
+    assert split_at_frozen(model) is None
+    freeze_backbone(model)  # only the head trains: the cut is the pooled features (the base phase's cache)
+    bottom, top = split_at_frozen(model)
+    assert bottom.layers[-1].name == "head_pool" and top.layers[1].name == "head_dense_1"
+
+
+def test_cache_outputs_writes_a_float16_memmap_with_augmented_copies(tmp_path):
+    model = build_model(TINY, SIZE)
+    unfreeze_top(model, UNFREEZE)
+    bottom, _ = split_at_frozen(model)
+    images = np.random.default_rng(1).integers(0, 256, (7, SIZE, SIZE), dtype=np.uint8)
+    rows = np.array([5, 0, 3])
+    from braintumor.core.config import AugmentParams
+
+    out, sources = cache_outputs(bottom, images, rows, batch_size=2, augment=AugmentParams(), copies=2, seed=0,
+                                 dtype="float16", folder=tmp_path)
+    assert isinstance(out, np.memmap) and out.dtype == np.float16 and (tmp_path / "outputs.npy").is_file()
+    assert out.shape == (9, *bottom.output.shape[1:]) and sources.tolist() == [5, 0, 3] * 3
+    exact = np.asarray(bottom(images[rows][..., None].astype("float32"), training=False))
+    np.testing.assert_allclose(out[:3].astype(np.float32), exact, rtol=1e-3, atol=1e-3)  # copy 0: the image
+    assert not np.allclose(out[3:6].astype(np.float32), exact, atol=1e-2)  # copies 1 and 2: augmented
+    again, _ = cache_outputs(bottom, images, rows, batch_size=2, augment=AugmentParams(), copies=2, seed=0)
+    np.testing.assert_allclose(again, out.astype(np.float32), rtol=1e-3, atol=1e-3)  # seeded: reproducible
+
+
+def finetuned_weights(activation_cache: bool, cache_dtype: str) -> tuple[list, list, list[str], dict]:
+    """(initial, final) weights and their names after one fine-tuning step of the tiny model's exit flow."""
+    keras.utils.set_random_seed(0)
+    model = build_model(TINY, SIZE)
+    initial = [w.copy() for w in model.get_weights()]
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (48, SIZE, SIZE), dtype=np.uint8)
+    labels = np.tile(np.arange(4, dtype=np.int32), 12)
+    split = {"train": SplitRows(np.arange(32), labels[:32]), "val": SplitRows(np.arange(32, 48), labels[32:])}
+    phase = FinetuneParams(unfreeze=UNFREEZE, epochs=1, batch_size=32, learning_rate=1e-3,
+                           activation_cache=activation_cache, cache_copies=0, cache_dtype=cache_dtype)
+    result = finetune_phase(model, images, split, phase, None, configure_runtime(RuntimeParams()), seed=3)
+    return initial, model.get_weights(), [w.path for w in model.weights], result
+
+
+# A Dense bias right before a BatchNormalization in training mode has an analytically zero gradient
+# (the batch mean absorbs it); its computed gradient is float noise, which Adam scales to a full
+# learning-rate step of either sign. Those gauge parameters (and the moving mean that tracks them)
+# differ between any two summation orders and change nothing the model computes.
+GAUGE = ("head_dense_1/bias", "head_dense_2/bias", "head_bn_1/moving_mean", "head_bn_2/moving_mean")
+# Adam moves a weight by up to the learning rate whatever its gradient's size, so where a gradient is
+# tiny (1e-8) rounding shows as a visible fraction of the step: "the same step" is within 1% of it.
+STEP_TOLERANCE = 0.01 * 1e-3
+
+
+def test_cached_and_uncached_finetuning_take_the_same_step():
+    initial, uncached, names, plain = finetuned_weights(activation_cache=False, cache_dtype="float32")
+    _, cached, _, result = finetuned_weights(activation_cache=True, cache_dtype="float32")
+    # Keras numbers its Add layers per process: the cut is the block-12 sum, whatever its number.
+    assert "activation_cache_layer" not in plain and result["activation_cache_layer"].startswith("add")
+    np.testing.assert_allclose(result["history"]["val_loss"], plain["history"]["val_loss"], rtol=1e-5)
+    moved = [name for name, a, b in zip(names, initial, uncached) if not np.array_equal(a, b)]
+    assert "block13_sepconv1/pointwise_kernel" in moved and "predictions/kernel" in moved  # a real step
+    for name, before, a, b in zip(names, initial, uncached, cached):
+        if name in GAUGE:
+            continue
+        np.testing.assert_allclose(b, a, rtol=0, atol=STEP_TOLERANCE, err_msg=name)
+        if np.array_equal(before, a):  # frozen weights stay exactly as they were in both
+            np.testing.assert_array_equal(b, before, err_msg=name)
+    # float16 storage (the default) rounds the activations (relative 1e-3), which flips the sign of
+    # some of this random network's near-zero gradients, so weights differ by up to 2 Adam steps; what
+    # the step does to the loss is the same.
+    _, _, _, half = finetuned_weights(activation_cache=True, cache_dtype="float16")
+    np.testing.assert_allclose(half["history"]["loss"], plain["history"]["loss"], rtol=1e-3)
+    np.testing.assert_allclose(half["history"]["val_loss"], plain["history"]["val_loss"], rtol=1e-3)

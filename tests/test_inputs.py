@@ -212,6 +212,21 @@ def test_make_dataset_rejects_rows_outside_the_cache(cache):
         make_dataset(cache, np.array([0, 10]), np.array([0, 1]), batch_size=2, training=False, augment=None, seed=0)
 
 
+def test_an_activation_cache_is_read_as_float32_maps_shuffled_like_images_and_never_augmented(cache):
+    activations = (np.arange(10 * 2 * 2 * 3, dtype=np.float32).reshape(10, 2, 2, 3) / 7).astype(np.float16)
+    maps = make_dataset(activations, ROWS, LABELS, batch_size=3, training=True, augment=None, seed=3)
+    images = make_dataset(cache, ROWS, LABELS, batch_size=3, training=True, augment=None, seed=3)
+    for (x, y), (x_images, y_images) in zip(_epochs(maps, 2)[1], _epochs(images, 2)[1]):
+        assert x.dtype == np.float32 and x.shape[1:] == (2, 2, 3)
+        # The second epoch, in the same order as the image cache with the same seed; values only cast.
+        np.testing.assert_array_equal(x, activations[_rows_of(x_images)].astype(np.float32))
+        assert y.tolist() == y_images.tolist()
+    with pytest.raises(ValueError, match="activation cache cannot be augmented"):
+        make_dataset(activations, ROWS, LABELS, batch_size=3, training=True, augment=AugmentParams(), seed=0)
+    with pytest.raises(ValueError, match=r"\(N, S, S\) uint8 image cache or an \(N, \.\.\.\) float"):
+        make_dataset(activations.astype(np.int32), ROWS, LABELS, batch_size=3, training=False, augment=None, seed=0)
+
+
 # --------------------------------------------------------------------------- class weights
 
 

@@ -1,4 +1,4 @@
-"""Stage split: stratified, leak-free train/val/test (or a source's own folders, for comparison).
+"""Stage split: stratified, leak-free train/val/test (or a source's own folders, leaky or made clean).
 
 Params: split
 Inputs: data/interim/manifest.csv, data/processed/index.csv
@@ -13,7 +13,7 @@ from braintumor.core import atomic
 from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
-from braintumor.split.partition import leak_free_split, source_folders_split, split_fingerprint, split_report
+from braintumor.split.partition import split_by_strategy, split_fingerprint, split_report
 
 
 def main() -> dict:
@@ -21,10 +21,7 @@ def main() -> dict:
     paths = ProjectPaths.discover()
     params = load_params(paths.params).split
     manifest = pd.read_csv(paths.manifest, keep_default_na=False)
-    if params.strategy == "leak_free":
-        rows = leak_free_split(manifest, (params.train, params.val, params.test), params.seed)
-    else:
-        rows = source_folders_split(manifest, params.test_source, params.test_folder, params.val / (params.train + params.val), params.seed)
+    rows, clean_test = split_by_strategy(manifest, params)
     index = pd.read_csv(paths.images_index, keep_default_na=False)
     rows = rows.merge(index[["id", "row"]], on="id", how="left", validate="one_to_one")
     if rows["row"].isna().any():
@@ -32,8 +29,11 @@ def main() -> dict:
     table = rows[["row", "id", "source", "label", "group", "split_group", "split"]].astype({"row": int}).sort_values("row")
     report = split_report(table, params.strategy)
     report["fingerprint"] = split_fingerprint(table)
+    if clean_test is not None:
+        report["clean_test"] = clean_test
+        log.info("%s's %s folder: %s", params.test_source, params.test_folder, clean_test)
     leaks = report["leakage"]["duplicate_groups_spanning_splits"] + report["leakage"]["related_groups_spanning_splits"]
-    if params.strategy == "leak_free" and leaks:
+    if params.strategy != "source_folders" and leaks:
         raise AssertionError(f"leak_free split leaks {report['leakage']} across splits")
     if leaks:
         log.warning("LEAKY split (%s): %d duplicate groups span train/val/test; numbers on it are inflated", params.strategy, leaks)

@@ -9,6 +9,8 @@ import pytest
 from braintumor.split.partition import (
     groups_spanning_splits,
     leak_free_split,
+    one_per_group,
+    source_folders_clean_split,
     source_folders_split,
     split_report,
     stratified_group_split,
@@ -65,6 +67,7 @@ def _manifest() -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["id", "source", "source_split", "label", "group", "kept"])
     frame["split_group"] = frame["group"]
     frame["status"] = "ok"
+    frame["drop_reason"] = ""
     return frame
 
 
@@ -87,3 +90,46 @@ def test_source_folders_split_reproduces_folders_and_counts_the_leak():
 def test_source_folders_split_names_missing_folder():
     with pytest.raises(ValueError, match="no folder 'Test'.*Testing"):
         source_folders_split(_manifest(), "a", "Test", 0.2, 0)
+
+
+def _clean_case() -> pd.DataFrame:
+    """Source "a": 40 distinct Training slices, and a Testing folder of 12 files: a copy of a
+    Training slice (a/2), a look-alike of one (a/3, same related group as a/t0), two copies of one
+    new slice (a/n1, a/n2), a label-conflicting pair (a/c1, a/c2) and 6 new distinct slices."""
+    frame = _manifest()
+    frame = frame[~frame["id"].str.startswith("a/s")].copy()  # drop the 10 plain Testing slices
+    extra = [
+        ("a/3", "a", "Testing", "glioma", 300, True),
+        ("a/n1", "a", "Testing", "pituitary", 301, True), ("a/n2", "a", "Testing", "pituitary", 301, False),
+        ("a/c1", "a", "Testing", "glioma", 302, False), ("a/c2", "a", "Testing", "pituitary", 302, False),
+        *[(f"a/u{i}", "a", "Testing", ["glioma", "pituitary"][i % 2], 400 + i, True) for i in range(6)],
+    ]
+    added = pd.DataFrame(extra, columns=["id", "source", "source_split", "label", "group", "kept"])
+    added["split_group"] = added["group"]
+    added.loc[added["id"] == "a/3", "split_group"] = 10  # related to a/t0's group (an adjacent slice)
+    added["status"], added["drop_reason"] = "ok", ""
+    added.loc[added["group"] == 302, "drop_reason"] = "label_conflict"
+    return pd.concat([frame, added], ignore_index=True)
+
+
+def test_one_per_group_prefers_the_kept_copy():
+    rows = pd.DataFrame({"id": ["x2", "x1", "y1"], "group": [1, 1, 2], "kept": [True, False, False]})
+    assert one_per_group(rows)["id"].tolist() == ["x2", "y1"]
+    rows["kept"] = False
+    assert one_per_group(rows)["id"].tolist() == ["x1", "y1"]  # none kept: the first id
+
+
+def test_source_folders_clean_removes_every_testing_image_related_to_training():
+    rows, accounting = source_folders_clean_split(_clean_case(), "a", "Testing", val_fraction=0.2, seed=0)
+    test = rows[rows["split"] == "test"]
+    # a/2 (copy of a/1) and a/3 (look-alike of a/t0) go; a/n1 stays for its pair; a/c1, a/c2 conflict.
+    assert sorted(test["id"]) == ["a/n1", *[f"a/u{i}" for i in range(6)]]
+    assert accounting == {"testing_folder": 12, "overlapping_training": 2, "label_conflicts": 2,
+                          "duplicates_within_testing": 1, "test": 7}
+    assert set(rows.loc[rows["source_split"] == "Training", "split"]) == {"train", "val"}
+    assert len(rows[rows["source_split"] == "Training"]) == 41  # a/1 and the 40 distinct slices
+    report = split_report(rows, "source_folders_clean")
+    assert report["leakage"] == {"duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
+    # The leaky strategy on the same data keeps all 12 and leaks the copy and the look-alike.
+    leaky = split_report(source_folders_split(_clean_case(), "a", "Testing", 0.2, 0), "source_folders")
+    assert leaky["per_split"]["test"] == 12 and leaky["leakage"]["related_groups_spanning_splits"] == 2

@@ -162,7 +162,7 @@ class PreprocessParams(_Section):
 
 
 class SplitParams(_Section):
-    strategy: Literal["leak_free", "source_folders"] = "leak_free"
+    strategy: Literal["leak_free", "source_folders", "source_folders_clean"] = "leak_free"
     train: float = Field(default=0.7, gt=0.0, lt=1.0)
     val: float = Field(default=0.15, gt=0.0, lt=1.0)
     test: float = Field(default=0.15, gt=0.0, lt=1.0)
@@ -175,8 +175,8 @@ class SplitParams(_Section):
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.4f}")
-        if self.strategy == "source_folders" and not self.test_source:
-            raise ValueError("split.test_source must name a source when split.strategy is 'source_folders'")
+        if self.strategy.startswith("source_folders") and not self.test_source:
+            raise ValueError(f"split.test_source must name a source when split.strategy is {self.strategy!r}")
         return self
 
 

@@ -63,6 +63,26 @@ def leak_free_split(manifest: pd.DataFrame, fractions: tuple[float, float, float
     return rows
 
 
+def _source_rows(manifest: pd.DataFrame, source: str, test_folder: str) -> tuple[pd.DataFrame, pd.Series]:
+    """A source's readable rows and which of them sit in its ``test_folder``; ValueError naming what is missing."""
+    rows = manifest[(manifest["source"] == source) & (manifest["status"] == "ok")].copy()
+    if rows.empty:
+        raise ValueError(f"split.test_source {source!r} has no readable images in the manifest")
+    is_test = rows["source_split"].str.split("/").str[0].str.lower() == test_folder.lower()
+    if not is_test.any():
+        found = sorted(rows["source_split"].unique())
+        raise ValueError(f"source {source!r} has no folder {test_folder!r}; its folders are {found}")
+    return rows, is_test
+
+
+def _train_and_val(rows: pd.DataFrame, train: pd.Index, val_fraction: float, seed: int) -> None:
+    """Mark ``rows.loc[train]`` as train or val, related groups kept whole, stratified by label."""
+    part = rows.loc[train]
+    codes = stratified_group_split(part["label"].to_numpy(), part["split_group"].to_numpy(),
+                                   (1.0 - val_fraction, val_fraction, 0.0), seed)
+    rows.loc[train, "split"] = np.asarray(SPLITS)[codes]
+
+
 def source_folders_split(
     manifest: pd.DataFrame, source: str, test_folder: str, val_fraction: float, seed: int
 ) -> pd.DataFrame:
@@ -72,19 +92,63 @@ def source_folders_split(
     that is what the published numbers were computed on. Validation is carved from the training
     folder with groups kept whole, so only the published train/test boundary leaks.
     """
-    rows = manifest[(manifest["source"] == source) & (manifest["status"] == "ok")].copy()
-    if rows.empty:
-        raise ValueError(f"split.test_source {source!r} has no readable images in the manifest")
-    is_test = rows["source_split"].str.split("/").str[0].str.lower() == test_folder.lower()
-    if not is_test.any():
-        found = sorted(rows["source_split"].unique())
-        raise ValueError(f"source {source!r} has no folder {test_folder!r}; its folders are {found}")
+    rows, is_test = _source_rows(manifest, source, test_folder)
     rows["split"] = "test"
-    train = rows[~is_test]
-    fractions = (1.0 - val_fraction, val_fraction, 0.0)
-    codes = stratified_group_split(train["label"].to_numpy(), train["split_group"].to_numpy(), fractions, seed)
-    rows.loc[train.index, "split"] = np.asarray(SPLITS)[codes]
+    _train_and_val(rows, rows.index[~is_test], val_fraction, seed)
     return rows
+
+
+def one_per_group(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per duplicate group: the merge's kept copy where it is among them, else the first id."""
+    ordered = rows.sort_values(["kept", "id"], ascending=[False, True], kind="stable")
+    return ordered.drop_duplicates("group").sort_index()
+
+
+def source_folders_clean_split(
+    manifest: pd.DataFrame, source: str, test_folder: str, val_fraction: float, seed: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """A source's own folders made leak-free: the only fair way to compare with models trained on them.
+
+    Train and validation come from the source's other folders (its Training folder), test from its
+    ``test_folder`` minus every image whose related group (a copy or a look-alike slice) has a member
+    in those other folders. Each duplicate group counts once on either side, and label-conflicting
+    groups are left out, as in ``leak_free``.
+
+    Returns:
+        The rows with their split, and the test folder's accounting: ``testing_folder`` (readable
+        images), ``overlapping_training`` (removed: a copy or look-alike is in Training),
+        ``label_conflicts`` (removed), ``duplicates_within_testing`` (removed: a second copy of a
+        remaining slice), ``test`` (what is left).
+    """
+    rows, is_test = _source_rows(manifest, source, test_folder)
+    conflict = rows["drop_reason"] == "label_conflict"
+    training_groups = set(rows.loc[~is_test, "split_group"])
+    overlapping = is_test & rows["split_group"].isin(training_groups)
+    candidates = rows[is_test & ~overlapping & ~conflict]
+    test = one_per_group(candidates)
+    train = one_per_group(rows[~is_test & ~conflict])
+    kept = rows.loc[train.index.union(test.index)].copy()
+    kept["split"] = "test"
+    _train_and_val(kept, train.index, val_fraction, seed)
+    accounting = {
+        "testing_folder": int(is_test.sum()),
+        "overlapping_training": int(overlapping.sum()),
+        "label_conflicts": int((is_test & ~overlapping & conflict).sum()),
+        "duplicates_within_testing": int(len(candidates) - len(test)),
+        "test": int(len(test)),
+    }
+    return kept, accounting
+
+
+def split_by_strategy(manifest: pd.DataFrame, params) -> tuple[pd.DataFrame, dict[str, int] | None]:
+    """The rows of ``params.strategy`` (the ``split`` params section) with their split, and the clean
+    test folder's accounting for ``source_folders_clean`` (None otherwise)."""
+    val_fraction = params.val / (params.train + params.val)
+    if params.strategy == "leak_free":
+        return leak_free_split(manifest, (params.train, params.val, params.test), params.seed), None
+    if params.strategy == "source_folders":
+        return source_folders_split(manifest, params.test_source, params.test_folder, val_fraction, params.seed), None
+    return source_folders_clean_split(manifest, params.test_source, params.test_folder, val_fraction, params.seed)
 
 
 def split_report(rows: pd.DataFrame, strategy: str) -> dict:

@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_input_pipeline.py
 	$(BIN)/python benchmarks/bench_gradcam.py
 	$(BIN)/python benchmarks/bench_app.py
+	$(BIN)/python benchmarks/bench_finetune_cache.py
 
 dag: install
 	$(BIN)/dvc dag

@@ -22,7 +22,7 @@ from braintumor.model.weights import (
     resolve_weights,
     unreachable_reason,
 )
-from conftest import copy_repo
+from conftest import REPO, copy_repo
 
 XCEPTION = IMAGENET_FILES["xception"]
 
@@ -170,3 +170,17 @@ def test_demo_on_a_fresh_offline_clone_stops_before_any_stage(tmp_path):
     assert "dvc exp run" not in done.stdout  # no stage ran
     assert not (clone / "models").exists() and not (clone / "data").exists()
     assert subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout == ""
+
+
+@pytest.mark.parametrize("overrides", ["demo.yaml", *sorted(p.name for p in (REPO / "experiments").glob("*.yaml"))])
+def test_user_facing_override_files_are_valid_and_need_nothing_beside_the_repo(overrides):
+    """What a user runs (the demo, the experiment files) validates against params.yaml and names no
+    path outside the checkout: ../shared exists only on this project's machines."""
+    from braintumor.demo import load_overrides, overridden_params
+
+    path = REPO / overrides if overrides == "demo.yaml" else REPO / "experiments" / overrides
+    values = load_overrides(path)
+    params = overridden_params(REPO, values)
+    assert params.model.weights in ("imagenet", "none")
+    assert not [key for key, value in values.items() if ".." in str(value)], values
+    assert "../shared" not in (REPO / "params.yaml").read_text()

@@ -2,7 +2,7 @@
 
 Params: split
 Inputs: data/interim/manifest.csv, data/processed/index.csv
-Outputs: data/split/split.csv (row in images.npy, id, label, group, split), reports/data/split.json (metrics)
+Outputs: data/split/split.csv (row in images.npy, id, label, group, split, training weight), reports/data/split.json (metrics)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> dict:
     rows = rows.merge(index[["id", "row"]], on="id", how="left", validate="one_to_one")
     if rows["row"].isna().any():
         raise RuntimeError("split rows missing from data/processed/index.csv: rerun `dvc repro preprocess`")
-    table = rows[["row", "id", "source", "label", "group", "split_group", "split"]].astype({"row": int}).sort_values("row")
+    table = rows[["row", "id", "source", "label", "group", "split_group", "split", "weight"]].astype({"row": int}).sort_values("row")
     report = split_report(table, params.strategy)
     report["fingerprint"] = split_fingerprint(table)
     if clean_test is not None:
@@ -39,7 +39,8 @@ def main() -> dict:
         log.warning("LEAKY split (%s): %d duplicate groups span train/val/test; numbers on it are inflated", params.strategy, leaks)
     atomic.write_csv(paths.split_csv, table)
     atomic.write_json(paths.data_reports / "split.json", report)
-    log.info("%s: %s, %d groups span splits", params.strategy, report["per_split"], leaks)
+    log.info("%s: %s (training: %d images of %d groups), %d groups span splits", params.strategy,
+             report["per_split"], report["train_images"], report["train_groups"], leaks)
     return report
 
 

@@ -113,3 +113,42 @@ def test_cached_and_uncached_finetuning_take_the_same_step():
     _, _, _, half = finetuned_weights(activation_cache=True, cache_dtype="float16")
     np.testing.assert_allclose(half["history"]["loss"], plain["history"]["loss"], rtol=1e-3)
     np.testing.assert_allclose(half["history"]["val_loss"], plain["history"]["val_loss"], rtol=1e-3)
+
+
+def _dense_steps(images: np.ndarray, labels: np.ndarray, copy_weights: np.ndarray | None) -> list[np.ndarray]:
+    """Weights and losses of a BatchNorm-free softmax model after five full-batch steps through ``fit``
+    and ``make_dataset`` (five, because Adam's first step moves every weight by the learning rate
+    whatever the gradient's size: only later steps show the gradients)."""
+    from braintumor.model.inputs import make_dataset, sample_weights
+    from braintumor.model.train import compile_for, fit
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
+    compile_for(model, 1e-2, jit_compile=False)
+    weights = sample_weights(labels, 4, copy_weights, balance_classes=True)
+    rows = np.arange(len(images))
+    result = fit(model, make_dataset(images, rows, labels, batch_size=len(rows), training=True, augment=None, seed=0,
+                                     weights=weights),
+                 make_dataset(images, rows, labels, batch_size=len(rows), training=False, augment=None, seed=0),
+                 FinetuneParams(epochs=5, early_stopping_patience=5, reduce_lr_patience=5), "weights", len(rows))
+    return [*model.get_weights(), np.array(result["history"]["loss"])]
+
+
+def test_copies_weighted_one_over_group_size_take_the_same_steps_as_one_image_per_group():
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (12, 4, 4), dtype=np.uint8)
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3], np.int32)
+    one = _dense_steps(images, labels, None)
+    # Slices 0 and 7 uploaded three and two times: with split.train_copies: all they enter training
+    # with weights 1/3 and 1/2, and the steps (and the training loss) are those of one image per group.
+    copies = np.concatenate([images, images[[0, 0, 7]]])
+    copy_labels = np.concatenate([labels, labels[[0, 0, 7]]])
+    copy_weights = np.ones(len(copies))
+    copy_weights[[0, 12, 13]] = 1 / 3
+    copy_weights[[7, 14]] = 1 / 2
+    for a, b in zip(one, _dense_steps(copies, copy_labels, copy_weights)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # Unweighted, the copies pull the steps towards slices 0 and 7: the test can tell the difference.
+    unweighted = _dense_steps(copies, copy_labels, np.ones(len(copies)))
+    assert not np.allclose(unweighted[0], one[0], atol=1e-4)
+    assert not np.allclose(unweighted[-1], one[-1], rtol=1e-3)

@@ -18,7 +18,7 @@ from braintumor.model.augment import (
     to_projective_transforms,
 )
 from braintumor.core.config import AugmentParams
-from braintumor.model.inputs import class_weights, make_dataset
+from braintumor.model.inputs import class_weights, make_dataset, sample_weights
 
 OFF = AugmentParams(rotation_deg=0.0, zoom=0.0, shift=0.0, shear_deg=0.0, horizontal_flip=False)
 SEED = tf.constant([7, 11], tf.int64)
@@ -242,3 +242,37 @@ def test_class_weights_are_balanced():
 def test_class_weights_reject_empty_or_unknown_classes(labels, message):
     with pytest.raises(ValueError, match=message):
         class_weights(np.array(labels), 3)
+
+
+def test_class_weights_count_weighted_items():
+    # Class 0: one slice uploaded three times (weights 1/3 each) and one single slice: 2 groups.
+    # Class 1: 2 single slices. Balanced by groups, both classes weigh the same.
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    weights = np.array([1 / 3, 1 / 3, 1 / 3, 1.0, 1.0, 1.0])
+    assert class_weights(labels, 2, weights) == pytest.approx({0: 1.0, 1: 1.0})
+    assert class_weights(labels, 2) == pytest.approx({0: 6 / 8, 1: 6 / 4})  # unweighted: by files
+    with pytest.raises(ValueError, match="weights must be positive"):
+        class_weights(labels, 2, np.zeros(6))
+
+
+def test_sample_weights_fold_copy_and_class_weights_to_mean_one():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    copies = np.array([1 / 3, 1 / 3, 1 / 3, 1.0, 1.0, 1.0])
+    combined = sample_weights(labels, 2, copies, balance_classes=True)
+    assert combined.mean() == pytest.approx(1.0)
+    # Each group, and so each class (2 groups each), carries the same total weight.
+    assert combined[:3].sum() == pytest.approx(combined[3]) == pytest.approx(combined[4])
+    # Unit weights with class balancing: exactly Keras's class_weight, which has mean 1 already.
+    plain = sample_weights(labels, 2, None, balance_classes=True)
+    assert plain == pytest.approx(np.array([0.75, 0.75, 0.75, 0.75, 1.5, 1.5]))
+    assert (sample_weights(labels, 2, None, balance_classes=False) == 1.0).all()
+
+
+def test_make_dataset_yields_the_weights_of_its_rows(cache):
+    weights = np.linspace(0.5, 2.0, len(ROWS)).astype(np.float32)
+    seen = {}
+    for x, _, w in make_dataset(cache, ROWS, LABELS, batch_size=4, training=True, augment=None, seed=3, weights=weights):
+        seen.update(zip(_rows_of(x.numpy()).tolist(), w.numpy().tolist()))
+    assert seen == pytest.approx(dict(zip(ROWS.tolist(), weights.tolist())))
+    with pytest.raises(ValueError, match="weights must be aligned with rows"):
+        make_dataset(cache, ROWS, LABELS, batch_size=4, training=True, augment=None, seed=3, weights=weights[:-1])

@@ -6,12 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from braintumor.core.config import SplitParams
 from braintumor.split.partition import (
     groups_spanning_splits,
     leak_free_split,
     one_per_group,
     source_folders_clean_split,
     source_folders_split,
+    split_by_strategy,
     split_report,
     stratified_group_split,
 )
@@ -133,3 +135,69 @@ def test_source_folders_clean_removes_every_testing_image_related_to_training():
     # The leaky strategy on the same data keeps all 12 and leaks the copy and the look-alike.
     leaky = split_report(source_folders_split(_clean_case(), "a", "Testing", 0.2, 0), "source_folders")
     assert leaky["per_split"]["test"] == 12 and leaky["leakage"]["related_groups_spanning_splits"] == 2
+
+
+def _copies_case() -> pd.DataFrame:
+    """60 single-image groups plus group 900 with 4 members (kept g/0, copies g/1-g/3, g/3 filed
+    under another class than its group) and group 901, a label conflict (both dropped)."""
+    frame = pd.DataFrame({
+        "id": [f"s/{i}" for i in range(60)], "source": "s", "source_split": "", "group": range(60),
+        "label": [["glioma", "pituitary"][i % 2] for i in range(60)], "kept": True, "status": "ok", "drop_reason": ""})
+    extra = pd.DataFrame({
+        "id": ["g/0", "g/1", "g/2", "g/3", "g/4", "c/1", "c/2"], "source": "s", "source_split": "",
+        "group": [900, 900, 900, 900, 900, 901, 901],
+        "label": ["glioma", "glioma", "glioma", "pituitary", "glioma", "glioma", "pituitary"],
+        "kept": [True, False, False, False, False, False, False],
+        "status": ["ok", "ok", "ok", "ok", "unreadable", "ok", "ok"],
+        "drop_reason": ["", "duplicate_of:g/0", "duplicate_of:g/0", "duplicate_of:g/0", "", "label_conflict", "label_conflict"]})
+    frame = pd.concat([frame, extra], ignore_index=True)
+    frame["split_group"] = frame["group"]
+    return frame
+
+
+def _split_params(**overrides) -> SplitParams:
+    return SplitParams(**{"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1, **overrides})
+
+
+def _train_copies_case(copies: str) -> pd.DataFrame:
+    """The split with group 900 in training (the seed is searched, so the case never depends on luck)."""
+    for seed in range(50):
+        rows, _ = split_by_strategy(_copies_case(), _split_params(seed=seed, train_copies=copies))
+        if rows.loc[rows["id"] == "g/0", "split"].item() == "train":
+            return rows
+    raise AssertionError("group 900 never landed in training")
+
+
+def test_train_copies_all_adds_the_groups_members_weighted_to_sum_to_one():
+    one, every = _train_copies_case("one"), _train_copies_case("all")
+    assert (one["weight"] == 1.0).all() and "g/1" not in set(one["id"])
+    members = every[every["group"] == 900]
+    # g/3 carries another label than its group, g/4 is unreadable: neither trains.
+    assert sorted(members["id"]) == ["g/0", "g/1", "g/2"]
+    assert (members["split"] == "train").all()
+    assert np.allclose(members["weight"], 1 / 3)
+    assert every.groupby("group")["weight"].sum().round(9).eq(1.0).all()
+    assert not set(every["id"]) & {"c/1", "c/2"}  # label conflicts stay out
+    # Evaluation is untouched: the same validation and test rows, one per group, weight 1.
+    for split in ("val", "test"):
+        assert sorted(every.loc[every["split"] == split, "id"]) == sorted(one.loc[one["split"] == split, "id"])
+        assert (every.loc[every["split"] == split, "weight"] == 1.0).all()
+    report = split_report(every, "leak_free")
+    assert report["train_images"] == report["train_groups"] + 2
+    assert report["leakage"]["duplicate_groups_spanning_splits"] == 0
+
+
+def test_train_copies_all_on_clean_folders_takes_copies_from_training_folders_only():
+    frame = _clean_case()
+    # a/1 (Training) gets a second Training copy; a/2, its Testing copy, must not join training.
+    extra = frame[frame["id"] == "a/1"].assign(id="a/1b", kept=False, drop_reason="duplicate_of:a/1")
+    frame = pd.concat([frame, extra], ignore_index=True)
+    for seed in range(50):
+        params = _split_params(strategy="source_folders_clean", test_source="a", train_copies="all", seed=seed)
+        rows, accounting = split_by_strategy(frame, params)
+        if rows.loc[rows["id"] == "a/1", "split"].item() == "train":
+            break
+    group0 = rows[rows["group"] == 0]
+    assert sorted(group0["id"]) == ["a/1", "a/1b"] and (group0["split"] == "train").all()
+    assert np.allclose(group0["weight"], 0.5)
+    assert accounting["test"] == 7 and "a/2" not in set(rows["id"])

@@ -169,6 +169,8 @@ class SplitParams(_Section):
     seed: int = 42
     test_source: str = Field(default="", description="source_folders: the source whose folders are reproduced")
     test_folder: str = Field(default="Testing", description="source_folders: that source's test folder")
+    train_copies: Literal["one", "all"] = Field(
+        default="one", description="one image per training duplicate group, or all its members weighted 1/size")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> "SplitParams":

@@ -19,7 +19,6 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.utils.class_weight import compute_class_weight
 
 from braintumor.model.augment import augment_images, is_identity
 from braintumor.core.config import AugmentParams
@@ -31,12 +30,17 @@ _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Balanced class weights n / (k * count_c), for ``model.fit(class_weight=...)``.
+def class_weights(labels: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> dict[int, float]:
+    """Balanced class weights W / (k * W_c): W the total item weight, W_c class c's.
+
+    With unit item weights this is sklearn's "balanced" n / (k * count_c). With the training
+    weights of ``split.train_copies: all`` (1 / group size) W_c counts class c's duplicate groups,
+    so the classes are balanced by distinct slices, not by how often a slice was re-uploaded.
 
     Args:
         labels: (n,) integer class ids in [0, num_classes).
         num_classes: k.
+        weights: (n,) positive item weights, or None for 1 each.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -45,12 +49,33 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
         raise ValueError(f"class_weights: labels must be in [0, {num_classes}), got {sorted(set(bad.tolist()))[:10]}")
-    counts = np.bincount(labels, minlength=num_classes)
-    missing = np.flatnonzero(counts == 0).tolist()
+    weights = np.ones(labels.shape) if weights is None else np.asarray(weights, np.float64)
+    if weights.shape != labels.shape or not (weights > 0).all():
+        raise ValueError(f"class_weights: weights must be positive and aligned with labels {labels.shape}, "
+                         f"got shape {weights.shape}")
+    totals = np.bincount(labels, weights=weights, minlength=num_classes)
+    missing = np.flatnonzero(totals == 0).tolist()
     if missing:
         raise ValueError(f"class_weights: class id(s) {missing} have no examples; their weight would be infinite")
-    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)  # n / (k * count_c)
-    return {c: float(w) for c, w in enumerate(weights)}
+    balanced = totals.sum() / (num_classes * totals)
+    return {c: float(w) for c, w in enumerate(balanced)}
+
+
+def sample_weights(labels: np.ndarray, num_classes: int, weights: np.ndarray | None, balance_classes: bool) -> np.ndarray:
+    """(n,) float32 per-item training weights: item weight times its class weight, scaled to mean 1.
+
+    Keras takes either ``class_weight`` or ``sample_weight``, not both, so the two are folded into
+    one. Scaling to mean 1 keeps the loss, and so the learning rate, on the same scale whether or not
+    copies are weighted down.
+    """
+    labels = np.asarray(labels)
+    combined = np.ones(labels.shape) if weights is None else np.asarray(weights, np.float64).copy()
+    if balance_classes:
+        per_class = class_weights(labels, num_classes, weights)
+        combined *= np.array([per_class[c] for c in range(num_classes)])[labels]
+    if not (combined > 0).all():
+        raise ValueError("sample_weights: every item weight must be positive")
+    return (combined / combined.mean()).astype(np.float32)
 
 
 def is_image_cache(array: np.ndarray) -> bool:
@@ -117,8 +142,9 @@ def make_dataset(
     training: bool,
     augment: AugmentParams | None,
     seed: int,
+    weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Batches (x (B, S, S, 1) float32 in 0..255, y (B,) int32) of one split of the image cache.
+    """Batches (x (B, S, S, 1) float32 in 0..255, y (B,) int32[, w (B,) float32]) of one split of the image cache.
 
     An activation cache (N, h, w, c) float16 gives x (B, h, w, c) float32, shuffled the same way and
     never augmented (its augmented copies were made before the frozen layers, see
@@ -137,9 +163,13 @@ def make_dataset(
         training: shuffle and augment.
         augment: augmentation magnitudes, or None for none; ignored when ``training`` is False.
         seed: seeds the shuffle and the augmentation of every epoch.
+        weights: (n,) per-item training weights aligned with ``rows`` (:func:`sample_weights`), yielded
+            as the third element of each batch; None yields (x, y) pairs.
     """
     rows, labels = np.asarray(rows), np.asarray(labels)
     _check_inputs(images, rows, labels, batch_size)
+    if weights is not None and np.shape(weights) != rows.shape:
+        raise ValueError(f"make_dataset: weights must be aligned with rows {rows.shape}, got shape {np.shape(weights)}")
     image_cache = is_image_cache(images)
     item_shape = [images.shape[1], images.shape[2], 1] if image_cache else list(images.shape[1:])
     if training:
@@ -147,19 +177,22 @@ def make_dataset(
     else:
         indices = _epoch_batches(tf.constant(0, tf.int64), len(rows), batch_size, seed=None)
     rows_t, labels_t = tf.constant(rows, tf.int64), tf.constant(labels, tf.int32)
+    weights_t = None if weights is None else tf.constant(weights, tf.float32)
     read_rows = _row_reader(images)
     if augment is not None and training and not image_cache and not is_identity(augment):
         raise ValueError("make_dataset: an activation cache cannot be augmented; augment the images before caching")
     augment = augment if training and augment is not None and not is_identity(augment) else None
     stored = tf.as_dtype(images.dtype)
 
-    def load(epoch: tf.Tensor, index: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def load(epoch: tf.Tensor, index: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, ...]:
         values = tf.numpy_function(read_rows, [tf.gather(rows_t, positions)], stored, stateful=False)
         x = tf.cast(tf.reshape(values, [-1, *item_shape]), tf.float32)  # (B, S, S, 1) 0..255, or activations
         if augment is not None:
             batch_seed = tf.random.experimental.stateless_fold_in(_stream_seed(seed, _AUGMENT_STREAM, epoch), index)
             x = augment_images(x, augment, batch_seed)
-        return x, tf.gather(labels_t, positions)
+        if weights_t is None:
+            return x, tf.gather(labels_t, positions)
+        return x, tf.gather(labels_t, positions), tf.gather(weights_t, positions)
 
     dataset = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))

@@ -26,7 +26,7 @@ import tensorflow as tf
 from braintumor.core import atomic
 from braintumor.model.augment import augment_images
 from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
-from braintumor.model.inputs import class_weights, make_dataset, predict_split
+from braintumor.model.inputs import make_dataset, predict_split, sample_weights
 from braintumor.split.load import SplitRows
 from braintumor.model.backbones import unfreeze_top
 from braintumor.model.weights import ResolvedWeights
@@ -166,18 +166,19 @@ def compile_for(model: keras.Model, learning_rate: float, jit_compile: bool) -> 
 
 
 def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, images_per_epoch: int,
-        class_weight: dict[int, float] | None, **fit_kwargs) -> dict:
+        **fit_kwargs) -> dict:
     """Fit with early stopping and LR reduction on validation loss; returns history and speed.
 
     Args:
-        train: a tf.data.Dataset of (x, y) batches, or an (x, y) pair of arrays.
-        validation: the same for validation.
+        train: a tf.data.Dataset of (x, y, w) batches, or an (x, y, w) triple of arrays (w: the
+            per-item weights of :func:`braintumor.model.inputs.sample_weights`).
+        validation: (x, y) batches or arrays for validation.
     """
     callbacks = callbacks_for(phase, name, images_per_epoch)
-    x, y = train if isinstance(train, tuple) else (train, None)
+    x, y, w = train if isinstance(train, tuple) else (train, None, None)
     fit_kwargs.setdefault("shuffle", y is not None)  # a tf.data pipeline shuffles itself, seeded
-    history = model.fit(x, y, validation_data=validation, epochs=phase.epochs, callbacks=callbacks,
-                        class_weight=class_weight, verbose=0, **fit_kwargs)
+    history = model.fit(x, y, sample_weight=w, validation_data=validation, epochs=phase.epochs,
+                        callbacks=callbacks, verbose=0, **fit_kwargs)
     epoch_log = callbacks[-1]
     seconds = sum(epoch_log.seconds)
     return {
@@ -201,37 +202,43 @@ def summary_metrics(result: dict, extra: dict | None = None) -> dict:
     }
 
 
-def _class_weight(labels: np.ndarray, enabled: bool) -> dict[int, float] | None:
-    return class_weights(labels, len(CLASS_NAMES)) if enabled else None
+def training_weights(train: SplitRows, balance_classes: bool) -> np.ndarray:
+    """(R,) per-row weights of the training split: its copy weights times the class weights, mean 1."""
+    return sample_weights(train.labels, len(CLASS_NAMES), train.weights, balance_classes)
+
+
+def per_item(sources: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` (aligned with ``rows``) looked up for each cached output, from the row it came from."""
+    value_of = dict(zip(rows.tolist(), values.tolist()))
+    return np.array([value_of[r] for r in sources.tolist()], np.asarray(values).dtype)
 
 
 def labels_of(sources: np.ndarray, split: SplitRows) -> np.ndarray:
     """The class id of each cached output, from the image row it came from."""
-    label_of = dict(zip(split.rows.tolist(), split.labels.tolist()))
-    return np.array([label_of[r] for r in sources.tolist()], np.int32)
+    return per_item(sources, split.rows, split.labels).astype(np.int32)
 
 
 def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: TrainBaseParams,
                      augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
     """Train the head on a frozen backbone: on cached features, or end to end through tf.data."""
     train, val = split["train"], split["val"]
-    weight = _class_weight(train.labels, phase.class_weights)
+    weight = training_weights(train, phase.class_weights)
     if not phase.feature_cache:
         compile_for(model, phase.learning_rate, runtime.jit_compile)
         return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
-                                       augment=augment, seed=seed),
+                                       augment=augment, seed=seed, weights=weight),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
-                   phase, "train_base", len(train.rows), weight)
+                   phase, "train_base", len(train.rows))
     features, head = split_at_frozen(model)  # frozen backbone: cut at the pooled features
     started = time.perf_counter()
     x_train, sources = cache_outputs(features, images, train.rows, batch_size=phase.batch_size, augment=augment,
                                      copies=phase.feature_cache_copies, seed=seed)
-    y_train = labels_of(sources, train)
+    y_train, w_train = labels_of(sources, train), per_item(sources, train.rows, weight)
     x_val, _ = cache_outputs(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
     cache_seconds = time.perf_counter() - started
     log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
     compile_for(head, phase.learning_rate, runtime.jit_compile)
-    result = fit(head, (x_train, y_train), (x_val, val.labels), phase, "train_base", len(x_train), weight,
+    result = fit(head, (x_train, y_train, w_train), (x_val, val.labels), phase, "train_base", len(x_train),
                  batch_size=phase.batch_size, shuffle=True)
     result["feature_cache_seconds"] = round(cache_seconds, 2)
     return result
@@ -245,16 +252,16 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     counts = unfreeze_top(model, phase.unfreeze)
     parts = split_at_frozen(model) if phase.activation_cache else None
     train, val = split["train"], split["val"]
-    weight = _class_weight(train.labels, phase.class_weights)
+    weight = training_weights(train, phase.class_weights)
     if parts is None:
         log.info("fine-tuning end to end (%s)", "activation cache off" if not phase.activation_cache
                  else "nothing frozen below the unfrozen layers to cache")
         compile_for(model, phase.learning_rate, runtime.jit_compile)
         result = fit(model,
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
-                                  augment=augment, seed=seed),
+                                  augment=augment, seed=seed, weights=weight),
                      make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
-                     phase, "finetune", len(train.rows), weight)
+                     phase, "finetune", len(train.rows))
         return {**result, "unfrozen": counts}
     bottom, top = parts
     with tempfile.TemporaryDirectory(prefix="activations-") as folder:
@@ -270,15 +277,15 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
         log.info("activation cache: %d training and %d validation maps %s at %s in %.1f s (%.0f MB)",
                  len(x_train), len(x_val), tuple(x_train.shape[1:]), bottom.layers[-1].name, seconds,
                  (x_train.nbytes + x_val.nbytes) / 1e6)
-        y_train = labels_of(sources, train)
+        y_train, w_train = labels_of(sources, train), per_item(sources, train.rows, weight)
         positions = np.arange(len(x_train))
         compile_for(top, phase.learning_rate, runtime.jit_compile)
         result = fit(top,
                      make_dataset(x_train, positions, y_train, batch_size=phase.batch_size, training=True,
-                                  augment=None, seed=seed),
+                                  augment=None, seed=seed, weights=w_train),
                      make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
                                   training=False, augment=None, seed=seed),
-                     phase, "finetune", len(x_train), weight)
+                     phase, "finetune", len(x_train))
         del x_train, x_val  # close the memmaps before their folder goes
     return {**result, "unfrozen": counts, "activation_cache_seconds": round(seconds, 2),
             "activation_cache_layer": bottom.layers[-1].name}

@@ -17,6 +17,8 @@ from braintumor.core.config import CLASS_NAMES
 class SplitRows:
     rows: np.ndarray  # (R,) rows of images.npy
     labels: np.ndarray  # (R,) class ids, indices into CLASS_NAMES
+    # (R,) training weights: 1, or 1 / group size for the copies of split.train_copies: all
+    weights: np.ndarray | None = None
 
 
 def load_cached_images(images_npy: Path) -> np.ndarray:
@@ -32,6 +34,8 @@ def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
         table = pd.read_csv(split_csv, keep_default_na=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"no split at {split_csv}: run `dvc repro split` first") from None
+    if "weight" not in table.columns:
+        raise ValueError(f"{split_csv} has no weight column (written by an older split stage): rerun `dvc repro split`")
     ids = {name: i for i, name in enumerate(class_names)}
     unknown = sorted(set(table["label"]) - set(ids))
     if unknown:
@@ -41,7 +45,8 @@ def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
         part = table[table["split"] == split]
         if part.empty:
             raise ValueError(f"{split_csv} has no {split!r} rows")
-        result[split] = SplitRows(part["row"].to_numpy(np.int64), part["label"].map(ids).to_numpy(np.int32))
+        result[split] = SplitRows(part["row"].to_numpy(np.int64), part["label"].map(ids).to_numpy(np.int32),
+                                  part["weight"].to_numpy(np.float64))
     return result
 
 

@@ -140,15 +140,56 @@ def source_folders_clean_split(
     return kept, accounting
 
 
+def with_training_copies(rows: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` plus every other member of each training duplicate group found in ``pool``, weighted.
+
+    Copies of a training image (re-encodings, other resolutions, re-uploads) are free augmentation;
+    only evaluation must count a group once. A member joins only if it carries its group's label and
+    is not part of a label conflict. Each training group's weights sum to 1 (``weight`` = 1 / members),
+    so a slice uploaded five times counts as much as one uploaded once; validation and test rows keep
+    weight 1 and stay one per group.
+
+    Args:
+        rows: split rows (a subset of the manifest, same index) with their ``split``.
+        pool: manifest rows the copies may come from (readable, and for a source's own folders only
+            the folders training may use).
+    """
+    train = rows[rows["split"] == "train"]
+    label_of_group = dict(zip(train["group"], train["label"]))
+    extra = pool[pool["group"].isin(label_of_group.keys()) & ~pool.index.isin(rows.index)
+                 & (pool["drop_reason"] != "label_conflict")]
+    extra = extra[extra["label"].to_numpy() == extra["group"].map(label_of_group).to_numpy()].copy()
+    extra["split"] = "train"
+    combined = pd.concat([rows, extra]).sort_index()
+    is_train = combined["split"] == "train"
+    combined["weight"] = 1.0
+    combined.loc[is_train, "weight"] = 1.0 / combined.loc[is_train].groupby("group")["id"].transform("size")
+    return combined
+
+
 def split_by_strategy(manifest: pd.DataFrame, params) -> tuple[pd.DataFrame, dict[str, int] | None]:
-    """The rows of ``params.strategy`` (the ``split`` params section) with their split, and the clean
-    test folder's accounting for ``source_folders_clean`` (None otherwise)."""
+    """The rows of ``params.strategy`` (the ``split`` params section) with their split and training
+    ``weight``, and the clean test folder's accounting for ``source_folders_clean`` (None otherwise).
+
+    ``params.train_copies == "all"`` adds the other members of each training duplicate group
+    (:func:`with_training_copies`); ``source_folders`` already uses every image, as published.
+    """
     val_fraction = params.val / (params.train + params.val)
+    readable = manifest[manifest["status"] == "ok"]
+    accounting = None
     if params.strategy == "leak_free":
-        return leak_free_split(manifest, (params.train, params.val, params.test), params.seed), None
-    if params.strategy == "source_folders":
-        return source_folders_split(manifest, params.test_source, params.test_folder, val_fraction, params.seed), None
-    return source_folders_clean_split(manifest, params.test_source, params.test_folder, val_fraction, params.seed)
+        rows, pool = leak_free_split(manifest, (params.train, params.val, params.test), params.seed), readable
+    elif params.strategy == "source_folders":
+        rows = source_folders_split(manifest, params.test_source, params.test_folder, val_fraction, params.seed)
+        return rows.assign(weight=1.0), None
+    else:
+        rows, accounting = source_folders_clean_split(manifest, params.test_source, params.test_folder,
+                                                      val_fraction, params.seed)
+        source_rows, is_test = _source_rows(manifest, params.test_source, params.test_folder)
+        pool = source_rows[~is_test]
+    if params.train_copies == "all":
+        return with_training_copies(rows, pool), accounting
+    return rows.assign(weight=1.0), accounting
 
 
 def split_report(rows: pd.DataFrame, strategy: str) -> dict:
@@ -158,9 +199,13 @@ def split_report(rows: pd.DataFrame, strategy: str) -> dict:
         split: {label: int(n) for label, n in counts.loc[split].items()} if split in counts.index.get_level_values(0) else {}
         for split in SPLITS
     }
+    train = rows[rows["split"] == "train"]
     return {
         "strategy": strategy,
         "images": int(len(rows)),
+        # with split.train_copies: all, training holds several members of a group (weights summing to 1)
+        "train_images": int(len(train)),
+        "train_groups": int(train["group"].nunique()),
         "per_split": {s: int(sum(c.values())) for s, c in per_split.items()},
         "per_split_per_class": per_split,
         "leakage": {

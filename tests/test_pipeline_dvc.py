@@ -131,6 +131,13 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     assert ran_stages(dvc(repo, venv_env, "repro", "split")) == {"split"}
     clean = json.loads((repo / "reports/data/split.json").read_text())
     assert clean["clean_test"] == {"testing_folder": 1311, "overlapping_training": 1045, "label_conflicts": 2,
-                                   "duplicates_within_testing": 30, "test": 234}
+                                   "duplicates_within_testing": 30, "test": 234, "other_sources_excluded": 0}
     assert clean["per_split"]["test"] == 234 and clean["leakage"] == {
         "duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
+    # Every member of each training group trains (weighted); validation and test are unchanged.
+    set_params(repo, {"split.train_copies": "all"})
+    assert ran_stages(dvc(repo, venv_env, "repro", "split")) == {"split"}
+    copies = json.loads((repo / "reports/data/split.json").read_text())
+    assert copies["train_groups"] == clean["train_groups"] and copies["train_images"] > clean["train_images"] + 500
+    assert {s: copies["per_split"][s] for s in ("val", "test")} == {s: clean["per_split"][s] for s in ("val", "test")}
+    assert copies["leakage"] == clean["leakage"]

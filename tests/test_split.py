@@ -122,14 +122,23 @@ def test_one_per_group_prefers_the_kept_copy():
 
 
 def test_source_folders_clean_removes_every_testing_image_related_to_training():
-    rows, accounting = source_folders_clean_split(_clean_case(), "a", "Testing", val_fraction=0.2, seed=0)
+    frame = _clean_case()
+    # Source b: 10 slices of its own, and b/x, a look-alike of the Testing slice a/u0 (group 400).
+    related = frame[frame["id"] == "b/0"].assign(id="b/x", group=500, split_group=400)
+    frame = pd.concat([frame, related], ignore_index=True)
+    rows, accounting = source_folders_clean_split(frame, "a", "Testing", val_fraction=0.2, seed=0)
     test = rows[rows["split"] == "test"]
     # a/2 (copy of a/1) and a/3 (look-alike of a/t0) go; a/n1 stays for its pair; a/c1, a/c2 conflict.
     assert sorted(test["id"]) == ["a/n1", *[f"a/u{i}" for i in range(6)]]
     assert accounting == {"testing_folder": 12, "overlapping_training": 2, "label_conflicts": 2,
-                          "duplicates_within_testing": 1, "test": 7}
+                          "duplicates_within_testing": 1, "test": 7, "other_sources_excluded": 1}
     assert set(rows.loc[rows["source_split"] == "Training", "split"]) == {"train", "val"}
     assert len(rows[rows["source_split"] == "Training"]) == 41  # a/1 and the 40 distinct slices
+    # The other source trains, except b/x: the test set is the same as with source a alone.
+    assert set(rows.loc[rows["source"] == "b", "id"]) == {f"b/{i}" for i in range(10)}
+    assert set(rows.loc[rows["source"] == "b", "split"]) <= {"train", "val"}
+    alone, _ = source_folders_clean_split(_clean_case()[lambda f: f["source"] == "a"], "a", "Testing", 0.2, 0)
+    assert sorted(alone.loc[alone["split"] == "test", "id"]) == sorted(test["id"])
     report = split_report(rows, "source_folders_clean")
     assert report["leakage"] == {"duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
     # The leaky strategy on the same data keeps all 12 and leaks the copy and the look-alike.
@@ -201,3 +210,4 @@ def test_train_copies_all_on_clean_folders_takes_copies_from_training_folders_on
     assert sorted(group0["id"]) == ["a/1", "a/1b"] and (group0["split"] == "train").all()
     assert np.allclose(group0["weight"], 0.5)
     assert accounting["test"] == 7 and "a/2" not in set(rows["id"])
+    assert not set(rows.loc[rows["split"] == "train", "split_group"]) & set(rows.loc[rows["split"] == "test", "split_group"])

@@ -109,16 +109,20 @@ def source_folders_clean_split(
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """A source's own folders made leak-free: the only fair way to compare with models trained on them.
 
-    Train and validation come from the source's other folders (its Training folder), test from its
-    ``test_folder`` minus every image whose related group (a copy or a look-alike slice) has a member
-    in those other folders. Each duplicate group counts once on either side, and label-conflicting
-    groups are left out, as in ``leak_free``.
+    Test is the source's ``test_folder`` minus every image whose related group (a copy or a look-alike
+    slice) has a member in the source's other folders (its Training folder), one image per duplicate
+    group. Train and validation are that Training folder plus every other merged source's images that
+    share no related group with the test images. The test set therefore depends on the test source
+    alone (the same images whatever else is merged, so numbers stay comparable with models trained
+    on that Training folder), while other sources add training data. Each duplicate group counts
+    once, and label-conflicting groups are left out, as in ``leak_free``.
 
     Returns:
         The rows with their split, and the test folder's accounting: ``testing_folder`` (readable
         images), ``overlapping_training`` (removed: a copy or look-alike is in Training),
         ``label_conflicts`` (removed), ``duplicates_within_testing`` (removed: a second copy of a
-        remaining slice), ``test`` (what is left).
+        remaining slice), ``test`` (what is left), ``other_sources_excluded`` (images of other
+        sources left out of training because they are related to a test image).
     """
     rows, is_test = _source_rows(manifest, source, test_folder)
     conflict = rows["drop_reason"] == "label_conflict"
@@ -126,8 +130,12 @@ def source_folders_clean_split(
     overlapping = is_test & rows["split_group"].isin(training_groups)
     candidates = rows[is_test & ~overlapping & ~conflict]
     test = one_per_group(candidates)
-    train = one_per_group(rows[~is_test & ~conflict])
-    kept = rows.loc[train.index.union(test.index)].copy()
+    others = manifest[(manifest["source"] != source) & (manifest["status"] == "ok")
+                      & (manifest["drop_reason"] != "label_conflict")]
+    related_to_test = others["split_group"].isin(set(test["split_group"]))
+    pool = pd.concat([rows[~is_test & ~conflict], others[~related_to_test]])
+    train = one_per_group(pool)
+    kept = pd.concat([train, test]).sort_index()
     kept["split"] = "test"
     _train_and_val(kept, train.index, val_fraction, seed)
     accounting = {
@@ -136,8 +144,19 @@ def source_folders_clean_split(
         "label_conflicts": int((is_test & ~overlapping & conflict).sum()),
         "duplicates_within_testing": int(len(candidates) - len(test)),
         "test": int(len(test)),
+        "other_sources_excluded": int(related_to_test.sum()),
     }
     return kept, accounting
+
+
+def clean_training_pool(manifest: pd.DataFrame, source: str, test_folder: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """Where :func:`with_training_copies` may take copies from under ``source_folders_clean``: readable
+    images outside the source's test folder that share no related group with a test image."""
+    readable = manifest[manifest["status"] == "ok"]
+    in_test_folder = (readable["source"] == source) & (
+        readable["source_split"].str.split("/").str[0].str.lower() == test_folder.lower())
+    test_groups = set(rows.loc[rows["split"] == "test", "split_group"])
+    return readable[~in_test_folder & ~readable["split_group"].isin(test_groups)]
 
 
 def with_training_copies(rows: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
@@ -185,8 +204,7 @@ def split_by_strategy(manifest: pd.DataFrame, params) -> tuple[pd.DataFrame, dic
     else:
         rows, accounting = source_folders_clean_split(manifest, params.test_source, params.test_folder,
                                                       val_fraction, params.seed)
-        source_rows, is_test = _source_rows(manifest, params.test_source, params.test_folder)
-        pool = source_rows[~is_test]
+        pool = clean_training_pool(manifest, params.test_source, params.test_folder, rows)
     if params.train_copies == "all":
         return with_training_copies(rows, pool), accounting
     return rows.assign(weight=1.0), accounting

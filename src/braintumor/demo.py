@@ -62,12 +62,13 @@ def overridden_params(root: Path, overrides: dict[str, object]) -> Params:
     return parse_params(apply_overrides(raw, overrides), origin="params.yaml + demo overrides")
 
 
-def run_experiment(root: Path, overrides: dict[str, object], name: str) -> None:
-    """``dvc exp run`` with the overrides, restoring ``params.yaml`` whatever happens."""
+def run_experiment(root: Path, overrides: dict[str, object], name: str, targets: tuple[str, ...] = ()) -> None:
+    """``dvc exp run`` with the overrides (up to ``targets``, default every stage), restoring
+    ``params.yaml`` whatever happens."""
     params_file = root / "params.yaml"
     original = params_file.read_bytes()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = ["dvc", "exp", "run", "--name", name, *set_param_flags(overrides)]
+    command = ["dvc", "exp", "run", "--name", name, *set_param_flags(overrides), *targets]
     print("$", " ".join(command), flush=True)
     try:
         subprocess.run(command, cwd=root, env=env, check=True)

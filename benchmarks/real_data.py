@@ -1,0 +1,176 @@
+"""Every real-data number in the README, from one command: the pipeline on the shared datasets.
+
+    .venv/bin/python benchmarks/real_data.py --sources nickparvar          # or nickparvar,sartaj
+
+1. A clone of this repository's HEAD in ``--workdir`` (reused on a rerun, so DVC skips what is
+   already built; uncommitted changes are not in it).
+2. The whole pipeline (``dvc exp run``, params.yaml plus the data sources below) on the leak-free
+   split of the chosen sources: the base and fine-tuned test metrics with 95% bootstrap intervals.
+3. The same configuration trained again with ``split.strategy: source_folders_clean``: Nickparvar's
+   Training folder (plus the other sources, minus anything related to a test image) for training,
+   its Testing folder minus every image with a copy or look-alike in Training as test. Up to the
+   evaluate stage (no Grad-CAM report).
+4. The published PyPI models (``benchmarks/peers.py``) and that model on the same clean images, and
+   on the whole Testing folder (which the peers' and our training folders overlap).
+
+Progress goes to the terminal; the last line is one JSON object: ``leak_free.{base,finetuned}.
+{accuracy,macro_f1}[_ci]``, ``clean_testing.n``, ``clean_testing.{base,finetuned}.*``,
+``clean_testing.peers.<name>.*``, ``testing.*``, the split sizes, the machine and ``minutes``.
+
+This script may name ``../shared`` (the datasets beside the repository on the project's machines);
+nothing a user runs does. ``-S key=value`` adds an override to both trainings (e.g. ``-S
+split.train_copies=all``); ``--name`` prefixes the DVC experiment names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from braintumor.core.config import read_yaml  # noqa: E402
+from braintumor.demo import overridden_params, run_experiment  # noqa: E402
+from braintumor.model.weights import resolve_weights  # noqa: E402
+
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+# --sources name -> (params source, folder under ../shared/datasets)
+SOURCES = {"nickparvar": ("local_nickparvar", "nickparvar-224"), "sartaj": ("local_sartaj", "sartaj")}
+TEST_SOURCE = "local_nickparvar"  # whose Testing folder the clean comparison uses (the peers trained on its Training)
+
+
+def source_overrides(names: list[str], datasets: Path) -> dict[str, object]:
+    """params overrides that merge the named shared datasets as local sources; ValueError naming what is missing."""
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown or not names or names[0] != "nickparvar":
+        raise ValueError(f"--sources must start with nickparvar and name only {sorted(SOURCES)}, got {names}")
+    overrides: dict[str, object] = {"download.use": [SOURCES[n][0] for n in names], "split.test_source": TEST_SOURCE}
+    for name in names:
+        source, folder = SOURCES[name]
+        path = datasets / folder
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is missing: this benchmark needs the shared datasets beside the repository")
+        overrides[f"download.sources.{source}.path"] = str(path)
+    return overrides
+
+
+def prepare_workdir(workdir: Path) -> str:
+    """A clone of this repository at its HEAD commit (created, or moved to HEAD if it exists); the commit."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty:
+        print(f"note: uncommitted changes in {REPO} are not part of this run (it runs commit {head[:10]})", flush=True)
+    if not (workdir / ".git").is_dir():
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(workdir)], check=True)
+    subprocess.run(["git", "fetch", "--quiet", str(REPO), head], cwd=workdir, check=True)
+    subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", head], cwd=workdir, check=True)
+    return head
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def scores_of(entry: dict) -> dict:
+    """accuracy and macro-F1 with their [low, high] intervals, from one model's entry of reports/metrics.json."""
+    return {"accuracy": entry["accuracy"], "accuracy_ci": [entry["accuracy_ci95"]["low"], entry["accuracy_ci95"]["high"]],
+            "macro_f1": entry["macro_f1"], "macro_f1_ci": [entry["macro_f1_ci95"]["low"], entry["macro_f1_ci95"]["high"]]}
+
+
+def run_results(workdir: Path) -> dict:
+    """What one pipeline run measured: split sizes, both models' test scores, training summaries."""
+    metrics = read_json(workdir / "reports" / "metrics.json")
+    split = read_json(workdir / "reports" / "data" / "split.json")
+    result = {"split": {k: split[k] for k in ("strategy", "per_split", "train_images", "train_groups", "leakage")},
+              **{model: scores_of(metrics[model]) for model in ("base", "finetuned")}}
+    for stage in ("train_base", "finetune"):
+        summary = read_json(workdir / "reports" / stage / "metrics.json")
+        result[f"{stage}_summary"] = {k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run",
+                                                               "train_images_per_second") if k in summary}
+    if "clean_test" in split:
+        result["split"]["clean_test"] = split["clean_test"]
+    return result
+
+
+def pipeline(workdir: Path, overrides: dict[str, object], name: str, targets: tuple[str, ...] = ()) -> dict:
+    """Validate the overrides, resolve the weights, run the experiment, read its results."""
+    params = overridden_params(workdir, overrides)
+    weights = resolve_weights(params.model.backbone, params.model.weights, workdir)
+    print(f"== {name}: {params.model.backbone} ({weights.source}), {params.preprocess.image_size} px, "
+          f"split {params.split.strategy}, training copies {params.split.train_copies}", flush=True)
+    run_experiment(workdir, overrides, name, targets)
+    return run_results(workdir)
+
+
+def compare_with_peers(workdir: Path, peers_venv: Path) -> tuple[dict, dict]:
+    """(clean Testing, whole Testing): the peers and our clean-trained fine-tuned model on the same files."""
+    import peers
+    import pandas as pd
+
+    sets = peers.image_sets(workdir, TEST_SOURCE, "Testing")
+    pipeline_test = pd.read_csv(workdir / "data" / "split" / "split.csv").query("split == 'test'")
+    if sorted(pipeline_test["id"]) != sorted(sets["clean"]["id"]):
+        raise AssertionError("the peers' clean image set differs from the pipeline's source_folders_clean test split")
+    paths = [str(workdir / p) for p in sets["testing"]["path"]]
+    predicted = peers.peer_predictions(peers.peers_python(peers_venv), paths)
+    ours = peers.our_predictions(str(workdir / "models" / "finetuned.keras"), workdir, paths)
+    by_path = {name: dict(zip(paths, values)) for name, values in {**predicted, "ours": ours}.items()}
+    results = []
+    for rows in (sets["clean"], sets["testing"]):
+        files, labels = [str(workdir / p) for p in rows["path"]], rows["label"].tolist()
+        scored = {name: peers.scores(labels, [by_path[name][f] for f in files]) for name in by_path}
+        results.append({"n": len(files), "ours_through_the_app": scored.pop("ours"), "peers": scored})
+    return results[0], results[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sources", default="nickparvar", help="nickparvar | nickparvar,sartaj")
+    parser.add_argument("--workdir", type=Path, help="clone to run in (default ~/.cache/braintumor/real-data/<sources>)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="one more override (YAML value)")
+    parser.add_argument("--name", default="real", help="prefix of the DVC experiment names")
+    parser.add_argument("--peers-venv", type=Path, default=Path.home() / ".cache" / "braintumor" / "peers-venv")
+    parser.add_argument("--skip-clean", action="store_true", help="only the leak-free run (no clean-Testing training, no peers)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    names = [n.strip() for n in args.sources.split(",") if n.strip()]
+    overrides = source_overrides(names, SHARED_DATASETS)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = read_yaml(value)
+    workdir = args.workdir or Path.home() / ".cache" / "braintumor" / "real-data" / "-".join(names)
+    commit = prepare_workdir(workdir)
+    os.environ["PYTHONPATH"] = str(workdir / "src")  # the stages import the clone's code, not this checkout's
+    tag = "-".join(names)
+    result: dict = {"sources": names, "overrides": {k: v for k, v in overrides.items() if ".path" not in k},
+                    "commit": commit, "workdir": str(workdir)}
+    result["leak_free"] = pipeline(workdir, overrides, f"{args.name}-{tag}-leak-free")
+    print(f"leak-free: base {result['leak_free']['base']['accuracy']:.3f}, fine-tuned "
+          f"{result['leak_free']['finetuned']['accuracy']:.3f} {result['leak_free']['finetuned']['accuracy_ci']}", flush=True)
+    if not args.skip_clean:
+        clean = pipeline(workdir, {**overrides, "split.strategy": "source_folders_clean"},
+                         f"{args.name}-{tag}-clean-testing", targets=("evaluate",))
+        clean_peers, testing = compare_with_peers(workdir, args.peers_venv)
+        result["clean_testing"] = {"n": clean["split"]["clean_test"]["test"], **clean, **clean_peers}
+        result["testing"] = testing
+        for name, entry in {"ours": clean["finetuned"], **clean_peers["peers"]}.items():
+            print(f"clean Testing (n={result['clean_testing']['n']}): {name:26s} accuracy {entry['accuracy']:.3f} "
+                  f"{entry['accuracy_ci']}", flush=True)
+    from machine import machine
+
+    result["machine"] = machine()
+    result["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

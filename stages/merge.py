@@ -23,7 +23,7 @@ def main() -> dict:
     params = load_params(paths.params)
     sources = [(name, fetched_class_root(paths.raw_source(name))) for name in params.download.use]
 
-    manifest, search = merge_sources(
+    manifest, search, skipped = merge_sources(
         sources,
         params.merge.folder_to_label(),
         root=paths.root,
@@ -35,7 +35,7 @@ def main() -> dict:
     )
     planted = {name: json.loads((paths.raw_source(name) / "planted.json").read_text()) for name in params.download.use
                if isinstance(params.download.sources[name], PhantomSource)}
-    report = merge_json(manifest, search, planted)
+    report = merge_json(manifest, search, planted, skipped)
 
     atomic.write_csv(paths.manifest, manifest[MANIFEST_COLUMNS])
     atomic.write_csv(paths.data_reports / "quarantine.csv", manifest.loc[manifest["status"] == "quarantined", ["id", "path", "reason"]])

@@ -52,9 +52,26 @@ def run(root: Path, sources: list[tuple[str, Path]], keep: str = "largest"):
 def test_label_mapping_is_case_insensitive_and_records_source_split(tmp_path):
     write(tmp_path / "a" / "Training" / "Glioma_Tumor" / "x.png", fake_slice(1))
     write(tmp_path / "a" / "Testing" / "notumor" / "y.png", fake_slice(2))
-    files = list_source_files("a", tmp_path / "a")
+    files, _ = list_source_files("a", tmp_path / "a")
     assert map_labels(files, FOLDERS) == ["no_tumor", "glioma"]  # sorted: Testing before Training
     assert [f.source_split for f in files] == ["Testing", "Training"]
+
+
+def test_hidden_and_system_entries_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "a"
+    write(root / "Training" / "glioma" / "x.png", fake_slice(1))
+    # What notebooks, macOS, Windows and archivers leave behind: each would otherwise be an unmapped
+    # class folder ('.ipynb_checkpoints', '__MACOSX') or a quarantined non-image.
+    write(root / "Training" / "glioma" / ".ipynb_checkpoints" / "x-checkpoint.png", fake_slice(1))
+    write(root / "Training" / ".ipynb_checkpoints" / "y.png", fake_slice(2))
+    (root / "__MACOSX" / "Training" / "glioma").mkdir(parents=True)
+    (root / "__MACOSX" / "Training" / "glioma" / "._x.png").write_bytes(b"AppleDouble")
+    (root / "Training" / "glioma" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "Training" / "glioma" / "Thumbs.db").write_bytes(b"thumbs")
+    files, skipped = list_source_files("a", root)
+    assert [f.relpath for f in files] == ["Training/glioma/x.png"] and skipped == 5
+    manifest, _, per_source = run(tmp_path, [("a", root)])
+    assert per_source == {"a": 5} and manifest["id"].tolist() == ["a/Training/glioma/x.png"]
 
 
 def test_unmapped_folders_are_named_with_their_source(tmp_path):
@@ -62,7 +79,7 @@ def test_unmapped_folders_are_named_with_their_source(tmp_path):
     write(tmp_path / "a" / "Training" / "glioma" / "y.png", fake_slice(2))
     write(tmp_path / "a" / "stray.png", fake_slice(3))
     with pytest.raises(UnmappedFolderError) as info:
-        map_labels(list_source_files("a", tmp_path / "a"), FOLDERS)
+        map_labels(list_source_files("a", tmp_path / "a")[0], FOLDERS)
     message = str(info.value)
     assert "source 'a': folder 'astrocytoma' (1 images)" in message
     assert "outside any class folder" in message
@@ -77,7 +94,7 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     (src / "fake.jpg").write_bytes(b"GIF89a not really")
     colour = np.dstack([fake_slice(4), np.zeros((160, 160), np.uint8), np.full((160, 160), 255, np.uint8)])
     write(src / "photo.png", colour)
-    manifest, _ = run(tmp_path, [("a", tmp_path / "a")])
+    manifest, _, _ = run(tmp_path, [("a", tmp_path / "a")])
     reasons = dict(zip(manifest["id"].str.split("/").str[-1], manifest["reason"].str.split(":").str[0]))
     assert reasons == {"empty.jpg": "empty_file", "fake.jpg": "not_an_image", "good.jpg": "",
                        "notes.txt": "not_an_image", "photo.png": "not_mri_like", "truncated.jpg": "truncated"}
@@ -98,7 +115,7 @@ def test_exact_near_and_conflicting_duplicates(tmp_path):
     write(b / "meningioma_tumor" / "conflict.jpg", fake_slice(20), [cv2.IMWRITE_JPEG_QUALITY, 85])
     for seed in range(30, 60):  # distinct slices: neighbours for the shortlist, none may merge
         write(a / "Training" / "no_tumor" / f"n{seed}.png", fake_slice(seed))
-    manifest, search = run(tmp_path, [("a", a), ("b", b)])
+    manifest, search, _ = run(tmp_path, [("a", a), ("b", b)])
     by_name = manifest.set_index(manifest["id"].str.split("/").str[-1])
     family = by_name.loc[["orig.png", "byte_copy.png", "bigger.jpg", "mirrored.jpg"]]
     assert family["group"].nunique() == 1 and (family["duplicate_kind"] == "near").all()
@@ -118,5 +135,5 @@ def test_first_source_rule_keeps_the_earlier_source(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write(a / "glioma" / "small.png", fake_slice(5))
     write(b / "glioma" / "large.png", cv2.resize(fake_slice(5), (320, 320)))
-    manifest, _ = run(tmp_path, [("a", a), ("b", b)], keep="first_source")
+    manifest, _, _ = run(tmp_path, [("a", a), ("b", b)], keep="first_source")
     assert manifest.set_index("id").at["a/glioma/small.png", "kept"]

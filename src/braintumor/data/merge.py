@@ -54,13 +54,27 @@ def fetched_class_root(source_folder: Path) -> Path:
     return source_folder / json.loads(record.read_text())["class_root"]
 
 
-def list_source_files(source: str, images_root: Path) -> list[RawFile]:
-    """Every regular file below ``images_root``, in a stable order."""
+# Entries that operating systems, notebooks and archivers leave inside dataset folders; never images of a class.
+SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db"})
+
+
+def is_system_entry(relpath: PurePosixPath) -> bool:
+    """A hidden or system file, or a file inside such a folder (``.ipynb_checkpoints/``, ``.DS_Store``,
+    ``__MACOSX/``, ``Thumbs.db``)."""
+    return any(part.startswith(".") or part.lower() in SYSTEM_NAMES for part in relpath.parts)
+
+
+def list_source_files(source: str, images_root: Path) -> tuple[list[RawFile], int]:
+    """Every regular file below ``images_root`` in a stable order, and how many hidden or system files
+    were skipped (:func:`is_system_entry`)."""
     if not images_root.is_dir():
         raise FileNotFoundError(f"source {source!r}: no folder {images_root}")
-    files = []
+    files, skipped = [], 0
     for path in sorted(p for p in images_root.rglob("*") if p.is_file()):
         rel = PurePosixPath(path.relative_to(images_root).as_posix())
+        if is_system_entry(rel):
+            skipped += 1
+            continue
         files.append(
             RawFile(
                 source=source,
@@ -70,7 +84,7 @@ def list_source_files(source: str, images_root: Path) -> list[RawFile]:
                 folder=rel.parts[-2] if len(rel.parts) >= 2 else "",
             )
         )
-    return files
+    return files, skipped
 
 
 def map_labels(files: Sequence[RawFile], folder_to_label: dict[str, str]) -> list[str | None]:
@@ -224,10 +238,14 @@ def merge_sources(
     keep: str,
     near: NearDuplicateParams,
     workers: int = 0,
-) -> tuple[pd.DataFrame, DuplicateSearch]:
-    """Walk, label, inspect and deduplicate every source; return the manifest and the raw search."""
+) -> tuple[pd.DataFrame, DuplicateSearch, dict[str, int]]:
+    """Walk, label, inspect and deduplicate every source; return the manifest, the raw search, and
+    the hidden or system files skipped per source."""
     sources = list(sources)
-    files = [f for name, images_root in sources for f in list_source_files(name, images_root)]
+    files, skipped = [], {}
+    for name, images_root in sources:
+        listed, skipped[name] = list_source_files(name, images_root)
+        files += listed
     labels = map_labels(files, folder_to_label)
     inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers)
     manifest = build_manifest(files, labels, inspections, root)
@@ -239,7 +257,7 @@ def merge_sources(
     search = find_duplicate_groups(fingerprints, head_threshold, near)
     manifest = attach_groups(manifest, search, ok_rows)
     manifest = choose_representatives(manifest, keep, [name for name, _ in sources])
-    return manifest, search
+    return manifest, search, skipped
 
 
 def _group_scope(members: pd.DataFrame) -> str:
@@ -287,11 +305,14 @@ def merge_report(manifest: pd.DataFrame) -> dict:
     return report
 
 
-def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[str, list[dict]]) -> dict:
-    """``reports/data/merge.json``: :func:`merge_report`, the duplicate search's pair counts, and for each
-    source with planted duplicates (``planted``: source name -> its ``planted.json`` records) their recall
-    (:func:`planted_duplicate_recall`)."""
+def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[str, list[dict]],
+               skipped: dict[str, int] | None = None) -> dict:
+    """``reports/data/merge.json``: :func:`merge_report`, the duplicate search's pair counts, the hidden
+    or system files skipped per source (``skipped``), and for each source with planted duplicates
+    (``planted``: source name -> its ``planted.json`` records) their recall (:func:`planted_duplicate_recall`)."""
     report = merge_report(manifest)
+    for name, count in (skipped or {}).items():
+        report["per_source"].setdefault(name, {})["skipped_system_files"] = count
     report["near_duplicate_search"] = {
         "shortlisted_pairs": search.shortlisted,
         "exact_pairs": int(len(search.exact)),

@@ -55,7 +55,8 @@ def stages() -> dict:
 def test_every_stage_lists_the_modules_its_script_imports():
     for name, stage in stages().items():
         body = stage.get("do", stage)
-        script = re.search(r"python (stages/\S+\.py)", body["cmd"]).group(1)
+        assert body["cmd"].startswith("python -m braintumor.core.quiet stages/"), f"stage {name}: {body['cmd']}"
+        script = re.search(r"(stages/\S+\.py)", body["cmd"]).group(1)
         deps = set(body["deps"])
         assert script in deps, f"stage {name}: its script {script} is not a dep"
         missing = import_closure(REPO / script) - deps

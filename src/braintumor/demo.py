@@ -21,6 +21,7 @@ from pathlib import Path
 
 from braintumor.core.config import Params, dump_yaml, parse_params, read_yaml
 from braintumor.core.paths import ProjectPaths
+from braintumor.core.quiet import run_quietly
 from braintumor.model.weights import WeightsUnavailableError, resolve_weights
 
 
@@ -71,7 +72,9 @@ def run_experiment(root: Path, overrides: dict[str, object], name: str, targets:
     command = ["dvc", "exp", "run", "--name", name, *set_param_flags(overrides), *targets]
     print("$", " ".join(command), flush=True)
     try:
-        subprocess.run(command, cwd=root, env=env, check=True)
+        status = run_quietly(command, cwd=root, env=env)  # without TensorFlow's and DVC's start-up chatter
+        if status:
+            raise subprocess.CalledProcessError(status, command)
     finally:
         params_file.write_bytes(original)
 

@@ -1,0 +1,82 @@
+"""Run a stage script with TensorFlow's native start-up chatter filtered out of its stderr.
+
+TensorFlow's C++ runtime writes lines such as "Could not find cuda drivers on your machine" and
+"oneDNN custom operations are on" straight to file descriptor 2, partly before its logging is set up,
+so ``TF_CPP_MIN_LOG_LEVEL`` does not silence them all. On a CPU machine they say nothing a user can
+act on, and they bury the stage's own progress lines. ``dvc.yaml`` therefore runs each stage as
+
+    python -m braintumor.core.quiet stages/<stage>.py [args...]
+
+which starts the script as a child process, passes its stdout through untouched, forwards its stderr
+line by line as it arrives minus the lines matched by :data:`NOISE`, and exits with the child's
+status (``make demo`` filters ``dvc exp run`` the same way, which also drops DVC's warnings about
+outputs a fresh clone has not built yet). Only those exact messages are dropped: every other line (warnings, errors, tracebacks, a CUDA
+error on a machine that has a GPU) is forwarded. ``python stages/<stage>.py`` still runs a stage
+unfiltered.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from typing import IO, Iterable
+
+# Each pattern matches one known message in full (the glog prefix "I0000 00:00:1796315528.405581 26132 "
+# is matched loosely: its date, time and thread id vary).
+_GLOG = r"^[IWE]\d{4} [\d:.]+\s+\d+ "
+NOISE = tuple(re.compile(pattern) for pattern in (
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$",
+    _GLOG + r"port\.cc:\d+\] oneDNN custom operations are on\.",
+    _GLOG + r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\.$",
+    # 303 is "no CUDA driver at all" (a CPU machine); other cuInit failures (a broken GPU set-up) pass.
+    _GLOG + r"cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)$",
+    _GLOG + r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU instructions",
+    r"^To enable the following instructions: .*, in other operations, rebuild TensorFlow with the appropriate compiler flags\.$",
+    # tf.data graphs saved by a newer Keras name an attribute this TensorFlow ignores; harmless.
+    _GLOG + r"node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition",
+    # DVC, at the start of a first `dvc exp run` in a fresh clone: the outputs are simply not built yet.
+    r"^WARNING: No file hash info found for '.*'\. It won't be created\.$",
+))
+
+
+def is_noise(line: str) -> bool:
+    """One of TensorFlow's known start-up messages (:data:`NOISE`)."""
+    text = line.rstrip("\r\n")
+    return any(pattern.search(text) for pattern in NOISE)
+
+
+def forward_lines(lines: Iterable[str], out: IO[str]) -> int:
+    """Write every line that is not noise to ``out`` as it comes, flushed; returns how many were dropped."""
+    dropped = 0
+    for line in lines:
+        if is_noise(line):
+            dropped += 1
+            continue
+        out.write(line)
+        out.flush()
+    return dropped
+
+
+def run_quietly(command: list[str], **popen_kwargs) -> int:
+    """Run ``command`` (``cwd``, ``env``... as for Popen) with its stderr filtered through
+    :func:`forward_lines`; its exit status."""
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                          **popen_kwargs) as child:
+        forward_lines(child.stderr, sys.stderr)
+    return child.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m braintumor.core.quiet SCRIPT [ARGS...]", file=sys.stderr)
+        return 2
+    # MLflow announces its SQLite schema set-up at INFO on every fresh store; the stage logs the run itself.
+    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", **os.environ}
+    return run_quietly([sys.executable, *args], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The stage runner drops TensorFlow's known start-up lines from stderr and nothing else."""
+
+from __future__ import annotations
+
+import sys
+
+from braintumor.core.quiet import is_noise, run_quietly
+
+# Captured from a real stage run on a CPU machine (TensorFlow 2.20).
+TF_CHATTER = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796315528.405581   26132 port.cc:153] oneDNN custom operations are on. You may see slightly "
+    "different numerical results due to floating-point round-off errors from different computation orders. "
+    "To turn them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.",
+    "I0000 00:00:1796315528.406170   26132 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.",
+    "E0000 00:00:1796314920.031830   23134 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+    "Failed call to cuInit: UNKNOWN ERROR (303)",
+    "I0000 00:00:1796315530.100000   26132 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use "
+    "available CPU instructions in performance-critical operations.",
+    "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
+    "appropriate compiler flags.",
+    "WARNING: No file hash info found for '/work/rd_one/models/base.keras'. It won't be created.",
+]
+KEPT = [
+    "[train_base] feature cache: 4998 training and 536 validation vectors in 520.9 s",
+    # A GPU machine whose driver is broken must still see why.
+    "E0000 00:00:1796314920.031830   23134 cuda_platform.cc:52] failed call to cuInit: CUDA_ERROR_NO_DEVICE (100)",
+    "Traceback (most recent call last):",
+    "ValueError: split.csv has no weight column",
+    "WARNING: Output 'models/base.keras' of stage 'train_base' changed because it is 'not in cache'.",
+]
+
+
+def test_only_the_known_messages_are_noise():
+    assert all(is_noise(line) for line in TF_CHATTER)
+    assert not any(is_noise(line) for line in KEPT)
+
+
+def test_the_runner_forwards_everything_else_and_the_exit_status(tmp_path, capfd):
+    script = tmp_path / "stage.py"
+    lines = [TF_CHATTER[0], KEPT[0], *TF_CHATTER[1:], *KEPT[1:]]
+    script.write_text(
+        "import sys\n"
+        f"for line in {lines!r}:\n"
+        "    print(line, file=sys.stderr)\n"
+        "print('metrics written')\n"
+        "sys.exit(3)\n"
+    )
+    assert run_quietly([sys.executable, str(script)]) == 3
+    out, err = capfd.readouterr()
+    assert out == "metrics written\n"
+    assert err.splitlines() == KEPT

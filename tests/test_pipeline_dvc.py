@@ -90,6 +90,10 @@ def test_demo_runs_an_experiment_and_leaves_params_untouched(built_pipeline, tmp
     for where in ("reports/evaluation.md", "make mlflow-ui", "make exp-show", "make app"):
         assert where in result.stdout.split("== where to look ==")[1], where
     assert "Running stage 'gradcam'" in result.stdout + result.stderr
+    # The terminal shows progress and results, not TensorFlow's CPU start-up lines (the gradcam stage
+    # did start TensorFlow, see above).
+    for chatter in ("Could not find cuda drivers", "oneDNN custom operations", "absl::InitializeLog"):
+        assert chatter not in result.stdout + result.stderr, chatter
     experiments = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=venv_env,
                                             capture_output=True, text=True, check=True).stdout)
     names = [e.get("name") for commit in experiments for e in (commit.get("experiments") or [])]

@@ -16,7 +16,8 @@ from braintumor.model.backbones import build_model, freeze_backbone
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.split.load import load_training_data
-from braintumor.model.train import configure_runtime, model_card, save_phase, test_scores, summary_metrics, train_base_phase
+from braintumor.model.train import (configure_runtime, model_card, save_phase, summary_metrics, test_scores, train_base_phase,
+                                    training_data_record)
 from braintumor.model.weights import resolve_weights
 
 
@@ -41,7 +42,8 @@ def main() -> dict:
             **test_scores(model, data.images, data.split["test"], params.train_base.batch_size),
         })
         card = model_card("base.keras", run.info.run_id, params, data.fingerprint,
-                          git_commit=git_commit(paths.root), dvc_experiment=dvc_experiment_name(), weights=weights)
+                          git_commit=git_commit(paths.root), dvc_experiment=dvc_experiment_name(), weights=weights,
+                          training_data=training_data_record(params, data.report))
         save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base", card)
         log_phase(result["history"], metrics, paths.models / "base.keras", card)
         log.info("base model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",

@@ -7,6 +7,8 @@ the pipeline's decoder and preprocess_slice, the model's prediction with the tem
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -89,7 +91,10 @@ def trained(tmp_path_factory) -> dict:
     model.save(models / "finetuned.keras")
     card = {"model_file": "finetuned.keras", "mlflow_run_id": RUN_ID, "trained_at": "2026-11-28T01:02:03+00:00",
             "git_commit": "abc1234", "dvc_experiment": None, "backbone": "mobilenetv3small", "image_size": SIZE,
-            "class_names": list(CLASS_NAMES), "preprocess": PREPROCESS.model_dump(exclude={"workers"})}
+            "class_names": list(CLASS_NAMES), "preprocess": PREPROCESS.model_dump(exclude={"workers"}),
+            "training_data": {"sources": [{"name": "phantom", "kind": "phantom"}], "synthetic_only": True,
+                              "split_strategy": "leak_free", "images_per_split": {"train": 48, "val": 16, "test": 0},
+                              "train_images_per_class": {name: 12 for name in CLASS_NAMES}}}
     (models / "finetuned.json").write_text(json.dumps(card))
     val_raw = model.predict(pipeline_arrays(val_paths)[..., None].astype("float32"), verbose=0)
     (models / "calibration.json").write_text(json.dumps({"finetuned": calibration_entry(TEMPERATURE, val_raw)}))
@@ -313,6 +318,11 @@ def test_browser_upload_shows_label_overlay_and_model(server, trained, chromium,
             page.wait_for_function("t => document.querySelector('#verdict').innerText.includes(t)",
                                    arg=f"{top.replace('_', ' ')}: ", timeout=60_000)
             assert top in page.locator("#prediction").inner_text()
+            # What the model knows: its training data beside the result, and the phantom-only warning.
+            verdict = page.locator("#verdict").inner_text()
+            assert "Trained on: phantom (synthetic phantom); 48 training images" in verdict
+            assert "trained only on synthetic phantom slices" in verdict
+            assert "mean nothing" in page.locator("#synthetic-banner").inner_text()
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
             # A bad file: a message on the page, and the next upload still works.
             notes = write(tmp_path / "notes.txt", b"not an image\n" * 20)
@@ -355,6 +365,13 @@ def test_loader_says_what_is_missing(trained, tmp_path):
     full = load_bundle(trained["model_file"], tmp_path, PreprocessParams())  # the card wins over params.yaml
     assert full.notes == () and full.preprocess == PREPROCESS and full.calibration.temperature == TEMPERATURE
     assert full.identity.mlflow_run_id == RUN_ID and full.gradcam_layer == "conv_1_act"
+    # Provenance from the card; without a card the app says it does not know, and warns of nothing it cannot know.
+    assert full.identity.synthetic_only and full.identity.provenance().startswith("Trained on: phantom (synthetic phantom)")
+    assert "glioma 12, meningioma 12, no tumor 12, pituitary 12" in full.identity.provenance()
+    assert not bare.identity.synthetic_only and bare.identity.provenance() == "Trained on: unknown (the model card does not say)"
+    real = dataclasses.replace(full.identity, training_data={**trained["card"]["training_data"], "synthetic_only": False,
+                                                             "sources": [{"name": "nickparvar", "kind": "kaggle"}]})
+    assert not real.synthetic_only and real.provenance().startswith("Trained on: nickparvar (kaggle); 48 training images")
 
 
 def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):

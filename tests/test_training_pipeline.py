@@ -14,7 +14,7 @@ import pytest
 import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
 from braintumor.core.config import load_params
 from braintumor.serve.bundle import load_bundle
-from conftest import copy_built_pipeline, copy_repo, dvc
+from conftest import REPO, copy_built_pipeline, copy_repo, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,11 @@ def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
     assert card["preprocess"] == base_card["preprocess"] and card["preprocess"]["image_size"] == 48
     assert card["class_names"] == ["glioma", "meningioma", "no_tumor", "pituitary"]
     assert card["weights"] == base_card["weights"] == {"setting": "none", "source": "none", "file": None}
+    # Provenance: the phantom source alone, so the app will warn that real scans are out of its reach.
+    split = json.loads((repo / "reports/data/split.json").read_text())
+    assert card["training_data"] == base_card["training_data"] == {
+        "sources": [{"name": "phantom", "kind": "phantom"}], "synthetic_only": True, "split_strategy": "leak_free",
+        "images_per_split": split["per_split"], "train_images_per_class": split["per_split_per_class"]["train"]}
     # The last 10 backbone layers, less the BatchNorm layers among them, which stay frozen.
     assert 0 < json.loads((repo / "reports/finetune/metrics.json").read_text())["layers_unfrozen"] < 10
     assert "train_base" in dvc(repo, venv_env, "metrics", "show")
@@ -102,3 +107,18 @@ def test_missing_split_is_a_clear_error(tmp_path, venv_env):
     result = subprocess.run(["python", "stages/train_base.py"], cwd=repo, env=venv_env, capture_output=True, text=True)
     assert result.returncode != 0
     assert "run `dvc repro" in result.stderr
+
+
+def test_training_data_record_names_every_source_and_its_kind():
+    from braintumor.demo import overridden_params
+    from braintumor.model.train import training_data_record
+
+    report = {"strategy": "source_folders_clean", "per_split": {"train": 3, "val": 1, "test": 1},
+              "per_split_per_class": {"train": {"glioma": 2, "pituitary": 1}}}
+    mixed = training_data_record(overridden_params(REPO, {"download.use": ["phantom", "local_nickparvar"]}), report)
+    assert mixed == {"sources": [{"name": "phantom", "kind": "phantom"}, {"name": "local_nickparvar", "kind": "local"}],
+                     "synthetic_only": False, "split_strategy": "source_folders_clean",
+                     "images_per_split": {"train": 3, "val": 1, "test": 1},
+                     "train_images_per_class": {"glioma": 2, "pituitary": 1}}
+    kaggle = training_data_record(overridden_params(REPO, {}), report)  # params.yaml: the two Kaggle sets
+    assert [s["kind"] for s in kaggle["sources"]] == ["kaggle", "kaggle"] and not kaggle["synthetic_only"]

@@ -291,8 +291,25 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
             "activation_cache_layer": bottom.layers[-1].name}
 
 
+def training_data_record(params, split_report: dict) -> dict:
+    """What a model was trained on, for its card: the merged sources and their kind (``phantom`` is
+    synthetic), the split strategy, and the images per split and per class (``reports/data/split.json``).
+
+    ``synthetic_only`` is true when every source is the phantom: such a model knows nothing of real
+    scans, and the app says so beside every prediction.
+    """
+    sources = [{"name": name, "kind": params.download.sources[name].kind} for name in params.download.use]
+    return {
+        "sources": sources,
+        "synthetic_only": all(source["kind"] == "phantom" for source in sources),
+        "split_strategy": split_report["strategy"],
+        "images_per_split": split_report["per_split"],
+        "train_images_per_class": split_report["per_split_per_class"]["train"],
+    }
+
+
 def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, git_commit: str | None,
-               dvc_experiment: str | None, weights: ResolvedWeights) -> dict:
+               dvc_experiment: str | None, weights: ResolvedWeights, training_data: dict | None = None) -> dict:
     """What travels with a saved model: its identity and everything needed to feed it an image.
 
     The app reads this beside the model, so a model brings its own preprocessing and class names
@@ -311,6 +328,7 @@ def model_card(model_file: str, run_id: str, params, data_fingerprint: str, *, g
         "image_size": params.preprocess.image_size,
         "class_names": list(CLASS_NAMES),
         "data_fingerprint": data_fingerprint,
+        "training_data": training_data,  # provenance (training_data_record): shown by the app with every result
         "preprocess": params.preprocess.model_dump(exclude={"workers"}),
     }
 

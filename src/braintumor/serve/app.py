@@ -49,6 +49,10 @@ NOTICE = (
 CSS = """
 #preprocessed img, #gradcam img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
+SYNTHETIC_BANNER = (
+    "⚠️ **This model was trained only on synthetic phantom slices** (the offline demo). Its predictions on "
+    "real MRI scans mean nothing, whatever confidence it shows; train it on real data first (README, \"Real data\")."
+)
 EXAMPLE_SEED = 2024
 EXAMPLE_SIZE = 256
 
@@ -68,6 +72,7 @@ def identity_markdown(bundle: ModelBundle | None, settings: ServingSettings) -> 
         ("Model file", ident.model_file), ("MLflow run", ident.mlflow_run_id or "unknown"),
         ("Trained at", ident.trained_at or "unknown"), ("Git commit", ident.git_commit or "unknown"),
         ("DVC experiment", ident.dvc_experiment or "-"), ("Backbone", ident.backbone or "unknown"),
+        ("Training data", ident.provenance().removeprefix("Trained on: ")),
         ("Input", f"{bundle.image_size} x {bundle.image_size} grey, classes {', '.join(bundle.class_names)}"),
         ("Preprocessing", f"from the model card {ident.card_file}" if ident.card_file
          else "**params.yaml's `preprocess` section (no model card)**"),
@@ -78,8 +83,10 @@ def identity_markdown(bundle: ModelBundle | None, settings: ServingSettings) -> 
     return listing + notes
 
 
-def verdict_markdown(result: PredictionResult, calibrated: bool) -> str:
-    """The headline of one result: the class and its confidence, or why there is no label."""
+def verdict_markdown(result: PredictionResult, calibrated: bool, identity=None) -> str:
+    """The headline of one result: the class and its confidence, or why there is no label; then what
+    the model was trained on (``identity``, a :class:`~braintumor.serve.bundle.ModelIdentity`), with the
+    synthetic-data warning when it knows only phantoms."""
     top = max(result.probabilities, key=result.probabilities.get)
     kind = "calibrated" if calibrated else "uncalibrated"
     if result.verdict.in_distribution:
@@ -92,6 +99,10 @@ def verdict_markdown(result: PredictionResult, calibrated: bool) -> str:
         reasons = "\n".join(f"- {flag.message}" for flag in result.verdict.flags)
         text = (f"### ⚠️ {headline}\n\n{reasons}\n\nFor reference only, the model's top class was "
                 f"{top.replace('_', ' ')} ({result.probabilities[top]:.0%}, {kind}).")
+    if identity is not None:
+        text += f"\n\n{identity.provenance()}."
+        if identity.synthetic_only:
+            text += f"\n\n> {SYNTHETIC_BANNER}"
     return text + f"\n\n<small>Upload: {result.upload}; {result.seconds * 1000:.0f} ms.</small>"
 
 
@@ -156,7 +167,7 @@ def make_classify(bundle: ModelBundle | None, settings: ServingSettings, missing
             log.info("upload refused (%s)", exc.reason)  # the reason code only: messages never hold patient data
             return refusal(exc.reason, "Cannot use this file", str(exc))
         label = result.probabilities if result.label is not None else None
-        return (label, verdict_markdown(result, bundle.calibration.source is not None), result.preprocessed,
+        return (label, verdict_markdown(result, bundle.calibration.source is not None, bundle.identity), result.preprocessed,
                 result.overlay, result_details(result, bundle))
 
     return classify
@@ -174,6 +185,8 @@ def build_app(bundle: ModelBundle | None, settings: ServingSettings, missing_mod
         gr.Markdown(NOTICE, elem_id="notice")
         if bundle is None:
             gr.Markdown(f"## No trained model\n\n{missing_model}", elem_id="no-model")
+        elif bundle.identity.synthetic_only:
+            gr.Markdown(SYNTHETIC_BANNER, elem_id="synthetic-banner")
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="MRI slice: PNG or JPEG (8/16-bit, grey/RGB/RGBA) or DICOM MR",

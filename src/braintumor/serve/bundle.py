@@ -66,6 +66,23 @@ class ModelIdentity:
     dvc_experiment: str | None
     backbone: str | None
     card_file: str | None  # None: no model card next to the model
+    training_data: dict | None = None  # the card's provenance (model.train.training_data_record); None: unknown
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Trained on synthetic phantom slices alone: its answers on real scans mean nothing."""
+        return bool(self.training_data and self.training_data.get("synthetic_only"))
+
+    def provenance(self) -> str:
+        """One line on what the model was trained on, for every result."""
+        data = self.training_data
+        if not data:
+            return "Trained on: unknown (the model card does not say)"
+        sources = ", ".join(f"{s['name']} ({'synthetic phantom' if s['kind'] == 'phantom' else s['kind']})"
+                            for s in data["sources"])
+        per_class = ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in data["train_images_per_class"].items())
+        return (f"Trained on: {sources}; {data['images_per_split']['train']} training images ({per_class}), "
+                f"{data['split_strategy']} split")
 
 
 @dataclass(frozen=True)
@@ -245,7 +262,7 @@ def _identity(card: dict | None, model_path: Path) -> ModelIdentity:
     return ModelIdentity(
         model_file=model_path.name, mlflow_run_id=card.get("mlflow_run_id"), trained_at=card.get("trained_at"),
         git_commit=card.get("git_commit"), dvc_experiment=card.get("dvc_experiment"), backbone=card.get("backbone"),
-        card_file=card_path(model_path).name,
+        card_file=card_path(model_path).name, training_data=card.get("training_data"),
     )
 
 

@@ -55,11 +55,12 @@ class TrainingData:
     images: np.ndarray  # (N, S, S) uint8, memory-mapped
     split: dict[str, SplitRows]
     fingerprint: str  # of the split, from reports/data/split.json: tags the MLflow runs
+    report: dict  # reports/data/split.json: strategy, images per split and class (the model card's provenance)
 
 
 def load_training_data(paths) -> TrainingData:
     """What the training, evaluate and gradcam stages read, with clear errors when an earlier stage has not run."""
     split = load_split(paths.split_csv, CLASS_NAMES)
     images = load_cached_images(paths.images_npy)
-    fingerprint = json.loads((paths.data_reports / "split.json").read_text())["fingerprint"]
-    return TrainingData(images, split, fingerprint)
+    report = json.loads((paths.data_reports / "split.json").read_text())
+    return TrainingData(images, split, report["fingerprint"], report)

@@ -110,6 +110,19 @@ def scores(labels: list[str], predicted: list[str]) -> dict:
             "macro_f1_ci": intervals["macro_f1"]}
 
 
+def score_image_sets(repo: Path, sets: dict[str, pd.DataFrame], paths: list[str],
+                     predicted: dict[str, list[str]]) -> dict[str, dict]:
+    """Per image set: its size ``n`` and each model's :func:`scores`, from predictions made once for
+    every file in ``paths`` (``predicted``: model name -> predicted class per path)."""
+    by_path = {name: dict(zip(paths, values)) for name, values in predicted.items()}
+    result = {}
+    for set_name, rows in sets.items():
+        files, labels = [str(repo / p) for p in rows["path"]], rows["label"].tolist()
+        result[set_name] = {"n": len(files), **{name: scores(labels, [by_path[name][f] for f in files])
+                                                 for name in by_path}}
+    return result
+
+
 def image_sets(root: Path, source: str, folder: str) -> dict[str, pd.DataFrame]:
     """``testing`` (every readable file of the source's test folder) and ``clean`` (its leak-free part)."""
     manifest = pd.read_csv(root / "data" / "interim" / "manifest.csv", keep_default_na=False)
@@ -134,15 +147,12 @@ def main() -> int:
     predicted = peer_predictions(peers_python(args.peers_venv), paths)
     if args.model:
         predicted["ours"] = our_predictions(args.model, args.repo, paths)
-    by_path = {name: dict(zip(paths, values)) for name, values in predicted.items()}
-    result: dict = {}
-    for set_name, rows in sets.items():
-        files, labels = [str(args.repo / p) for p in rows["path"]], rows["label"].tolist()
-        result[set_name] = {"n": len(files), **{name: scores(labels, [by_path[name][f] for f in files])
-                                                 for name in by_path}}
-        for name in by_path:
+    result: dict = score_image_sets(args.repo, sets, paths, predicted)
+    for set_name in sets:
+        n = result[set_name]["n"]
+        for name in predicted:
             entry = result[set_name][name]
-            print(f"{set_name:8s} n={len(files):5d} {name:26s} accuracy {entry['accuracy']:.3f} {entry['accuracy_ci']} "
+            print(f"{set_name:8s} n={n:5d} {name:26s} accuracy {entry['accuracy']:.3f} {entry['accuracy_ci']} "
                   f"macro-F1 {entry['macro_f1']:.3f}", flush=True)
     result["minutes"] = round((time.perf_counter() - started) / 60, 1)
     print(json.dumps(result), flush=True)

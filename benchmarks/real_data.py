@@ -121,14 +121,11 @@ def compare_with_peers(workdir: Path, peers_venv: Path) -> tuple[dict, dict]:
         raise AssertionError("the peers' clean image set differs from the pipeline's source_folders_clean test split")
     paths = [str(workdir / p) for p in sets["testing"]["path"]]
     predicted = peers.peer_predictions(peers.peers_python(peers_venv), paths)
-    ours = peers.our_predictions(str(workdir / "models" / "finetuned.keras"), workdir, paths)
-    by_path = {name: dict(zip(paths, values)) for name, values in {**predicted, "ours": ours}.items()}
-    results = []
-    for rows in (sets["clean"], sets["testing"]):
-        files, labels = [str(workdir / p) for p in rows["path"]], rows["label"].tolist()
-        scored = {name: peers.scores(labels, [by_path[name][f] for f in files]) for name in by_path}
-        results.append({"n": len(files), "ours_through_the_app": scored.pop("ours"), "peers": scored})
-    return results[0], results[1]
+    predicted["ours"] = peers.our_predictions(str(workdir / "models" / "finetuned.keras"), workdir, paths)
+    scored = peers.score_image_sets(workdir, sets, paths, predicted)
+    clean, testing = ({"n": entry.pop("n"), "ours_through_the_app": entry.pop("ours"), "peers": entry}
+                      for entry in (scored["clean"], scored["testing"]))
+    return clean, testing
 
 
 def main() -> int:

@@ -306,12 +306,12 @@ def merge_report(manifest: pd.DataFrame) -> dict:
 
 
 def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[str, list[dict]],
-               skipped: dict[str, int] | None = None) -> dict:
+               skipped: dict[str, int]) -> dict:
     """``reports/data/merge.json``: :func:`merge_report`, the duplicate search's pair counts, the hidden
     or system files skipped per source (``skipped``), and for each source with planted duplicates
     (``planted``: source name -> its ``planted.json`` records) their recall (:func:`planted_duplicate_recall`)."""
     report = merge_report(manifest)
-    for name, count in (skipped or {}).items():
+    for name, count in skipped.items():
         report["per_source"].setdefault(name, {})["skipped_system_files"] = count
     report["near_duplicate_search"] = {
         "shortlisted_pairs": search.shortlisted,

@@ -40,6 +40,7 @@ from braintumor.demo import overridden_params, run_experiment  # noqa: E402
 from braintumor.model.weights import resolve_weights  # noqa: E402
 
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+SHARED_WEIGHTS = REPO.parent / "shared" / "weights"  # the ImageNet files, for machines that cannot download them
 # --sources name -> (params source, folder under ../shared/datasets)
 SOURCES = {"nickparvar": ("local_nickparvar", "nickparvar-224"), "sartaj": ("local_sartaj", "sartaj")}
 TEST_SOURCE = "local_nickparvar"  # whose Testing folder the clean comparison uses (the peers trained on its Training)
@@ -146,6 +147,8 @@ def main() -> int:
     workdir = args.workdir or Path.home() / ".cache" / "braintumor" / "real-data" / "-".join(names)
     commit = prepare_workdir(workdir)
     os.environ["PYTHONPATH"] = str(workdir / "src")  # the stages import the clone's code, not this checkout's
+    if "BRAINTUMOR_WEIGHTS_DIR" not in os.environ and SHARED_WEIGHTS.is_dir():
+        os.environ["BRAINTUMOR_WEIGHTS_DIR"] = str(SHARED_WEIGHTS)
     tag = "-".join(names)
     result: dict = {"sources": names, "overrides": {k: v for k, v in overrides.items() if ".path" not in k},
                     "commit": commit, "workdir": str(workdir)}

@@ -87,7 +87,8 @@ def peer_predictions(python: Path, paths: list[str]) -> dict[str, list[str]]:
 
 def our_predictions(model: str, root: Path, paths: list[str]) -> list[str]:
     """Our model's predicted class for every path, through the app's own decoding and preprocessing."""
-    from braintumor.serve.bundle import ServingSettings, load_bundle, preprocess_upload, read_upload
+    from braintumor.serve.bundle import ServingSettings, load_bundle, read_upload
+    from braintumor.serve.uploads import preprocess_upload
 
     params = load_params(root / "params.yaml")
     bundle = load_bundle(model, root, params.preprocess)

@@ -4,8 +4,10 @@ Params: evaluate, mlflow
 Inputs: models/base.keras, models/finetuned.keras (and its card: the MLflow run that registered it), data/processed/images.npy,
     data/split/split.csv, reports/data/split.json (data fingerprint), data/interim/manifest.csv (image paths),
     reports/train_base/history.json, reports/finetune/history.json
+    evaluate.feature_check.shifted_sets (folders of images unlike the training data, optional)
 Outputs: reports/metrics.json (DVC metrics, both models side by side), models/calibration.json
-    (temperature and validation confidence quantiles per model, read by the app), reports/evaluation.md,
+    (temperature and validation confidence quantiles per model, read by the app), models/ood.npz
+    (the feature-space out-of-distribution check per model, read by the app), reports/evaluation.md,
     reports/evaluate/: DVC plots data (predictions_<model>.csv, roc/<model>_<class>.csv,
     training_curves.csv), misclassified_<model>.csv, PNG figures
 """
@@ -22,8 +24,10 @@ from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import flatten_params, log_summary, stage_run, tag_registered_version
+from braintumor.evaluate.feature_check import save_feature_checks
 from braintumor.evaluate.metrics import flat_metrics, image_paths
-from braintumor.evaluate.run import MODELS, evaluate_models, registry_tags
+from braintumor.evaluate.run import MODELS, evaluate_models, load_image_folder, registry_tags
+from braintumor.model.backbones import feature_check_layer_name
 from braintumor.split.load import load_training_data
 
 PHASES = ("train_base", "finetune")  # reports/<phase>/history.json, in training order
@@ -39,9 +43,17 @@ def main() -> dict:
         files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False),
                             pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"]))
         histories = {phase: json.loads((paths.reports / phase / "history.json").read_text()) for phase in PHASES}
+        shifted = {}
+        for name, folder in params.evaluate.feature_check.shifted_sets.items():
+            shifted[name] = load_image_folder(paths.root / folder, params.preprocess)
+            log.info("shifted set %s: %d images from %s, %d unreadable", name, len(shifted[name].files), folder,
+                     len(shifted[name].unreadable))
+        feature_layer = feature_check_layer_name(params.evaluate.feature_check.layer, params.model.backbone)
         result = evaluate_models({name: paths.models / f"{name}.keras" for name in MODELS}, data, files, histories,
-                                 params.evaluate, paths.evaluate_reports)
+                                 params.evaluate, paths.evaluate_reports, feature_layer,
+                                 shifted)
         atomic.write_json(paths.calibration_json, result.calibration)
+        save_feature_checks(paths.ood_file, result.feature_checks)
         atomic.write_json(paths.metrics_json, result.metrics)
         atomic.write_text(paths.evaluation_md, result.report)
         log_summary(flat_metrics(result.metrics))
@@ -50,7 +62,7 @@ def main() -> dict:
         card = json.loads((paths.models / "finetuned.json").read_text())
         version = tag_registered_version(params.mlflow.registered_model, card["mlflow_run_id"],
                                          registry_tags(result, run.info.run_id))
-        for path in (paths.metrics_json, paths.calibration_json, paths.evaluation_md):
+        for path in (paths.metrics_json, paths.calibration_json, paths.ood_file, paths.evaluation_md):
             mlflow.log_artifact(str(path))
         mlflow.log_artifacts(str(paths.evaluate_reports), "evaluate")
         log.info("tagged %s version %s; run %s", params.mlflow.registered_model, version, run.info.run_id)

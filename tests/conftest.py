@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,27 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
+SHIFTED_FOLDER = "shifted/checkers"  # the built pipeline's shifted image set (evaluate.feature_check.shifted_sets)
+SHIFTED_IMAGES = 12
+
+
+def write_shifted_set(folder: Path) -> None:
+    """Grey, head-shaped ellipses filled with checkerboards of different square sizes: images unlike the
+    phantoms that pass the app's image checks; plus one file that is not an image (counted as
+    unreadable) and a hidden one (skipped)."""
+    import cv2
+
+    folder.mkdir(parents=True)
+    rows, cols = np.indices((96, 96))
+    mask = cv2.ellipse(np.zeros((96, 96), np.uint8), (48, 48), (38, 44), 0, 0, 360, 1, -1)
+    for i in range(SHIFTED_IMAGES):
+        square = 4 + i % 6
+        checker = ((((rows + i) // square + cols // square) % 2) * 180 + 40).astype(np.uint8)
+        cv2.imwrite(str(folder / f"checker_{i:02d}.png"), checker * mask)
+    (folder / "README.txt").write_text("not an image\n")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+
+
 @pytest.fixture(scope="session")
 def built_pipeline(tmp_path_factory, venv_env) -> Path:
     """A clean clone with the tiny configuration committed and every stage run once by `dvc repro`.
@@ -132,7 +154,9 @@ def built_pipeline(tmp_path_factory, venv_env) -> Path:
     (:func:`copy_built_pipeline`), so what one module runs never changes what another sees.
     """
     repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
-    set_params(repo, TINY_PIPELINE)
+    write_shifted_set(repo / SHIFTED_FOLDER)
+    set_params(repo, {**TINY_PIPELINE, "evaluate.feature_check.shifted_sets": {"checkers": SHIFTED_FOLDER}})
+    subprocess.run(["git", "add", SHIFTED_FOLDER], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qam",
                     "tiny pipeline"], cwd=repo, check=True)
     output = dvc(repo, venv_env, "repro")

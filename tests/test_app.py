@@ -81,6 +81,9 @@ def train_tiny_model(train: np.ndarray, labels: np.ndarray):
 def trained(tmp_path_factory) -> dict:
     """models/finetuned.keras with its card and calibration.json, as the training and evaluate stages write them."""
     from braintumor.evaluate.calibration import apply_temperature, calibration_entry
+    from braintumor.evaluate.feature_check import fit_feature_check, save_feature_checks
+    from braintumor.model.backbones import BACKBONES
+    from braintumor.model.inputs import features_and_probabilities_model
 
     root = tmp_path_factory.mktemp("app")
     train_paths = phantom_files(root / "train", 48, seed=1)
@@ -98,10 +101,17 @@ def trained(tmp_path_factory) -> dict:
     (models / "finetuned.json").write_text(json.dumps(card))
     val_raw = model.predict(pipeline_arrays(val_paths)[..., None].astype("float32"), verbose=0)
     (models / "calibration.json").write_text(json.dumps({"finetuned": calibration_entry(TEMPERATURE, val_raw)}))
+    # The feature check as the evaluate stage fits it: Gaussians on the training features, threshold on validation.
+    layer = BACKBONES["mobilenetv3small"].feature_check_layer
+    features = features_and_probabilities_model(model, layer)
+    train_features = features.predict(pipeline_arrays(train_paths)[..., None].astype("float32"), verbose=0)[0]
+    val_features = features.predict(pipeline_arrays(val_paths)[..., None].astype("float32"), verbose=0)[0]
+    check = fit_feature_check(layer, train_features, np.arange(48) % 4, val_features, len(CLASS_NAMES), 0.05)
+    save_feature_checks(models / "ood.npz", {"finetuned": check})
     confidence = apply_temperature(val_raw, TEMPERATURE).max(axis=1)
     # The validation slice the model is surest of is above the 1% quantile by construction: a labelled upload.
     return {"root": root, "model": model, "model_file": models / "finetuned.keras", "card": card,
-            "upload": val_paths[int(confidence.argmax())]}
+            "upload": val_paths[int(confidence.argmax())], "check": check}
 
 
 def expected_result(trained: dict, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -237,6 +247,28 @@ def test_api_flags_images_that_are_not_mri_slices(client, tmp_path):
         assert "does not look like a brain MRI slice" in verdict and overlay is None and preprocessed
 
 
+def textured_head_png() -> bytes:
+    """A grey, head-shaped image that passes every image check but is nothing like the phantoms: an
+    ellipse filled with a checkerboard (what a slice of another modality or scanner is to a model)."""
+    rows, cols = np.indices((128, 128))
+    checker = (((rows // 8 + cols // 8) % 2) * 180 + 40).astype(np.uint8)
+    mask = cv2.ellipse(np.zeros((128, 128), np.uint8), (64, 64), (50, 58), 0, 0, 360, 1, -1)
+    return cv2.imencode(".png", checker * mask)[1].tobytes()
+
+
+def test_api_flags_an_image_unlike_the_training_data(client, trained, tmp_path):
+    label, verdict, preprocessed, overlay, details = classify(client, write(tmp_path / "other.png", textured_head_png()))
+    checks = [flag["check"] for flag in details["flags"]]
+    assert "unlike_training" in checks and not set(checks) & {"colour_photo", "near_constant", "flat_regions", "no_head"}
+    assert details["label"] is None and details["features_checked"]
+    assert details["feature_score"] > trained["check"].threshold
+    assert "unlike the model's training data" in verdict and "do not trust these probabilities" in verdict
+    assert overlay is not None  # it looks like a slice: the heatmap still shows what the model looked at
+    # A slice like the training data passes the same check.
+    _, _, _, _, details = classify(client, trained["upload"])
+    assert details["features_checked"] and details["feature_score"] <= trained["check"].threshold
+
+
 BAD_INPUTS = {
     "empty.png": (lambda: b"", "empty_file", "The file is empty"),
     "notes.txt": (lambda: b"not an image\n" * 50, "not_an_image", "not an image file"),
@@ -324,6 +356,13 @@ def test_browser_upload_shows_label_overlay_and_model(server, trained, chromium,
             assert "trained only on synthetic phantom slices" in verdict
             assert "mean nothing" in page.locator("#synthetic-banner").inner_text()
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            # An image unlike the training data: no label, and the page says why in plain words.
+            other = write(tmp_path / "other.png", textured_head_png())
+            page.locator("#upload button[aria-label='Clear']").click()
+            page.locator("#upload input[type=file]").set_input_files(str(other))
+            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes("
+                                   "'unlike the model\\'s training data')", timeout=60_000)
+            assert "do not trust these probabilities" in page.locator("#verdict").inner_text()
             # A bad file: a message on the page, and the next upload still works.
             notes = write(tmp_path / "notes.txt", b"not an image\n" * 20)
             page.locator("#upload button[aria-label='Clear']").click()
@@ -361,9 +400,11 @@ def test_loader_says_what_is_missing(trained, tmp_path):
     bare = load_bundle(copy_model(trained, tmp_path / "bare", card=False, calibration=False), tmp_path, PREPROCESS)
     notes = " ".join(bare.notes)
     assert "No model card" in notes and "params.yaml" in notes and "uncalibrated" in notes
+    assert "No ood.npz beside the model" in notes and bare.feature_check is None
     assert bare.identity.mlflow_run_id is None and bare.identity.card_file is None and bare.calibration.source is None
     full = load_bundle(trained["model_file"], tmp_path, PreprocessParams())  # the card wins over params.yaml
     assert full.notes == () and full.preprocess == PREPROCESS and full.calibration.temperature == TEMPERATURE
+    assert full.feature_check is not None and full.feature_check.threshold == trained["check"].threshold
     assert full.identity.mlflow_run_id == RUN_ID and full.gradcam_layer == "conv_1_act"
     # Provenance from the card; without a card the app says it does not know, and warns of nothing it cannot know.
     assert full.identity.synthetic_only and full.identity.provenance().startswith("Trained on: phantom (synthetic phantom)")
@@ -386,7 +427,18 @@ def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):
 
 
 def test_loader_refuses_files_that_do_not_fit(trained, tmp_path):
+    from braintumor.evaluate.feature_check import FeatureCheck, save_feature_checks
     from braintumor.serve.bundle import ModelLoadError, ModelNotFoundError, load_bundle
+
+    # A feature check fitted on another model's features is refused, not silently misapplied.
+    model_file = copy_model(trained, tmp_path / "other_check", card=True, calibration=True)
+    layer = trained["check"].layer
+    save_feature_checks(model_file.parent / "ood.npz", {"finetuned": FeatureCheck(layer, np.zeros((4, 5)), np.eye(5), 1.0, 0.01, 0.01)})
+    with pytest.raises(ModelLoadError, match="fitted on 5 features"):
+        load_bundle(model_file, tmp_path, PREPROCESS)
+    (model_file.parent / "ood.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ModelLoadError, match="not a readable .npz file"):
+        load_bundle(model_file, tmp_path, PREPROCESS)
 
     with pytest.raises(ModelNotFoundError, match="make demo"):
         load_bundle("models/nothing.keras", tmp_path, PREPROCESS)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from braintumor.core.config import load_params
-from braintumor.serve.bundle import preprocess_upload
+from braintumor.serve.uploads import preprocess_upload
 from conftest import REPO
 from conftest import TINY, set_params
 

@@ -15,13 +15,13 @@ import pytest
 from braintumor.evaluate.calibration import load_calibration
 from braintumor.core.config import CLASS_NAMES
 from braintumor.evaluate.metrics import comparison_table
-from conftest import copy_built_pipeline, dvc, ran_stages
+from conftest import SHIFTED_IMAGES, copy_built_pipeline, dvc, ran_stages
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("base", "finetuned")
 SUMMARY_KEYS = {"accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "weighted_f1", "roc_auc_macro", "ece",
-                "ece_calibrated", "nll", "nll_calibrated", "temperature", "per_class"}
+                "ece_calibrated", "nll", "nll_calibrated", "temperature", "per_class", "ood"}
 
 
 def dvc_json(repo: Path, env: dict, *args: str):
@@ -87,6 +87,39 @@ def test_calibration_file_matches_the_metrics(evaluated_repo):
         assert 1 / len(CLASS_NAMES) - 1e-6 <= quantiles["0.01"] <= quantiles["0.05"] <= quantiles["0.10"] <= 1
 
 
+def test_feature_check_is_fitted_on_training_and_scored_on_test_and_shifted_images(evaluated_repo):
+    import keras
+
+    import braintumor.model.backbones  # noqa: F401  registers the custom layers
+    from braintumor.core.paths import ProjectPaths
+    from braintumor.evaluate.feature_check import load_feature_checks
+    from braintumor.model.inputs import features_and_probabilities_model, predict_features
+    from braintumor.split.load import load_training_data
+
+    checks = load_feature_checks(evaluated_repo / "models/ood.npz")
+    metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
+    data = load_training_data(ProjectPaths(evaluated_repo))
+    assert list(checks) == list(MODELS)
+    for name, check in checks.items():
+        ood = metrics[name]["ood"]
+        assert check.layer == ood["layer"] == "expanded_conv_8_expand"  # auto: MobileNetV3Small's stride-16 stage
+        assert check.threshold == pytest.approx(ood["threshold"]) and check.flag_share == ood["flag_share"] == 0.01
+        # The test flag rate in the metrics is what the saved check gives on the test split's features.
+        model = features_and_probabilities_model(keras.saving.load_model(evaluated_repo / f"models/{name}.keras"),
+                                                 check.layer)
+        test_features, _ = predict_features(model, data.images, data.split["test"], 32)
+        val_features, _ = predict_features(model, data.images, data.split["val"], 32)
+        assert ood["test_flag_rate"] == pytest.approx(check.flags(test_features).mean())
+        assert ood["val_flag_rate"] == pytest.approx(check.flags(val_features).mean())
+        assert ood["val_flag_rate"] <= 0.01
+        # Images of another kind lie far from every class; the unreadable file is counted, the hidden one skipped.
+        checkers = ood["shifted"]["checkers"]
+        assert checkers["n"] == SHIFTED_IMAGES and checkers["unreadable"] == 1
+        assert checkers["auroc"] > 0.9 and checkers["flag_rate"] > 0.5, checkers
+    report = (evaluated_repo / "reports/evaluation.md").read_text()
+    assert "## Out-of-distribution check" in report and "| flagged: checkers |" in report
+
+
 def test_prediction_tables_figures_and_report(evaluated_repo):
     out = evaluated_repo / "reports/evaluate"
     metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
@@ -126,7 +159,7 @@ def test_mlflow_run_holds_metrics_params_and_artifacts(evaluated_repo):
     assert run.data.metrics["base.accuracy_ci95.high"] == pytest.approx(metrics["base"]["accuracy_ci95"]["high"])
     assert run.data.metrics["finetuned.per_class.glioma.f1"] == pytest.approx(metrics["finetuned"]["per_class"]["glioma"]["f1"])
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "calibration.json", "evaluation.md", "evaluate"} <= top
+    assert {"metrics.json", "calibration.json", "ood.npz", "evaluation.md", "evaluate"} <= top
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/confusion_finetuned.png", "evaluate/reliability_base.png", "evaluate/training_curves.png",
             "evaluate/misclassified_finetuned.csv"} <= figures

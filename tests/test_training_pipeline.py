@@ -13,6 +13,7 @@ import pytest
 
 import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
 from braintumor.core.config import load_params
+from braintumor.evaluate.feature_check import load_feature_checks
 from braintumor.serve.bundle import load_bundle
 from conftest import REPO, copy_built_pipeline, copy_repo, dvc
 
@@ -90,6 +91,9 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     assert bundle.identity.mlflow_run_id == version.run_id and bundle.image_size == 48
     temperature = json.loads((trained_repo / "models/calibration.json").read_text())["finetuned"]["temperature"]
     assert bundle.calibration.source == "calibration.json" and bundle.calibration.temperature == pytest.approx(temperature)
+    # The feature check comes along from the evaluate run that tagged the version.
+    local = load_feature_checks(trained_repo / "models/ood.npz")["finetuned"]
+    assert bundle.feature_check is not None and bundle.feature_check.threshold == local.threshold
     assert bundle.model.predict(np.zeros((1, 48, 48, 1), "float32"), verbose=0).shape == (1, 4)
 
 def test_deterministic_training_repeats_metrics_exactly(trained_repo, venv_env):

@@ -7,10 +7,11 @@ the dotted key and the allowed values (see :class:`ParamsError`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "no_tumor", "pituitary")
 
@@ -267,6 +268,27 @@ class MlflowParams(_Section):
 # --------------------------------------------------------------------------- evaluate, gradcam, app
 
 
+class FeatureCheckParams(_Section):
+    """The feature-space out-of-distribution check (braintumor.evaluate.feature_check), fitted by evaluate."""
+
+    flag_share: float = Field(default=0.01, ge=0.0, lt=0.5,
+                              description="share of the validation split the threshold flags (the false-alarm budget)")
+    layer: str = Field(default="auto", min_length=1,
+                       description="layer whose input, averaged over space, are the features; auto = the backbone's stride-16 stage")
+    shifted_sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="name -> folder of images unlike the training data (searched recursively); the report gives "
+                    "the check's AUROC and flag rate on each. Relative folders resolve against the repo root.")
+
+    @field_validator("shifted_sets")
+    @classmethod
+    def _set_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9_-]+", name)]
+        if bad:
+            raise ValueError(f"shifted set names must be letters, digits, '_' or '-' (they become metric keys), got {bad}")
+        return value
+
+
 class EvaluateParams(_Section):
     """Test-split metrics of both models, bootstrap intervals, calibration (temperature scaling)."""
 
@@ -275,6 +297,7 @@ class EvaluateParams(_Section):
     bootstrap_seed: int = 0
     calibration_bins: int = Field(default=15, ge=2)
     errors_listed: int = Field(default=10, ge=0, description="most confident misclassifications shown in reports/evaluation.md")
+    feature_check: FeatureCheckParams = FeatureCheckParams()
 
 
 class GradcamParams(_Section):

@@ -6,7 +6,7 @@ through the same :func:`read_grayscale`, so the pipeline and the app see identic
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -149,3 +149,13 @@ def encode_image(image: np.ndarray, suffix: str, quality: int = 95) -> bytes:
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {image.shape} {image.dtype} image as {suffix}")
     return buffer.tobytes()
+
+
+# Entries that operating systems, notebooks and archivers leave inside dataset folders; never images of a class.
+SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db"})
+
+
+def is_system_entry(relpath: PurePosixPath) -> bool:
+    """A hidden or system file, or a file inside such a folder (``.ipynb_checkpoints/``, ``.DS_Store``,
+    ``__MACOSX/``, ``Thumbs.db``)."""
+    return any(part.startswith(".") or part.lower() in SYSTEM_NAMES for part in relpath.parts)

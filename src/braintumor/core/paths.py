@@ -142,6 +142,11 @@ class ProjectPaths:
         return self.models / "calibration.json"
 
     @property
+    def ood_file(self) -> Path:
+        """The feature-space out-of-distribution check of each model (written by evaluate, read by the app)."""
+        return self.models / "ood.npz"
+
+    @property
     def metrics_json(self) -> Path:
         """Test metrics of both models side by side (DVC metrics of the evaluate stage)."""
         return self.reports / "metrics.json"

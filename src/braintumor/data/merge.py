@@ -20,7 +20,7 @@ import pandas as pd
 from braintumor.core.config import NearDuplicateParams
 from braintumor.data.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
 from braintumor.core.parallel import map_in_workers, resolve_workers
-from braintumor.core.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes
+from braintumor.core.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes, is_system_entry
 
 
 class UnmappedFolderError(ValueError):
@@ -52,16 +52,6 @@ def fetched_class_root(source_folder: Path) -> Path:
             f"{source_folder} is not a complete fetch (no source.json): run `dvc repro download@{source_folder.name}`"
         )
     return source_folder / json.loads(record.read_text())["class_root"]
-
-
-# Entries that operating systems, notebooks and archivers leave inside dataset folders; never images of a class.
-SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db"})
-
-
-def is_system_entry(relpath: PurePosixPath) -> bool:
-    """A hidden or system file, or a file inside such a folder (``.ipynb_checkpoints/``, ``.DS_Store``,
-    ``__MACOSX/``, ``Thumbs.db``)."""
-    return any(part.startswith(".") or part.lower() in SYSTEM_NAMES for part in relpath.parts)
 
 
 def list_source_files(source: str, images_root: Path) -> tuple[list[RawFile], int]:

@@ -198,14 +198,15 @@ def _low_high(interval) -> dict[str, float]:
 
 def flat_metrics(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     """``reports/metrics.json`` as MLflow metrics: dotted keys (``finetuned.per_class.glioma.f1``,
-    ``finetuned.accuracy_ci95.low``). Values that are None (an undefined ROC-AUC) are left out.
+    ``finetuned.accuracy_ci95.low``). Values that are None (an undefined ROC-AUC) or text (a layer
+    name) are left out.
     """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(flat_metrics(value, name))
-        elif value is not None:
+        elif value is not None and not isinstance(value, str):
             flat[name] = float(value)
     return flat
 
@@ -353,6 +354,31 @@ def errors_table(errors: pd.DataFrame, limit: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ood_table(metrics: Mapping[str, Mapping]) -> str:
+    """Markdown: the feature-space check of each model (its layer, threshold and flag rates), and per
+    shifted set its AUROC against the test split and the share it flags."""
+    first = next(iter(metrics.values()))["ood"]
+    shifted = sorted({name for entry in metrics.values() for name in entry["ood"]["shifted"]})
+    models = list(metrics)
+    lines = [
+        f"Mahalanobis distance to the nearest class on the features of `{first['layer']}` (averaged over space); "
+        f"the threshold flags {first['flag_share']:.0%} of the validation split. An upload above it is shown as "
+        "unlike the training data (`models/ood.npz`, read by the app).\n",
+        "| | " + " | ".join(MODEL_TITLES.get(m, m) for m in models) + " |",
+        "|" + "---|" * (len(models) + 1),
+        "| flagged: validation | " + " | ".join(f"{metrics[m]['ood']['val_flag_rate']:.1%}" for m in models) + " |",
+        "| flagged: test | " + " | ".join(f"{metrics[m]['ood']['test_flag_rate']:.1%}" for m in models) + " |",
+    ]
+    for name in shifted:
+        cells = [metrics[m]["ood"]["shifted"].get(name) for m in models]
+        lines.append(f"| flagged: {name} | " + " | ".join(f"{c['flag_rate']:.1%} of {c['n']}" if c else "-" for c in cells) + " |")
+        lines.append(f"| AUROC test vs {name} | " + " | ".join(f"{c['auroc']:.3f}" if c else "-" for c in cells) + " |")
+    if not shifted:
+        lines.append("\nNo shifted image sets configured (`evaluate.feature_check.shifted_sets`): add folders of "
+                     "images unlike the training data to measure the check on them.")
+    return "\n".join(lines) + "\n"
+
+
 def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, np.ndarray],
                       errors: Mapping[str, pd.DataFrame], class_names: Sequence[str], *, bootstrap_resamples: int,
                       errors_listed: int, figures: Mapping[str, str], files: Mapping[str, str]) -> str:
@@ -386,6 +412,8 @@ def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, n
                   confusion_table(confusions[model], class_names),
                   f"Most confident errors ({min(errors_listed, len(errors[model]))} of {len(errors[model])}):\n",
                   errors_table(errors[model], errors_listed)]
+    if all("ood" in entry for entry in metrics.values()):
+        parts += ["## Out-of-distribution check\n", ood_table(metrics)]
     parts.append("## Figures\n")
     parts += [f"### {caption}\n\n![{caption}]({path})\n" for caption, path in figures.items()]
     parts.append("## Data files\n")

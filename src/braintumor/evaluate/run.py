@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import keras
 import numpy as np
@@ -15,12 +15,13 @@ import pandas as pd
 
 import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
 from braintumor.core import atomic
-from braintumor.core.config import CLASS_NAMES, EvaluateParams
+from braintumor.core.config import CLASS_NAMES, EvaluateParams, PreprocessParams
 from braintumor.evaluate.calibration import apply_temperature, calibration_entry, fit_temperature, reliability_bins
+from braintumor.evaluate.feature_check import FeatureCheck, detection_summary, fit_feature_check
 from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
 from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, misclassified, model_metrics,
                                          prediction_table, roc_curves, training_curves)
-from braintumor.model.inputs import predict_split
+from braintumor.model.inputs import features_and_probabilities_model, predict_features
 from braintumor.split.load import SplitRows, TrainingData
 
 log = logging.getLogger("braintumor.evaluate")
@@ -36,6 +37,7 @@ DATA_FILES = {
     "one-vs-rest ROC points per class": "evaluate/roc/<model>_<class>.csv",
     "loss and accuracy per epoch of both training phases": "evaluate/training_curves.csv",
     "temperature and validation confidence quantiles (read by the app)": "../models/calibration.json",
+    "the feature-space out-of-distribution check of each model (read by the app)": "../models/ood.npz",
 }
 
 
@@ -43,11 +45,13 @@ DATA_FILES = {
 class Evaluation:
     metrics: dict  # reports/metrics.json: per model
     calibration: dict  # models/calibration.json: per model
+    feature_checks: dict  # models/ood.npz: model name -> FeatureCheck
     report: str  # reports/evaluation.md
 
 
 def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: list[str], histories: dict[str, dict],
-                    params: EvaluateParams, out: Path) -> Evaluation:
+                    params: EvaluateParams, out: Path, feature_layer: str,
+                    shifted: dict[str, "ImageFolder"] | None = None) -> Evaluation:
     """Evaluate each model, write its plots data and figures into ``out``, and build the report.
 
     Args:
@@ -55,16 +59,24 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
         files: the source file of each test row, for the per-image tables.
         histories: per-epoch history of each training phase, in training order.
         out: ``reports/evaluate/``.
+        feature_layer: the out-of-distribution check's layer (``feature_check_layer_name``).
+        shifted: name -> images unlike the training data (:func:`load_image_folder`), to score the check on.
     """
     test = data.split["test"]
-    metrics, calibration, confusions, errors = {}, {}, {}, {}
+    metrics, calibration, checks, confusions, errors = {}, {}, {}, {}, {}
     for name, model_file in model_files.items():
-        metrics[name], calibration[name], probabilities = evaluate_model(model_file, data, params)
+        metrics[name], calibration[name], probabilities, check = evaluate_model(model_file, data, params,
+                                                                                feature_layer, shifted or {})
+        checks[name] = check
         confusions[name], errors[name] = write_model_outputs(name, metrics[name], test, probabilities, files, out,
                                                              params.calibration_bins)
         m = metrics[name]
         log.info("%s: test accuracy %.4f %s, macro-F1 %.4f, ECE %.4f -> %.4f at T = %.3f", name, m["accuracy"],
                  m["accuracy_ci95"], m["macro_f1"], m["ece"], m["ece_calibrated"], m["temperature"])
+        log.info("%s: out-of-distribution check flags %.1f%% of validation, %.1f%% of test%s", name,
+                 100 * m["ood"]["val_flag_rate"], 100 * m["ood"]["test_flag_rate"],
+                 "".join(f"; {s}: AUROC {v['auroc']:.3f}, {100 * v['flag_rate']:.1f}% flagged of {v['n']}"
+                         for s, v in m["ood"]["shifted"].items()))
     curves = training_curves(histories)
     atomic.write_csv(out / "training_curves.csv", curves)
     save_png(training_curves_figure(curves), out / "training_curves.png")
@@ -73,7 +85,7 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
     figures["training curves"] = "evaluate/training_curves.png"
     report = evaluation_report(metrics, confusions, errors, CLASS_NAMES, bootstrap_resamples=params.bootstrap_resamples,
                                errors_listed=params.errors_listed, figures=figures, files=DATA_FILES)
-    return Evaluation(metrics, calibration, report)
+    return Evaluation(metrics, calibration, checks, report)
 
 
 def registry_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
@@ -85,21 +97,82 @@ def registry_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
             "evaluate_run_id": run_id}
 
 
-def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams) -> tuple[dict, dict, np.ndarray]:
-    """Predict the validation and test splits; fit the temperature on validation.
+def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams, feature_layer: str,
+                   shifted: dict[str, "ImageFolder"]) -> tuple[dict, dict, np.ndarray, FeatureCheck]:
+    """Predict the splits; fit the temperature on validation, the feature check on training and validation.
 
     Returns:
-        The metrics.json entry, the calibration.json entry, and the test probabilities (n, k).
+        The metrics.json entry (with the check's flag rates and AUROCs under ``ood``), the
+        calibration.json entry, the test probabilities (n, k) and the fitted check.
     """
-    model = keras.saving.load_model(model_file, safe_mode=True)
-    val = predict_split(model, data.images, data.split["val"], params.batch_size)
-    test = predict_split(model, data.images, data.split["test"], params.batch_size)
+    model = features_and_probabilities_model(keras.saving.load_model(model_file, safe_mode=True), feature_layer)
+    features = {split: predict_features(model, data.images, data.split[split], params.batch_size)
+                for split in ("train", "val", "test")}
+    shifted_features = {name: predict_features(model, folder.images, all_rows(len(folder.images)), params.batch_size)[0]
+                        for name, folder in shifted.items()}
     keras.backend.clear_session()  # one model in memory at a time
+    (val_features, val), (test_features, test) = features["val"], features["test"]
     temperature = fit_temperature(val, data.split["val"].labels)
     entry = model_metrics(data.split["test"].labels, test, CLASS_NAMES, temperature=temperature,
                           bootstrap_resamples=params.bootstrap_resamples, bootstrap_seed=params.bootstrap_seed,
                           calibration_bins=params.calibration_bins)
-    return entry, calibration_entry(temperature, val), test
+    check = fit_feature_check(feature_layer, features["train"][0], data.split["train"].labels, val_features,
+                              len(CLASS_NAMES), params.feature_check.flag_share)
+    entry["ood"] = feature_check_summary(check, test_features, shifted_features)
+    for name, folder in shifted.items():
+        entry["ood"]["shifted"][name]["unreadable"] = len(folder.unreadable)
+    return entry, calibration_entry(temperature, val), test, check
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """The readable images of a folder, preprocessed as the app does, and what could not be read."""
+
+    images: np.ndarray  # (n, S, S) uint8
+    files: list[str]
+    unreadable: dict[str, str]  # file -> why
+
+
+def load_image_folder(folder: Path, preprocess: PreprocessParams, max_bytes: int = 50 * 2**20,
+                      max_pixels: int = 50_000_000) -> ImageFolder:
+    """Every file below ``folder`` (hidden and system entries skipped), decoded and preprocessed with the app's
+    own code; a file that is not an accepted image is listed with its reason, never dropped silently.
+
+    Raises:
+        FileNotFoundError: no such folder. ValueError: no readable image in it.
+    """
+    from braintumor.core.imageio import is_system_entry
+    from braintumor.serve.uploads import UploadError, preprocess_upload
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shifted image set {folder} is not a folder (evaluate.feature_check.shifted_sets)")
+    images, files, unreadable = [], [], {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if is_system_entry(PurePosixPath(path.relative_to(folder).as_posix())):
+            continue
+        try:
+            images.append(preprocess_upload(path.read_bytes(), preprocess, max_bytes, max_pixels)[1])
+            files.append(str(path))
+        except UploadError as exc:
+            unreadable[str(path)] = str(exc)
+    if not images:
+        raise ValueError(f"shifted image set {folder}: no readable image among {len(unreadable)} files")
+    return ImageFolder(np.stack(images), files, unreadable)
+
+
+def all_rows(count: int) -> SplitRows:
+    """Every row of an image array, in order (labels unused)."""
+    return SplitRows(np.arange(count), np.zeros(count, np.int64))
+
+
+def feature_check_summary(check: FeatureCheck, test_features: np.ndarray, shifted: dict[str, np.ndarray]) -> dict:
+    """The metrics.json ``ood`` entry: the check's flag rates on validation and test, and on each shifted set
+    its AUROC against the test split and its flag rate."""
+    test_scores = check.scores(test_features)
+    return {"layer": check.layer, "threshold": check.threshold, "flag_share": check.flag_share,
+            "val_flag_rate": check.val_flag_rate, "test_flag_rate": float(np.mean(test_scores > check.threshold)),
+            "shifted": {name: detection_summary(test_scores, check.scores(features), check.threshold)
+                        for name, features in shifted.items()}}
 
 
 def write_model_outputs(name: str, entry: dict, test: SplitRows, probabilities: np.ndarray, files: list[str],

@@ -34,7 +34,7 @@ import tensorflow as tf
 from keras import ops
 from scipy.stats import rankdata
 
-from braintumor.model.backbones import BACKBONES, last_conv_layer_name
+from braintumor.model.backbones import BACKBONES, feature_check_tensor, final_dense, last_conv_layer_name
 
 # The name build_model gives a model: f"{backbone}_classifier".
 _MODEL_SUFFIX = "_classifier"
@@ -78,19 +78,7 @@ def gradcam_layer_name(model: keras.Model, layer: str = "auto") -> str:
     return layer
 
 
-def _final_dense(model: keras.Model) -> keras.layers.Dense:
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    logit_activations = (keras.activations.softmax, keras.activations.linear)
-    if not isinstance(last, keras.layers.Dense) or activation not in logit_activations:
-        raise ValueError(
-            f"Grad-CAM needs the model's last layer to be a Dense layer with a softmax (or no) activation, "
-            f"to read the class logits; model {model.name!r} ends with {type(last).__name__} {last.name!r}"
-        )
-    return last
-
-
-def make_gradcam_model(model: keras.Model, layer_name: str) -> keras.Model:
+def make_gradcam_model(model: keras.Model, layer_name: str, feature_layer: str | None = None) -> keras.Model:
     """A model image (B, S, S, 1) -> (activations (B, h, w, K), logits (B, C)), sharing ``model``'s weights.
 
     Build it once per model and reuse it: :func:`grad_cam` traces one TensorFlow graph per Grad-CAM
@@ -99,10 +87,15 @@ def make_gradcam_model(model: keras.Model, layer_name: str) -> keras.Model:
     Args:
         model: a classifier ending in a Dense softmax layer.
         layer_name: from :func:`gradcam_layer_name`.
+        feature_layer: also output the out-of-distribution check's features (the input of this layer,
+            averaged over space) from the same forward pass, for :func:`grad_cam_with_features`.
     """
-    dense = _final_dense(model)
+    dense = final_dense(model)
     activations = model.get_layer(gradcam_layer_name(model, layer_name)).output
-    gradcam_model = keras.Model(model.inputs, [activations, dense.input], name=f"{model.name}_gradcam_{layer_name}")
+    outputs = [activations, dense.input]
+    if feature_layer is not None:
+        outputs.append(feature_check_tensor(model, feature_layer))
+    gradcam_model = keras.Model(model.inputs, outputs, name=f"{model.name}_gradcam_{layer_name}")
     _TRACED[gradcam_model] = (_traced_gradcam(gradcam_model, dense), int(dense.units))
     return gradcam_model
 
@@ -117,7 +110,7 @@ def _traced_gradcam(gradcam_model: keras.Model, dense: keras.layers.Dense):
                                   tf.TensorSpec((None,), tf.int32)], reduce_retracing=True)
     def heatmaps_and_probabilities(images, class_index):
         with tf.GradientTape() as tape:
-            activations, features = model_ref()(images, training=False)
+            activations, features, *check_features = model_ref()(images, training=False)
             tape.watch(activations)
             logits = ops.matmul(ops.cast(features, "float32"), ops.cast(dense.kernel, "float32"))
             if dense.use_bias:
@@ -131,7 +124,9 @@ def _traced_gradcam(gradcam_model: keras.Model, dense: keras.layers.Dense):
         cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(activations, tf.float32), axis=-1, keepdims=True))
         cam = tf.image.resize(cam, size, method="bilinear")[..., 0]  # (B, S, S)
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        return tf.math.divide_no_nan(cam, peak), probabilities
+        # (B, 0) when the model has no feature-check output: one return structure for both kinds.
+        pooled = check_features[0] if check_features else tf.zeros((tf.shape(images)[0], 0))
+        return tf.math.divide_no_nan(cam, peak), probabilities, tf.cast(pooled, tf.float32)
 
     return heatmaps_and_probabilities
 
@@ -175,21 +170,37 @@ def grad_cam(
         heatmaps (N, S, S) float32 in [0, 1] (each divided by its maximum; all zeros when no pixel
         speaks for the class), probabilities (N, C) float32 (softmax of the logits).
     """
+    heatmaps, probabilities, _ = grad_cam_with_features(gradcam_model, images, class_index, batch_size)
+    return heatmaps, probabilities
+
+
+def grad_cam_with_features(
+    gradcam_model: keras.Model,
+    images: np.ndarray,
+    class_index: int | np.ndarray | None = None,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`grad_cam`, plus the out-of-distribution check's features (N, C) float32 from the same pass
+    ((N, 0) when the Grad-CAM model was made without ``feature_layer``)."""
     size = tuple(gradcam_model.inputs[0].shape[1:3])
     images = _check_images(images, size)
     if gradcam_model not in _TRACED:
         raise ValueError(f"grad_cam: {gradcam_model.name!r} was not made by make_gradcam_model")
     function, num_classes = _TRACED[gradcam_model]
     ids = _class_ids(class_index, len(images), num_classes)
-    heatmaps, probabilities = [], []
+    heatmaps, probabilities, features = [], [], []
     for start in range(0, len(images), batch_size):
         batch = tf.convert_to_tensor(images[start:start + batch_size, ..., None], tf.float32)
-        maps, probs = function(batch, tf.convert_to_tensor(ids[start:start + batch_size]))
+        maps, probs, pooled = function(batch, tf.convert_to_tensor(ids[start:start + batch_size]))
         heatmaps.append(maps.numpy())
         probabilities.append(probs.numpy())
+        features.append(pooled.numpy())
     if not heatmaps:
-        return np.zeros((0, *size), np.float32), np.zeros((0, num_classes), np.float32)
-    return np.concatenate(heatmaps).astype(np.float32), np.concatenate(probabilities).astype(np.float32)
+        width = int(gradcam_model.outputs[2].shape[-1]) if len(gradcam_model.outputs) > 2 else 0
+        return (np.zeros((0, *size), np.float32), np.zeros((0, num_classes), np.float32),
+                np.zeros((0, width), np.float32))
+    return (np.concatenate(heatmaps).astype(np.float32), np.concatenate(probabilities).astype(np.float32),
+            np.concatenate(features).astype(np.float32))
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -70,6 +70,9 @@ class Backbone:
         preprocessing_note: what happens to a 0..255 RGB pixel before the first conv, in words.
         last_conv_layer: name of the last conv block's output (the Grad-CAM layer); it is also the
             backbone's output.
+        feature_check_layer: the layer whose *input*, averaged over space, the out-of-distribution
+            check reads: the output of the stride-16 stage (Xception's middle flow), where what kind
+            of image this is still shows and the classes do not yet dominate (measured in BENCHMARKS.md).
         min_size: the smallest input side keras.applications accepts.
         constructor_kwargs: extra keyword arguments for ``constructor``.
     """
@@ -79,6 +82,7 @@ class Backbone:
     preprocessing: str
     preprocessing_note: str
     last_conv_layer: str
+    feature_check_layer: str
     min_size: int = 32
     constructor_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -90,6 +94,7 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="caffe",
         preprocessing_note="caffe: RGB -> BGR, minus the ImageNet channel means (103.939, 116.779, 123.68), no scaling",
         last_conv_layer="conv5_block3_out",
+        feature_check_layer="conv5_block1_1_conv",
     ),
     "xception": Backbone(
         name="xception",
@@ -97,6 +102,7 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="tf",
         preprocessing_note="tf: x / 127.5 - 1, to [-1, 1]",
         last_conv_layer="block14_sepconv2_act",
+        feature_check_layer="block13_sepconv1_act",
         min_size=71,
     ),
     "efficientnetb0": Backbone(
@@ -108,6 +114,7 @@ BACKBONES: dict[str, Backbone] = {
             "that come with the weights (mean 0, variance 1, i.e. just x / 255, with weights none)"
         ),
         last_conv_layer="top_activation",
+        feature_check_layer="block6a_expand_conv",
     ),
     "densenet121": Backbone(
         name="densenet121",
@@ -115,6 +122,7 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="torch",
         preprocessing_note="torch: x / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
         last_conv_layer="relu",
+        feature_check_layer="pool4_bn",
     ),
     "mobilenetv3small": Backbone(
         name="mobilenetv3small",
@@ -124,6 +132,7 @@ BACKBONES: dict[str, Backbone] = {
         # keras.applications leaves this hard-swish Activation auto-named ("activation_17" or so,
         # depending on what the process built before); build_model gives it this stable name.
         last_conv_layer="conv_1_act",
+        feature_check_layer="expanded_conv_8_expand",
         constructor_kwargs=(("include_preprocessing", True),),
     ),
 }
@@ -391,3 +400,33 @@ def unfreeze_top(model: keras.Model, top: int | str) -> dict[str, int]:
         "frozen_batchnorm": kept_frozen,
         "trainable_params": trainable_param_count(model),
     }
+
+
+def final_dense(model: keras.Model) -> keras.layers.Dense:
+    """The classifier's last layer, a Dense softmax (or linear) layer: its input is the penultimate feature vector
+    (the out-of-distribution check), its pre-activation the class logits (Grad-CAM)."""
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    logit_activations = (keras.activations.softmax, keras.activations.linear)
+    if not isinstance(last, keras.layers.Dense) or activation not in logit_activations:
+        raise ValueError(
+            f"the model's last layer must be a Dense layer with a softmax (or no) activation, "
+            f"to read the class logits and features; model {model.name!r} ends with {type(last).__name__} {last.name!r}"
+        )
+    return last
+
+
+def feature_check_layer_name(setting: str, backbone: str) -> str:
+    """``evaluate.feature_check.layer``: "auto" = the backbone's :attr:`Backbone.feature_check_layer`, else the name given."""
+    return get_backbone(backbone).feature_check_layer if setting == "auto" else setting
+
+
+def feature_check_tensor(model: keras.Model, layer_name: str) -> Any:
+    """The symbolic (B, C) input of ``layer_name`` averaged over space: what the out-of-distribution check reads."""
+    try:
+        tensor = model.get_layer(layer_name).input
+    except ValueError:
+        raise ValueError(f"the model {model.name!r} has no layer {layer_name!r} for the out-of-distribution check") from None
+    if len(tensor.shape) != 4:
+        raise ValueError(f"the out-of-distribution check needs a (B, h, w, C) input of {layer_name!r}, got {tensor.shape}")
+    return ops.mean(tensor, axis=(1, 2))

@@ -203,3 +203,28 @@ def predict_split(model: keras.Model, images: np.ndarray, split: SplitRows, batc
     """(n, k) float32 softmax outputs for a split's rows, in order, through the inference input pipeline."""
     dataset = make_dataset(images, split.rows, split.labels, batch_size=batch_size, training=False, augment=None, seed=0)
     return np.asarray(model.predict(dataset, verbose=0), np.float32)
+
+
+def features_and_probabilities_model(model: keras.Model, feature_layer: str) -> keras.Model:
+    """image (B, S, S, 1) -> (the out-of-distribution check's features (B, C), softmax (B, k)), sharing weights.
+
+    Args:
+        feature_layer: a layer whose input, averaged over space, are the features
+            (:func:`braintumor.model.backbones.feature_check_tensor`).
+    """
+    from braintumor.model.backbones import feature_check_tensor
+
+    return keras.Model(model.inputs, [feature_check_tensor(model, feature_layer), model.output],
+                       name=f"{model.name}_features")
+
+
+def predict_features(model: keras.Model, images: np.ndarray, split: SplitRows,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """((n, C) features, (n, k) softmax outputs) of a split's rows, in order, in one pass.
+
+    Args:
+        model: from :func:`features_and_probabilities_model`.
+    """
+    dataset = make_dataset(images, split.rows, split.labels, batch_size=batch_size, training=False, augment=None, seed=0)
+    features, probabilities = model.predict(dataset, verbose=0)
+    return np.asarray(features, np.float32), np.asarray(probabilities, np.float32)

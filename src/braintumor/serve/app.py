@@ -93,9 +93,12 @@ def verdict_markdown(result: PredictionResult, calibrated: bool, identity=None) 
         text = f"### {top.replace('_', ' ')}: {result.probabilities[top]:.0%} ({kind} confidence)"
         if not result.verdict.confidence_checked:
             text += "\n\nThe low-confidence check is off: this model has no calibration entry."
+        if not result.verdict.features_checked:
+            text += "\n\nThe training-data similarity check is off: this model has no `ood.npz` entry."
     else:
-        headline = ("Not classified: the model is unsure" if result.verdict.looks_like_mri
-                    else "Not classified: this does not look like a brain MRI slice")
+        headline = ("Not classified: this does not look like a brain MRI slice" if not result.verdict.looks_like_mri
+                    else "Not classified: this image is unlike the model's training data" if result.verdict.unlike_training
+                    else "Not classified: the model is unsure")
         reasons = "\n".join(f"- {flag.message}" for flag in result.verdict.flags)
         text = (f"### ⚠️ {headline}\n\n{reasons}\n\nFor reference only, the model's top class was "
                 f"{top.replace('_', ' ')} ({result.probabilities[top]:.0%}, {kind}).")
@@ -115,6 +118,8 @@ def result_details(result: PredictionResult, bundle: ModelBundle) -> dict:
         "in_distribution": result.verdict.in_distribution,
         "flags": [asdict(flag) for flag in result.verdict.flags],
         "confidence_checked": result.verdict.confidence_checked,
+        "features_checked": result.verdict.features_checked,
+        "feature_score": result.feature_score,
         "image_stats": asdict(result.stats),
         "upload": result.upload,
         "model": asdict(bundle.identity),

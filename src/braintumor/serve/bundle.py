@@ -7,11 +7,14 @@ Files, for a model ``models/<stem>.keras``::
                                preprocess params it was trained with)
     models/calibration.json    written by the evaluate stage: {<stem>: {"temperature": T,
                                "val_max_probability_quantiles": {"0.01": q, "0.05": q, "0.10": q}}}
+    models/ood.npz             written by the evaluate stage: per <stem>, the feature check (layer, class
+                               means, precision, threshold; braintumor.evaluate.feature_check)
 
 A model brings its own preprocessing: the card's ``preprocess`` section, not today's params.yaml. Without
 a card the app uses params.yaml's section and says so on every result (:attr:`ModelBundle.notes`); without
 a calibration entry it shows raw softmax probabilities, labelled uncalibrated, and cannot run the
-confidence check. Nothing is loaded from the network.
+confidence check; without an ood.npz entry the feature check is off, and each result says so.
+Nothing is loaded from the network.
 
 :func:`predict_upload` is what the app and the tests call: bytes (or a path) in, a
 :class:`PredictionResult` out, an :class:`braintumor.serve.uploads.UploadError` for a bad file.
@@ -33,9 +36,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from braintumor.core.config import CLASS_NAMES, Params, PreprocessParams
-from braintumor.serve.ood import ImageStats, OodLimits, Verdict, assess, image_stats
-from braintumor.preprocess.slices import preprocess_slice
-from braintumor.serve.uploads import DecodedUpload, UploadError, decode_upload
+from braintumor.serve.ood import FeatureScore, ImageStats, OodLimits, Verdict, assess, image_stats
+from braintumor.serve.uploads import DecodedUpload, UploadError, preprocess_upload
 
 HOW_TO_GET_A_MODEL = (
     "Train one first: `make demo` (offline, on the built-in phantom data, about 5 minutes) or `dvc repro` "
@@ -107,6 +109,7 @@ class ModelBundle:
     image_size: int
     calibration: Calibration
     notes: tuple[str, ...] = field(default=())  # what is missing or assumed, shown with every result
+    feature_check: Any = None  # braintumor.evaluate.feature_check.FeatureCheck, or None: no models/ood.npz entry
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ def _registered_version(client, uri: str):
 def fetch_registered_model(uri: str, tracking_uri: str, dest: Path) -> Path:
     """Download a registered model version into ``dest`` as ``finetuned.keras`` with its card
     (``finetuned.json``, from the logged model's metadata) and, when the evaluate stage tagged the
-    version, its ``calibration.json``: the same files a local model has, so one loader serves both.
+    version, its ``calibration.json`` and ``ood.npz``: the same files a local model has, so one loader
+    serves both.
     """
     import mlflow
     from mlflow.models import Model
@@ -211,6 +215,10 @@ def fetch_registered_model(uri: str, tracking_uri: str, dest: Path) -> Path:
         model_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     if calibration := version.tags.get("calibration"):
         (dest / "calibration.json").write_text(json.dumps({"finetuned": json.loads(calibration)}, indent=2))
+    if evaluate_run := version.tags.get("evaluate_run_id"):
+        # Too large for a tag: the feature check is an artifact of the evaluate run that tagged the version.
+        mlflow.artifacts.download_artifacts(run_id=evaluate_run, artifact_path="ood.npz", dst_path=str(dest),
+                                            tracking_uri=tracking_uri)
     return model_path
 
 
@@ -286,6 +294,29 @@ def load_model_calibration(model_path: Path) -> tuple[Calibration, list[str]]:
     return Calibration(float(entry["temperature"]), dict(entry["val_max_probability_quantiles"]), path.name), []
 
 
+def ood_path(model_path: Path) -> Path:
+    """``models/ood.npz`` in the model's folder."""
+    return model_path.parent / "ood.npz"
+
+
+def load_model_feature_check(model_path: Path) -> tuple[Any, list[str]]:
+    """The model's entry of ``ood.npz`` (key = the model's stem), or None with a note saying the check is off."""
+    from braintumor.evaluate.feature_check import load_feature_checks
+
+    path = ood_path(model_path)
+    if not path.is_file():
+        return None, [f"No {path.name} beside the model (run `dvc repro evaluate`): the check that an upload is like "
+                      "the training data is off."]
+    try:
+        checks = load_feature_checks(path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if model_path.stem not in checks:
+        return None, [f"{path.name} has no entry {model_path.stem!r} (it has {sorted(checks)}): the check that an "
+                      "upload is like the training data is off."]
+    return checks[model_path.stem], []
+
+
 def _load_keras_model(model_path: Path):
     import keras
 
@@ -322,22 +353,33 @@ def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessPa
         ModelNotFoundError: no model file. ModelLoadError: a file that is there but unusable.
     """
     from braintumor.explain.gradcam import gradcam_layer_name, grad_cam, make_gradcam_model
+    from braintumor.model.backbones import feature_check_tensor
 
     model_path = resolve_model_file(model, root, tracking_uri)
     card = read_model_card(model_path)
     preprocess, class_names, notes = _input_contract(card, model_path, fallback_preprocess)
     calibration, calibration_notes = load_model_calibration(model_path)
+    feature_check, feature_notes = load_model_feature_check(model_path)
     keras_model = _load_keras_model(model_path)
     _check_model_shapes(keras_model, model_path, preprocess.image_size, class_names)
+    if feature_check is not None:
+        try:
+            width = int(feature_check_tensor(keras_model, feature_check.layer).shape[-1])
+        except ValueError as exc:
+            raise ModelLoadError(f"{ood_path(model_path).name} does not belong to {model_path.name}: {exc}") from None
+        if width != feature_check.dimension:
+            raise ModelLoadError(f"{ood_path(model_path).name} was fitted on {feature_check.dimension} features of "
+                                 f"{feature_check.layer!r}, but {model_path.name} has {width} there: rerun `dvc repro evaluate`")
     try:
         layer = gradcam_layer_name(keras_model, gradcam_layer)
-        gradcam_model = make_gradcam_model(keras_model, layer)
+        gradcam_model = make_gradcam_model(keras_model, layer, feature_check.layer if feature_check else None)
     except ValueError as exc:  # not a build_model classifier, or gradcam.layer names no conv layer of it
         raise ModelLoadError(f"{model_path.name}: no Grad-CAM: {exc}") from None
     # The first call traces the TensorFlow graph (seconds); do it now rather than in the first request.
     grad_cam(gradcam_model, np.zeros((1, preprocess.image_size, preprocess.image_size), np.uint8))
     return ModelBundle(keras_model, gradcam_model, layer, _identity(card, model_path), preprocess, class_names,
-                       preprocess.image_size, calibration, tuple(notes + calibration_notes))
+                       preprocess.image_size, calibration, tuple(notes + calibration_notes + feature_notes),
+                       feature_check)
 
 
 # --------------------------------------------------------------------------- one upload
@@ -354,6 +396,7 @@ class PredictionResult:
         stats: the image statistics the rule looked at.
         preprocessed: uint8 (S, S), exactly what the model saw.
         overlay: RGB uint8 (S, S, 3) Grad-CAM of the predicted class, or None when the image checks failed.
+        feature_score: the feature check's distance, or None when the model has no feature check.
         upload: what was decoded, in words (format, size, bit depth).
         seconds: wall time from bytes to result.
     """
@@ -366,6 +409,7 @@ class PredictionResult:
     overlay: np.ndarray | None
     upload: str
     seconds: float
+    feature_score: float | None = None
 
 
 def read_upload(upload: bytes | str | os.PathLike, max_bytes: int) -> bytes:
@@ -378,12 +422,6 @@ def read_upload(upload: bytes | str | os.PathLike, max_bytes: int) -> bytes:
     return path.read_bytes()
 
 
-def preprocess_upload(data: bytes, preprocess: PreprocessParams, max_bytes: int, max_pixels: int) -> tuple[DecodedUpload, np.ndarray]:
-    """(decoded upload, preprocessed (S, S) uint8): the pipeline's own decode and :func:`preprocess_slice`."""
-    decoded = decode_upload(data, max_bytes, max_pixels)
-    return decoded, preprocess_slice(decoded.gray, preprocess)
-
-
 def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, settings: ServingSettings) -> PredictionResult:
     """Classify one uploaded file: decode, preprocess, predict with Grad-CAM, calibrate, apply the OOD rule.
 
@@ -391,16 +429,19 @@ def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, setti
         UploadError: the file is not an image or DICOM MR slice this app accepts (the message says why).
     """
     from braintumor.evaluate.calibration import apply_temperature
-    from braintumor.explain.gradcam import grad_cam, overlay
+    from braintumor.explain.gradcam import grad_cam_with_features, overlay
 
     started = time.perf_counter()
     data = read_upload(upload, settings.max_upload_bytes)
     decoded, image = preprocess_upload(data, bundle.preprocess, settings.max_upload_bytes, settings.max_image_pixels)
     stats = image_stats(decoded.gray, decoded.colour_share, bundle.preprocess.head_threshold)
-    heatmaps, raw = grad_cam(bundle.gradcam_model, image[None])  # (1, S, S), (1, C)
+    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, image[None])  # (1, S, S), (1, C), (1, F)
     probabilities = apply_temperature(raw, bundle.calibration.temperature)[0]
     threshold = bundle.calibration.val_max_probability_quantiles.get(settings.confidence_quantile)
-    verdict = assess(stats, settings.ood, float(probabilities.max()), threshold, settings.confidence_quantile)
+    check = bundle.feature_check
+    feature = (FeatureScore(float(check.scores(features)[0]), check.threshold, check.flag_share)
+               if check is not None else None)
+    verdict = assess(stats, settings.ood, float(probabilities.max()), threshold, settings.confidence_quantile, feature)
     return PredictionResult(
         label=bundle.class_names[int(probabilities.argmax())] if verdict.in_distribution else None,
         probabilities={name: float(p) for name, p in zip(bundle.class_names, probabilities)},
@@ -410,4 +451,5 @@ def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, setti
         overlay=overlay(image, heatmaps[0], settings.overlay_alpha) if verdict.looks_like_mri else None,
         upload=decoded.description,
         seconds=time.perf_counter() - started,
+        feature_score=feature.score if feature else None,
     )

@@ -18,14 +18,19 @@ model's ``preprocess.head_threshold`` after a 3x3 blur, as the preprocessing's h
   ``min_head_share`` of the foreground: scattered bright marks, such as white text on black, rather
   than one head. Nickparvar's lowest share is 0.83; rendered text is <= 0.15.
 
-Model check, after the (temperature-calibrated) prediction:
+Model checks, after the (temperature-calibrated) prediction:
 
+* ``unlike_training``: the image's features (the backbone's stride-16 stage, averaged over space)
+  are farther from every class of the training split (Mahalanobis distance) than the threshold set
+  on the validation split (``models/ood.npz``, written by the evaluate stage; see
+  :mod:`braintumor.evaluate.feature_check`). This is what catches a real MRI slice shown to a model
+  trained on phantoms, or another modality, view or scanner the model never saw.
 * ``low_confidence``: the top calibrated probability is below a quantile of the top probabilities of
   the validation split (``models/calibration.json``, written by the evaluate stage): the model is less
   sure than on, say, 99% of real validation slices.
 
-What it does not catch: a grey, textured, head-like image that is not a brain MRI (a grey photograph
-of a fruit, a CT slice) passes the image checks and is stopped only if the model is unsure.
+What the image checks do not catch (a grey, textured, head-like image that is not a brain MRI: a grey
+photograph of a fruit, a CT slice) is left to the model checks.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-CHECKS = ("colour_photo", "near_constant", "flat_regions", "no_head", "low_confidence")
+IMAGE_CHECKS = ("colour_photo", "near_constant", "flat_regions", "no_head")
+MODEL_CHECKS = ("unlike_training", "low_confidence")
+CHECKS = IMAGE_CHECKS + MODEL_CHECKS
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,12 @@ class Verdict:
     Attributes:
         flags: every failed check, image checks first.
         confidence_checked: False when no validation quantile was available (no calibration file).
+        features_checked: False when the model has no feature check (no ``models/ood.npz`` entry).
     """
 
     flags: tuple[Flag, ...]
     confidence_checked: bool
+    features_checked: bool = False
 
     @property
     def in_distribution(self) -> bool:
@@ -82,8 +91,12 @@ class Verdict:
 
     @property
     def looks_like_mri(self) -> bool:
-        """Whether the image checks passed (the model check may still have failed)."""
-        return not any(flag.check != "low_confidence" for flag in self.flags)
+        """Whether the image checks passed (a model check may still have failed)."""
+        return not any(flag.check in IMAGE_CHECKS for flag in self.flags)
+
+    @property
+    def unlike_training(self) -> bool:
+        return any(flag.check == "unlike_training" for flag in self.flags)
 
 
 def _foreground(gray: np.ndarray, head_threshold: int) -> np.ndarray:
@@ -159,9 +172,27 @@ def confidence_flag(max_probability: float, threshold: float, quantile: str) -> 
                                   f"{threshold:.2f}, which {float(quantile):.0%} of validation slices fall under.")
 
 
+def feature_flag(score: float, threshold: float, flag_share: float) -> Flag | None:
+    """``unlike_training`` if the feature distance is above the threshold set on validation."""
+    if score <= threshold:
+        return None
+    return Flag("unlike_training", f"this image is unlike the images the model was trained on (feature distance "
+                                   f"{score:.0f}, limit {threshold:.0f}, which only {flag_share:.0%} of validation slices "
+                                   "exceed): do not trust these probabilities.")
+
+
+@dataclass(frozen=True)
+class FeatureScore:
+    """The feature check's outcome for one image (see :mod:`braintumor.evaluate.feature_check`)."""
+
+    score: float
+    threshold: float
+    flag_share: float
+
+
 def assess(stats: ImageStats, limits: OodLimits, max_probability: float,
-           confidence_threshold: float | None, quantile: str) -> Verdict:
-    """The whole rule: image checks, then the model check when a validation threshold is known.
+           confidence_threshold: float | None, quantile: str, feature: FeatureScore | None = None) -> Verdict:
+    """The whole rule: image checks, then the model checks whose thresholds are known.
 
     Args:
         stats: from :func:`image_stats`.
@@ -169,9 +200,14 @@ def assess(stats: ImageStats, limits: OodLimits, max_probability: float,
         max_probability: the top calibrated class probability.
         confidence_threshold: the validation quantile of that probability, or None (not calibrated).
         quantile: which quantile ``confidence_threshold`` is ("0.01", ...), for the message.
+        feature: the feature check's score and threshold, or None (the model has no feature check).
     """
     flags = image_flags(stats, limits)
+    if feature is not None:
+        unlike = feature_flag(feature.score, feature.threshold, feature.flag_share)
+        flags += [unlike] if unlike else []
     if confidence_threshold is not None:
         low = confidence_flag(max_probability, confidence_threshold, quantile)
         flags += [low] if low else []
-    return Verdict(tuple(flags), confidence_checked=confidence_threshold is not None)
+    return Verdict(tuple(flags), confidence_checked=confidence_threshold is not None,
+                   features_checked=feature is not None)

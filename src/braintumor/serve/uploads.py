@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from braintumor.core.config import PreprocessParams
 from braintumor.core.imageio import UnreadableImageError, colour_pixel_share, decode_image_bytes, to_grayscale, to_uint8
+from braintumor.preprocess.slices import preprocess_slice
 
 REASONS = (
     "empty_file", "file_too_large", "too_many_pixels", "not_an_image", "truncated", "decode_failed",
@@ -199,3 +201,9 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> DecodedUpload
     if is_dicom(data):
         return decode_dicom_upload(data, max_pixels)
     return decode_image_upload(data, max_pixels)
+
+
+def preprocess_upload(data: bytes, preprocess: PreprocessParams, max_bytes: int, max_pixels: int) -> tuple[DecodedUpload, np.ndarray]:
+    """(decoded upload, preprocessed (S, S) uint8): the pipeline's own decode and :func:`preprocess_slice`."""
+    decoded = decode_upload(data, max_bytes, max_pixels)
+    return decoded, preprocess_slice(decoded.gray, preprocess)

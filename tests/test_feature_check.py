@@ -33,6 +33,11 @@ def test_scores_are_the_squared_distance_to_the_nearest_class_in_the_covariance_
     np.testing.assert_allclose(mahalanobis_scores(MEANS, precision, points), [0.0, 4.0, 1.0, 9.0])
     with pytest.raises(ValueError, match="fitted on 3"):
         mahalanobis_scores(MEANS, precision, np.zeros((2, 4)))
+    # The check scores through the Cholesky factor of the precision: the same numbers.
+    check = FeatureCheck("layer", MEANS, precision, 1.0, 0.01, 0.01)
+    np.testing.assert_allclose(check.scores(points), [0.0, 4.0, 1.0, 9.0], atol=1e-9)
+    random_points = np.random.default_rng(5).normal(size=(50, 3)) * 4
+    np.testing.assert_allclose(check.scores(random_points), mahalanobis_scores(MEANS, precision, random_points))
 
 
 def test_training_like_features_score_low_and_features_of_another_kind_high():

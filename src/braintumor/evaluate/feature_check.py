@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,21 @@ class FeatureCheck:
     def dimension(self) -> int:
         return int(self.means.shape[1])
 
+    @cached_property
+    def _whitened(self) -> tuple[np.ndarray, np.ndarray]:
+        """(means @ L, L) with precision = L L^T: the distance becomes a Euclidean one after x @ L."""
+        whitening = np.linalg.cholesky(self.precision)
+        return self.means @ whitening, whitening
+
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return mahalanobis_scores(self.means, self.precision, features)
+        """(n,) squared Mahalanobis distance to the nearest class mean (as :func:`mahalanobis_scores`).
+
+        Through the Cholesky factor: one vector-matrix product per image, about 0.2 ms at d = 728 on a
+        busy 2-core machine, where the (k, d) x (d, d) product of the plain formula waits for BLAS threads.
+        """
+        x = _check_features(features, "FeatureCheck.scores", self.dimension)
+        means, whitening = self._whitened
+        return (((x @ whitening)[:, None, :] - means[None, :, :]) ** 2).sum(axis=-1).min(axis=1)
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         return self.scores(features) > self.threshold
@@ -107,7 +121,7 @@ def mahalanobis_scores(means: np.ndarray, precision: np.ndarray, features: np.nd
     """(n,) squared Mahalanobis distance of each feature vector to its nearest class mean."""
     x = _check_features(features, "mahalanobis_scores", means.shape[1])
     differences = x[:, None, :] - means[None, :, :]  # (n, k, d)
-    distances = np.einsum("nkd,de,nke->nk", differences, precision, differences)
+    distances = np.sum((differences @ precision) * differences, axis=-1)
     return distances.min(axis=1)
 
 
@@ -132,7 +146,8 @@ def fit_feature_check(layer: str, train_features: np.ndarray, train_labels: np.n
                       num_classes: int, flag_share: float) -> FeatureCheck:
     """Gaussians on the training features, threshold on the validation features."""
     means, precision = fit_class_gaussians(train_features, train_labels, num_classes)
-    val_scores = mahalanobis_scores(means, precision, val_features)
+    # Scored the way the app scores, so that the validation image at the threshold stays exactly on it.
+    val_scores = FeatureCheck(layer, means, precision, math.inf, flag_share, 0.0).scores(val_features)
     threshold = threshold_for_flag_share(val_scores, flag_share)
     return FeatureCheck(layer, means, precision, threshold, float(flag_share), float(np.mean(val_scores > threshold)))
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams
+from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams, load_params
 from conftest import REPO
 from test_uploads import STORED, make_dicom, png_with_header_size
 
@@ -413,6 +413,23 @@ def test_loader_says_what_is_missing(trained, tmp_path):
     real = dataclasses.replace(full.identity, training_data={**trained["card"]["training_data"], "synthetic_only": False,
                                                              "sources": [{"name": "nickparvar", "kind": "kaggle"}]})
     assert not real.synthetic_only and real.provenance().startswith("Trained on: nickparvar (kaggle); 48 training images")
+
+
+def test_a_flip_tta_model_is_served_as_the_evaluate_stage_predicted(trained, tmp_path):
+    from braintumor.evaluate.calibration import apply_temperature, flip_averaged
+    from braintumor.serve.bundle import ServingSettings, load_bundle, predict_upload
+
+    model_file = copy_model(trained, tmp_path / "flip", card=True, calibration=False)
+    entry = {**json.loads((trained["root"] / "models/calibration.json").read_text())["finetuned"], "tta": "flip"}
+    (model_file.parent / "calibration.json").write_text(json.dumps({"finetuned": entry}))
+    bundle = load_bundle(model_file, tmp_path, PREPROCESS)
+    assert bundle.calibration.tta == "flip"
+    result = predict_upload(bundle, trained["upload"], ServingSettings.from_params(load_params(REPO / "params.yaml")))
+    image = pipeline_arrays([trained["upload"]])[0][None, ..., None].astype("float32")
+    model = trained["model"]
+    expected = apply_temperature(flip_averaged(model.predict(image, verbose=0), model.predict(image[:, :, ::-1], verbose=0)),
+                                 TEMPERATURE)[0]
+    np.testing.assert_allclose([result.probabilities[c] for c in CLASS_NAMES], expected, atol=1e-5)
 
 
 def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):

@@ -82,6 +82,7 @@ def test_calibration_file_matches_the_metrics(evaluated_repo):
     metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
     assert list(calibration) == list(MODELS)
     for name, entry in calibration.items():
+        assert entry["tta"] == "flip"  # params.yaml's evaluate.tta, for the app to predict the same way
         assert entry["temperature"] == pytest.approx(metrics[name]["temperature"], abs=1e-6)
         quantiles = entry["val_max_probability_quantiles"]
         assert 1 / len(CLASS_NAMES) - 1e-6 <= quantiles["0.01"] <= quantiles["0.05"] <= quantiles["0.10"] <= 1
@@ -105,9 +106,14 @@ def test_feature_check_is_fitted_on_training_and_scored_on_test_and_shifted_imag
         assert check.layer == ood["layer"] == "expanded_conv_8_expand"  # auto: MobileNetV3Small's stride-16 stage
         assert check.threshold == pytest.approx(ood["threshold"]) and check.flag_share == ood["flag_share"] == 0.01
         # The test flag rate in the metrics is what the saved check gives on the test split's features.
-        model = features_and_probabilities_model(keras.saving.load_model(evaluated_repo / f"models/{name}.keras"),
-                                                 check.layer)
+        keras_model = keras.saving.load_model(evaluated_repo / f"models/{name}.keras")
+        model = features_and_probabilities_model(keras_model, check.layer)
         test_features, _ = predict_features(model, data.images, data.split["test"], 32)
+        # The test probabilities are the mean of each slice's and its mirror image's (evaluate.tta: flip).
+        _, averaged = predict_features(features_and_probabilities_model(keras_model, check.layer, "flip"), data.images,
+                                       data.split["test"], 32)
+        predictions = pd.read_csv(evaluated_repo / f"reports/evaluate/predictions_{name}.csv")
+        np.testing.assert_allclose(predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(), averaged, atol=1e-4)
         val_features, _ = predict_features(model, data.images, data.split["val"], 32)
         assert ood["test_flag_rate"] == pytest.approx(check.flags(test_features).mean())
         assert ood["val_flag_rate"] == pytest.approx(check.flags(val_features).mean())

@@ -276,3 +276,32 @@ def test_make_dataset_yields_the_weights_of_its_rows(cache):
     assert seen == pytest.approx(dict(zip(ROWS.tolist(), weights.tolist())))
     with pytest.raises(ValueError, match="weights must be aligned with rows"):
         make_dataset(cache, ROWS, LABELS, batch_size=4, training=True, augment=None, seed=3, weights=weights[:-1])
+
+
+def test_flip_tta_model_averages_the_slice_and_its_mirror_image():
+    from braintumor.core.config import ModelParams
+    from braintumor.model.backbones import BACKBONES, build_model
+    from braintumor.model.inputs import features_and_probabilities_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelParams(backbone="mobilenetv3small", weights="none", dense_units=(16, 8)), 48)
+    for layer in model.layers:  # a few steps only: let BatchNorm's moving statistics follow them
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.5
+    # Trained to tell which side a bright square is on, so that the mirror image predicts differently.
+    side = np.arange(32) % 2
+    train = np.zeros((32, 48, 48, 1), "float32")
+    for i, s in enumerate(side):
+        train[i, 16:32, (4 if s == 0 else 28):(4 if s == 0 else 28) + 16] = 255
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(train, side, epochs=5, batch_size=8, verbose=0)
+    layer = BACKBONES["mobilenetv3small"].feature_check_layer
+    images = train[:3]
+    plain_features, plain = features_and_probabilities_model(model, layer).predict(images, verbose=0)
+    flip_features, averaged = features_and_probabilities_model(model, layer, "flip").predict(images, verbose=0)
+    mirrored = model.predict(images[:, :, ::-1], verbose=0)
+    assert not np.allclose(plain, mirrored, atol=1e-4)  # the mirror image really predicts differently
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(flip_features, plain_features, atol=1e-6)  # the check reads the slice itself
+    with pytest.raises(ValueError, match="tta must be 'none' or 'flip'"):
+        features_and_probabilities_model(model, layer, "rotate")

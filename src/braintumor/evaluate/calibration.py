@@ -10,8 +10,12 @@ over-confident model, T < 1 sharpens an under-confident one; the predicted class
 The evaluate stage writes ``models/calibration.json`` (see :func:`calibration_entry`), which the app
 reads with :func:`load_calibration`::
 
-    {"base":      {"temperature": 1.73, "val_max_probability_quantiles": {"0.01": 0.41, "0.05": 0.52, "0.10": 0.61}},
+    {"base":      {"temperature": 1.73, "val_max_probability_quantiles": {"0.01": 0.41, "0.05": 0.52, "0.10": 0.61},
+                   "tta": "flip"},
      "finetuned": {...}}
+
+``tta`` is how the probabilities were made (``evaluate.tta``): "flip" = the mean of the slice's and its
+mirror image's softmax (:func:`flip_averaged`), which the app then does too; missing means "none".
 
 The quantiles are of the largest *calibrated* probability over the validation images: an upload
 whose top probability falls below, say, the 1% quantile is less confident than 99% of validation
@@ -213,16 +217,31 @@ def max_probability_quantiles(probabilities: np.ndarray,
     return {f"{q:.2f}": float(v) for q, v in zip(quantiles, values)}
 
 
-def calibration_entry(temperature: float, val_probabilities: np.ndarray) -> dict:
+TTA_MODES = ("none", "flip")
+
+
+def flip_averaged(probabilities: np.ndarray, mirrored_probabilities: np.ndarray) -> np.ndarray:
+    """Flip test-time augmentation: the mean of each slice's softmax and its left-right mirror image's."""
+    p, q = np.asarray(probabilities), np.asarray(mirrored_probabilities)
+    if p.shape != q.shape:
+        raise ValueError(f"flip_averaged: shapes differ: {p.shape} and {q.shape}")
+    return ((p.astype(np.float64) + q) / 2).astype(p.dtype)
+
+
+def calibration_entry(temperature: float, val_probabilities: np.ndarray, tta: str = "none") -> dict:
     """One model's entry of ``models/calibration.json``.
 
     Args:
         temperature: the fitted temperature.
-        val_probabilities: (n, k) the model's *uncalibrated* validation probabilities; the quantiles
-            are taken after applying ``temperature``, as the app sees them.
+        val_probabilities: (n, k) the model's *uncalibrated* validation probabilities (flip-averaged when
+            ``tta`` is "flip"); the quantiles are taken after applying ``temperature``, as the app sees them.
+        tta: how those probabilities were made, and how the app must make them.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"calibration_entry: tta must be one of {TTA_MODES}, got {tta!r}")
     calibrated = apply_temperature(val_probabilities, temperature)
-    return {"temperature": float(temperature), "val_max_probability_quantiles": max_probability_quantiles(calibrated)}
+    return {"temperature": float(temperature), "val_max_probability_quantiles": max_probability_quantiles(calibrated),
+            "tta": tta}
 
 
 def check_calibration(data: object, origin: str = "calibration") -> dict[str, dict]:
@@ -236,6 +255,8 @@ def check_calibration(data: object, origin: str = "calibration") -> dict[str, di
             if key not in entry:
                 raise ValueError(f"{origin}: {model}: missing key {key!r}")
         _check_temperature(entry["temperature"], f"{origin}: {model}.temperature")
+        if entry.get("tta", "none") not in TTA_MODES:
+            raise ValueError(f"{origin}: {model}.tta must be one of {list(TTA_MODES)}, got {entry['tta']!r}")
         quantiles = entry["val_max_probability_quantiles"]
         expected = {f"{q:.2f}" for q in MAX_PROBABILITY_QUANTILES}
         if not isinstance(quantiles, dict) or set(quantiles) != expected:

@@ -99,13 +99,15 @@ def registry_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
 
 def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams, feature_layer: str,
                    shifted: dict[str, "ImageFolder"]) -> tuple[dict, dict, np.ndarray, FeatureCheck]:
-    """Predict the splits; fit the temperature on validation, the feature check on training and validation.
+    """Predict the splits (with ``params.tta``); fit the temperature on validation, the feature check on
+    training and validation.
 
     Returns:
         The metrics.json entry (with the check's flag rates and AUROCs under ``ood``), the
         calibration.json entry, the test probabilities (n, k) and the fitted check.
     """
-    model = features_and_probabilities_model(keras.saving.load_model(model_file, safe_mode=True), feature_layer)
+    model = features_and_probabilities_model(keras.saving.load_model(model_file, safe_mode=True), feature_layer,
+                                             params.tta)
     features = {split: predict_features(model, data.images, data.split[split], params.batch_size)
                 for split in ("train", "val", "test")}
     shifted_features = {name: predict_features(model, folder.images, all_rows(len(folder.images)), params.batch_size)[0]
@@ -121,7 +123,7 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
     entry["ood"] = feature_check_summary(check, test_features, shifted_features)
     for name, folder in shifted.items():
         entry["ood"]["shifted"][name]["unreadable"] = len(folder.unreadable)
-    return entry, calibration_entry(temperature, val), test, check
+    return entry, calibration_entry(temperature, val, params.tta), test, check
 
 
 @dataclass(frozen=True)

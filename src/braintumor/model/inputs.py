@@ -205,17 +205,26 @@ def predict_split(model: keras.Model, images: np.ndarray, split: SplitRows, batc
     return np.asarray(model.predict(dataset, verbose=0), np.float32)
 
 
-def features_and_probabilities_model(model: keras.Model, feature_layer: str) -> keras.Model:
+def features_and_probabilities_model(model: keras.Model, feature_layer: str, tta: str = "none") -> keras.Model:
     """image (B, S, S, 1) -> (the out-of-distribution check's features (B, C), softmax (B, k)), sharing weights.
 
     Args:
         feature_layer: a layer whose input, averaged over space, are the features
             (:func:`braintumor.model.backbones.feature_check_tensor`).
+        tta: "flip": the softmax is the mean of the image's and its left-right mirror image's
+            (the features stay the image's own).
     """
     from braintumor.model.backbones import feature_check_tensor
 
-    return keras.Model(model.inputs, [feature_check_tensor(model, feature_layer), model.output],
-                       name=f"{model.name}_features")
+    features = keras.Model(model.inputs, [feature_check_tensor(model, feature_layer), model.output])
+    if tta == "none":
+        return features
+    if tta != "flip":
+        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
+    image = keras.Input(model.inputs[0].shape[1:], name="image")
+    pooled, probabilities = features(image)
+    _, mirrored = features(keras.ops.flip(image, axis=2))
+    return keras.Model(image, [pooled, (probabilities + mirrored) / 2], name=f"{model.name}_features_flip")
 
 
 def predict_features(model: keras.Model, images: np.ndarray, split: SplitRows,

@@ -76,7 +76,13 @@ def identity_markdown(bundle: ModelBundle | None, settings: ServingSettings) -> 
         ("Input", f"{bundle.image_size} x {bundle.image_size} grey, classes {', '.join(bundle.class_names)}"),
         ("Preprocessing", f"from the model card {ident.card_file}" if ident.card_file
          else "**params.yaml's `preprocess` section (no model card)**"),
-        ("Calibration", calibration), ("Grad-CAM layer", f"`{bundle.gradcam_layer}`"),
+        ("Calibration", calibration),
+        ("Prediction", "mean of the slice's and its mirror image's probabilities (flip test-time augmentation)"
+         if cal.tta == "flip" else "the slice alone"),
+        ("Training-data check", f"Mahalanobis distance at `{bundle.feature_check.layer}` above "
+                                f"{bundle.feature_check.threshold:.0f} (flags {bundle.feature_check.flag_share:.0%} of validation)"
+         if bundle.feature_check else "off (no ood.npz)"),
+        ("Grad-CAM layer", f"`{bundle.gradcam_layer}`"),
     ]
     listing = "\n".join(f"- **{key}:** {value}" for key, value in rows)
     notes = "".join(f"\n\n> **Note:** {note}" for note in bundle.notes)

@@ -94,6 +94,7 @@ class Calibration:
     temperature: float
     val_max_probability_quantiles: dict[str, float]
     source: str | None
+    tta: str = "none"  # "flip": the mean of the slice's and its mirror image's softmax, as the evaluate stage did
 
 
 @dataclass
@@ -291,7 +292,8 @@ def load_model_calibration(model_path: Path) -> tuple[Calibration, list[str]]:
     if entry is None:
         return uncalibrated, [f"{path.name} has no entry {model_path.stem!r} (it has {sorted(entries)}): probabilities "
                               "are uncalibrated and the low-confidence check is off."]
-    return Calibration(float(entry["temperature"]), dict(entry["val_max_probability_quantiles"]), path.name), []
+    return Calibration(float(entry["temperature"]), dict(entry["val_max_probability_quantiles"]), path.name,
+                       entry.get("tta", "none")), []
 
 
 def ood_path(model_path: Path) -> Path:
@@ -422,6 +424,23 @@ def read_upload(upload: bytes | str | os.PathLike, max_bytes: int) -> bytes:
     return path.read_bytes()
 
 
+def predict_with_gradcam(bundle: ModelBundle, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """((1, S, S) Grad-CAM, (1, C) softmax, (1, F) feature-check features) of one preprocessed slice, the way
+    the evaluate stage predicted (``calibration.tta``): with "flip", the softmax is the mean of the slice's and
+    its mirror image's, one batch of two; the heatmap and the features are the slice's own, for the class of
+    that mean."""
+    from braintumor.evaluate.calibration import flip_averaged
+    from braintumor.explain.gradcam import grad_cam_with_features
+
+    if bundle.calibration.tta == "none":
+        return grad_cam_with_features(bundle.gradcam_model, image[None])
+    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, np.stack([image, image[:, ::-1]]))
+    averaged = flip_averaged(raw[:1], raw[1:])
+    if averaged.argmax() != raw[0].argmax():  # explain the class the mean predicts, not the slice's own top class
+        heatmaps, _, _ = grad_cam_with_features(bundle.gradcam_model, image[None], int(averaged.argmax()))
+    return heatmaps[:1], averaged, features[:1]
+
+
 def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, settings: ServingSettings) -> PredictionResult:
     """Classify one uploaded file: decode, preprocess, predict with Grad-CAM, calibrate, apply the OOD rule.
 
@@ -429,13 +448,13 @@ def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, setti
         UploadError: the file is not an image or DICOM MR slice this app accepts (the message says why).
     """
     from braintumor.evaluate.calibration import apply_temperature
-    from braintumor.explain.gradcam import grad_cam_with_features, overlay
+    from braintumor.explain.gradcam import overlay
 
     started = time.perf_counter()
     data = read_upload(upload, settings.max_upload_bytes)
     decoded, image = preprocess_upload(data, bundle.preprocess, settings.max_upload_bytes, settings.max_image_pixels)
     stats = image_stats(decoded.gray, decoded.colour_share, bundle.preprocess.head_threshold)
-    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, image[None])  # (1, S, S), (1, C), (1, F)
+    heatmaps, raw, features = predict_with_gradcam(bundle, image)
     probabilities = apply_temperature(raw, bundle.calibration.temperature)[0]
     threshold = bundle.calibration.val_max_probability_quantiles.get(settings.confidence_quantile)
     check = bundle.feature_check

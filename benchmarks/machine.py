@@ -8,10 +8,9 @@ from pathlib import Path
 
 
 def machine() -> dict:
-    """CPU model, core count and library versions."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
+    """CPU model, core count and library versions (read from the installed packages: importing TensorFlow
+    here would print its CPU banner into the benchmark's output)."""
+    from importlib.metadata import version
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
@@ -20,7 +19,7 @@ def machine() -> dict:
     return {"nproc": os.cpu_count(), "cpu_model": model, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags,
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),  # set: the AVX2 kernels were emulated
             "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+            "tensorflow": version("tensorflow"), "keras": version("keras"), "numpy": version("numpy")}
 
 
 def cpu_seconds() -> tuple[float, float]:

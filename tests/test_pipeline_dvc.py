@@ -42,7 +42,9 @@ def test_repro_writes_every_output(phantom_repo):
     assert merge["kept"] == 4 * 16 - 2
     assert images.shape == ((manifest["status"] == "ok").sum(), 48, 48) and images.dtype == "uint8"
     assert split["leakage"] == {"duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
-    assert len(table) == merge["kept"] and set(table["split"]) == {"train", "val", "test"}
+    # split.train_copies: all adds the training groups' other members; each group still counts once.
+    assert len(table) == sum(split["per_split"].values()) and set(table["split"]) == {"train", "val", "test"}
+    assert split["train_groups"] + split["per_split"]["val"] + split["per_split"]["test"] == merge["kept"]
 
 
 def test_rerun_is_a_noop_and_one_param_reruns_only_its_stages(phantom_repo, venv_env):
@@ -62,13 +64,14 @@ def test_rerun_is_a_noop_and_one_param_reruns_only_its_stages(phantom_repo, venv
 
 def test_editing_preprocessing_code_leaves_download_and_merge_up_to_date(built_pipeline, tmp_path, venv_env):
     """The head box lives in data/head.py, so a change to CLAHE or sharpening concerns preprocess (and
-    gradcam, which crops the masks with it), never the download or the duplicate search."""
+    gradcam and evaluate, which use it too), never the download or the duplicate search."""
     repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
     assert json.loads(dvc(repo, venv_env, "status", "--json")) == {}
     with (repo / "src/braintumor/preprocess/slices.py").open("a") as module:
         module.write("\n# an edit to the preprocessing code\n")
     changed = set(json.loads(dvc(repo, venv_env, "status", "--json")))
-    assert changed == {"preprocess", "gradcam"}, changed  # gradcam crops the masks with the same code
+    # gradcam crops the masks with the same code; evaluate preprocesses the shifted image sets with it
+    assert changed == {"preprocess", "evaluate", "gradcam"}, changed
 
 def test_demo_runs_an_experiment_and_leaves_params_untouched(built_pipeline, tmp_path, venv_env):
     repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")

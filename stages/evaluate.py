@@ -26,7 +26,7 @@ from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import flatten_params, log_summary, stage_run, tag_registered_version
 from braintumor.evaluate.feature_check import save_feature_checks
 from braintumor.evaluate.metrics import flat_metrics, image_paths
-from braintumor.evaluate.run import MODELS, evaluate_models, load_image_folder, registry_tags
+from braintumor.evaluate.run import MODELS, evaluate_models, load_shifted_sets, registry_tags
 from braintumor.model.backbones import feature_check_layer_name
 from braintumor.split.load import load_training_data
 
@@ -43,11 +43,7 @@ def main() -> dict:
         files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False),
                             pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"]))
         histories = {phase: json.loads((paths.reports / phase / "history.json").read_text()) for phase in PHASES}
-        shifted = {}
-        for name, folder in params.evaluate.feature_check.shifted_sets.items():
-            shifted[name] = load_image_folder(paths.root / folder, params.preprocess)
-            log.info("shifted set %s: %d images from %s, %d unreadable", name, len(shifted[name].files), folder,
-                     len(shifted[name].unreadable))
+        shifted = load_shifted_sets(params.evaluate.feature_check.shifted_sets, paths.root, params.preprocess)
         feature_layer = feature_check_layer_name(params.evaluate.feature_check.layer, params.model.backbone)
         result = evaluate_models({name: paths.models / f"{name}.keras" for name in MODELS}, data, files, histories,
                                  params.evaluate, paths.evaluate_reports, feature_layer,

@@ -162,6 +162,16 @@ def load_image_folder(folder: Path, preprocess: PreprocessParams, max_bytes: int
     return ImageFolder(np.stack(images), files, unreadable)
 
 
+def load_shifted_sets(folders: dict[str, str], root: Path, preprocess: PreprocessParams) -> dict[str, ImageFolder]:
+    """``evaluate.feature_check.shifted_sets``: each folder (relative ones against ``root``) read and logged."""
+    shifted = {}
+    for name, folder in folders.items():
+        shifted[name] = load_image_folder(root / folder, preprocess)
+        log.info("shifted set %s: %d images from %s, %d unreadable", name, len(shifted[name].files), folder,
+                 len(shifted[name].unreadable))
+    return shifted
+
+
 def all_rows(count: int) -> SplitRows:
     """Every row of an image array, in order (labels unused)."""
     return SplitRows(np.arange(count), np.zeros(count, np.int64))

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo app mlflow-ui exp-show browser test test-fast bench dag clean-venv
+.PHONY: install demo app mlflow-ui mlflow-server exp-show browser test test-fast bench dag clean-venv
 
 install: $(STAMP)
 
@@ -27,6 +27,18 @@ app: install
 MLFLOW_PORT ?= 5000
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m braintumor.core.tracking)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# A shared MLflow tracking server on http://127.0.0.1:5000: runs in a SQLite database, artifacts in a
+# local folder that the server serves (clients need no access to its disk). Point the pipeline and the
+# app at it with `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`. For a team: a PostgreSQL store
+# (MLFLOW_SERVER_STORE=postgresql://user:pass@db/mlflow, needs psycopg2) and a host others can reach,
+# behind an authenticating proxy (MLFLOW_HOST=0.0.0.0 is a deliberate choice, never the default).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
+mlflow-server: install
+	$(BIN)/mlflow server --backend-store-uri "$(MLFLOW_SERVER_STORE)" --artifacts-destination "$(MLFLOW_ARTIFACTS)" \
+	  --serve-artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 # DVC experiments side by side: the params that differ and both models' headline test metrics.
 exp-show: install

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import keras
 import mlflow
 
 import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
@@ -18,7 +17,7 @@ from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.split.load import load_training_data
-from braintumor.model.train import configure_runtime, finetune_card, finetune_phase, save_phase, summary_metrics, test_scores
+from braintumor.model.train import configure_runtime, finetune_card, finetune_model, save_phase, summary_metrics, test_scores
 
 
 def main() -> dict:
@@ -26,13 +25,14 @@ def main() -> dict:
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
     logged = flatten_sections(params, "model", "augment", "runtime", "finetune")
+    runtime = configure_runtime(params.runtime)  # first: a multi-worker strategy starts before other TensorFlow work
+    data = load_training_data(paths)
+    if not runtime.is_chief:  # another worker of a cluster: trains in step with the chief, writes nothing
+        finetune_model(params, paths.models / "base.keras", data.images, data.split, runtime)
+        return {}
     with stage_run("finetune", params.mlflow, paths.root, logged_params=logged) as run:
-        data = load_training_data(paths)
         mlflow.set_tag("data_fingerprint", data.fingerprint)
-        runtime = configure_runtime(params.runtime)
-        with runtime.strategy.scope():
-            model = keras.saving.load_model(paths.models / "base.keras", safe_mode=True)
-            result = finetune_phase(model, data.images, data.split, params.finetune, params.augment, runtime, params.runtime.seed)
+        model, result = finetune_model(params, paths.models / "base.keras", data.images, data.split, runtime)
         metrics = summary_metrics(result, {
             "layers_unfrozen": result["unfrozen"]["unfrozen_layers"],
             "activation_cache_seconds": result.get("activation_cache_seconds", 0.0),

@@ -12,11 +12,10 @@ import mlflow
 
 from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
-from braintumor.model.backbones import build_model, freeze_backbone
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.split.load import load_training_data
-from braintumor.model.train import (configure_runtime, model_card, save_phase, summary_metrics, test_scores, train_base_phase,
+from braintumor.model.train import (configure_runtime, model_card, save_phase, summary_metrics, test_scores, train_base_model,
                                     training_data_record)
 from braintumor.model.weights import resolve_weights
 
@@ -27,16 +26,16 @@ def main() -> dict:
     params = load_params(paths.params)
     logged = {**flatten_sections(params, "model", "augment", "runtime", "train_base"),
               "preprocess.image_size": str(params.preprocess.image_size)}
+    runtime = configure_runtime(params.runtime)  # first: a multi-worker strategy starts before other TensorFlow work
+    data = load_training_data(paths)
+    weights = resolve_weights(params.model.backbone, params.model.weights, paths.main_root)
+    if not runtime.is_chief:  # another worker of a cluster: trains in step with the chief, writes nothing
+        train_base_model(params, data.images, data.split, runtime, weights, paths.main_root)
+        return {}
     with stage_run("train_base", params.mlflow, paths.root, logged_params=logged) as run:
-        data = load_training_data(paths)
         mlflow.set_tag("data_fingerprint", data.fingerprint)
-        runtime = configure_runtime(params.runtime)
-        weights = resolve_weights(params.model.backbone, params.model.weights, paths.main_root)
         log.info("backbone %s, weights %s (%s)", params.model.backbone, weights.path or "random", weights.source)
-        with runtime.strategy.scope():
-            model = build_model(params.model, params.preprocess.image_size, root=paths.main_root, weights=weights)
-            freeze_backbone(model)
-            result = train_base_phase(model, data.images, data.split, params.train_base, params.augment, runtime, params.runtime.seed)
+        model, result = train_base_model(params, data.images, data.split, runtime, weights, paths.main_root)
         metrics = summary_metrics(result, {
             "feature_cache_seconds": result.get("feature_cache_seconds", 0.0),
             **test_scores(model, data.images, data.split["test"], params.train_base.batch_size),

@@ -50,6 +50,11 @@ def no_network(monkeypatch):
     monkeypatch.setattr("keras.utils.get_file", refuse)
 
 
+# Tests own their MLflow stores: a developer's exported MLFLOW_TRACKING_URI (which the pipeline honours,
+# see core.tracking.resolve_tracking_uri) must not send test runs to a team server.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def venv_env() -> dict[str, str]:
     """Environment for subprocesses (dvc, stage scripts) that must find this venv's python first."""

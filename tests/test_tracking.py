@@ -51,6 +51,17 @@ def test_absolute_and_server_uris_pass_through(tmp_path, uri):
     assert resolve_tracking_uri(uri, tmp_path, environ={}) == uri
 
 
+def test_mlflow_tracking_uri_variable_wins_over_params(tmp_path):
+    """One export sends every stage, the registry and the app to a shared server."""
+    server = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5123"}
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path, environ=server) == "http://127.0.0.1:5123"
+    # A relative store in the variable resolves like one in params.yaml; an empty variable is no override.
+    assert resolve_tracking_uri("http://ignored:1", tmp_path, environ={"MLFLOW_TRACKING_URI": "sqlite:///other.db"}) == \
+        f"sqlite:///{tmp_path}/other.db"
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path, environ={"MLFLOW_TRACKING_URI": " "}) == \
+        f"sqlite:///{tmp_path}/mlflow.db"
+
+
 def test_empty_uri_is_refused(tmp_path):
     with pytest.raises(ValueError, match="tracking_uri is empty"):
         resolve_tracking_uri(" ", tmp_path, environ={})

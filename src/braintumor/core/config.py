@@ -222,7 +222,8 @@ class RuntimeParams(_Section):
     deterministic: bool = Field(default=True, description="op determinism: identical metrics for identical params on CPU")
     mixed_precision: Literal["auto", "on", "off"] = Field(default="auto", description="auto: on with a GPU")
     xla: Literal["auto", "on", "off"] = Field(default="auto", description="auto: on with a GPU")
-    distribution: Literal["auto", "none", "mirrored"] = Field(default="auto", description="auto: mirrored with >1 GPU")
+    distribution: Literal["auto", "none", "mirrored", "multi_worker"] = Field(
+        default="auto", description="auto: mirrored with >1 GPU; multi_worker: the cluster in TF_CONFIG")
 
 
 class PhaseParams(_Section):

@@ -56,6 +56,9 @@ _TRUNCATION_NOTE = "...[truncated from {length} chars]"
 _TRUNCATED = re.compile(r"\.\.\.\[truncated from \d+ chars\]$")
 
 # Bare words MLflow reads as stores, not as folder names (mlflow.tracking.registry.get_store_builder).
+# MLflow's own variable for the tracking server; it wins over params.yaml (see resolve_tracking_uri).
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+
 _NAMED_STORES = frozenset({"databricks", "databricks-uc", "uc"})
 
 # Tags every stage run carries; callers may add others but not overwrite these.
@@ -97,7 +100,11 @@ def _resolve_local_path_uri(uri: str, root: Path) -> str:
 
 
 def resolve_tracking_uri(uri: str, workspace_root: Path, *, environ: Mapping[str, str] | None = None) -> str:
-    """The tracking URI with a relative local store made absolute under the project's main root.
+    """The tracking URI, ``MLFLOW_TRACKING_URI`` first, with a relative local store made absolute under the project's main root.
+
+    ``MLFLOW_TRACKING_URI``, when set, replaces params.yaml's ``mlflow.tracking_uri`` (MLflow's own
+    variable, so that one export sends every stage's runs, the registry and the app's ``models:/``
+    lookups to a shared server, e.g. ``make mlflow-server``'s, without editing params.yaml).
 
     ``sqlite:///mlflow.db``, ``file:mlruns`` and ``mlruns`` resolve against :func:`main_project_root`,
     so ``dvc repro``, ``dvc exp run --temp`` and queued experiments all log to one store. Absolute
@@ -112,6 +119,8 @@ def resolve_tracking_uri(uri: str, workspace_root: Path, *, environ: Mapping[str
     Raises:
         ValueError: ``uri`` is empty.
     """
+    override = (os.environ if environ is None else environ).get(ENV_TRACKING_URI, "").strip()
+    uri = override or uri
     if not uri.strip():
         raise ValueError("mlflow.tracking_uri is empty: give e.g. sqlite:///mlflow.db or http://host:5000")
     scheme = urlparse(uri).scheme

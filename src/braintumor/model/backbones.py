@@ -258,12 +258,17 @@ def load_backbone_weights(backbone: keras.Model, path: Path, spec: Backbone) -> 
 # --------------------------------------------------------------------------- model
 
 
-def _head(features: Any, params: ModelParams, num_classes: int) -> Any:
-    """The seed's head on the backbone's features (B, s, s, C) -> class probabilities (B, num_classes)."""
+def _head(features: Any, params: ModelParams, num_classes: int, synchronized_batchnorm: bool = False) -> Any:
+    """The seed's head on the backbone's features (B, s, s, C) -> class probabilities (B, num_classes).
+
+    ``synchronized_batchnorm``: batch statistics over the global batch, all-reduced across the
+    replicas of a distribution strategy (each replica's share alone would give other statistics
+    than one process training on the same batch).
+    """
     x = layers.GlobalAveragePooling2D(name=HEAD_POOL_LAYER)(features)  # (B, C)
     for i, (units, rate) in enumerate(zip(params.dense_units, params.dropout), start=1):
         x = layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
-        x = layers.BatchNormalization(name=f"head_bn_{i}")(x)
+        x = layers.BatchNormalization(synchronized=synchronized_batchnorm, name=f"head_bn_{i}")(x)
         x = layers.Dropout(rate, name=f"head_dropout_{i}")(x)
     # float32 so the softmax (and the loss on it) stays float32 under a mixed-precision policy.
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
@@ -284,6 +289,7 @@ def build_model(
     num_classes: int = len(CLASS_NAMES),
     root: Path | None = None,
     weights: ResolvedWeights | None = None,
+    synchronized_batchnorm: bool = False,
 ) -> keras.Model:
     """The classifier: grey (B, S, S, 1) 0..255 -> probabilities (B, num_classes), every layer trainable.
 
@@ -296,6 +302,8 @@ def build_model(
         root: folder that relative weights paths are resolved against (default: the cwd).
         weights: ``params.weights`` already resolved (:func:`braintumor.model.weights.resolve_weights`), for a
             caller that records where they came from; resolved here when None.
+        synchronized_batchnorm: the head's BatchNorm layers use the global batch's statistics under
+            a distribution strategy (multi-worker training); no effect in one process.
 
     Raises:
         WeightsUnavailableError: "imagenet" with no local copy, offline.
@@ -317,7 +325,7 @@ def build_model(
     _name_backbone_output(backbone, spec)
     if weights.path is not None:
         load_backbone_weights(backbone, weights.path, spec)
-    outputs = _head(backbone.output, params, num_classes)
+    outputs = _head(backbone.output, params, num_classes, synchronized_batchnorm)
     return keras.Model(image, outputs, name=f"{spec.name}_classifier")
 
 

@@ -28,7 +28,8 @@ from braintumor.model.augment import augment_images
 from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
 from braintumor.model.inputs import make_dataset, predict_split, sample_weights
 from braintumor.split.load import SplitRows
-from braintumor.model.backbones import unfreeze_top
+from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
+from braintumor.model.multi_worker import ClusterRole, fit_in_step, local_copy, multi_worker_strategy
 from braintumor.model.weights import ResolvedWeights
 
 log = logging.getLogger("braintumor.model.train")
@@ -40,6 +41,18 @@ class Runtime:
     jit_compile: bool
     precision: str  # keras dtype policy name
     gpus: int
+    cluster: ClusterRole | None = None  # set with runtime.distribution: multi_worker
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes the stage's outputs and MLflow run (always, outside a cluster)."""
+        return self.cluster is None or self.cluster.is_chief
+
+    def standalone(self, model: keras.Model) -> keras.Model:
+        """The trained model as the chief saves and scores it on its own: itself, or under a
+        multi-worker strategy a copy with plain variables (a distributed predict would wait for the
+        other workers, which have finished)."""
+        return model if self.cluster is None else local_copy(model)
 
 
 def _resolve(setting: str, gpu_default: bool) -> bool:
@@ -51,17 +64,22 @@ def configure_runtime(params: RuntimeParams) -> Runtime:
 
     ``auto`` means: mixed precision and XLA with a GPU (they pay off there), off on CPU (float16 is
     slower on CPU and XLA compile time outweighs its gain for these short runs); MirroredStrategy with
-    more than one GPU.
+    more than one GPU. ``multi_worker``: a MultiWorkerMirroredStrategy over the cluster in
+    ``TF_CONFIG``, created first (TensorFlow wants it before any other operation).
     """
+    cluster = None
+    if params.distribution == "multi_worker":
+        strategy, cluster = multi_worker_strategy()
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     gpus = len(tf.config.list_physical_devices("GPU"))
     precision = "mixed_float16" if _resolve(params.mixed_precision, gpus > 0) else "float32"
     keras.mixed_precision.set_global_policy(precision)
-    mirrored = params.distribution == "mirrored" or (params.distribution == "auto" and gpus > 1)
-    strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
-    return Runtime(strategy, _resolve(params.xla, gpus > 0), precision, gpus)
+    if cluster is None:
+        mirrored = params.distribution == "mirrored" or (params.distribution == "auto" and gpus > 1)
+        strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
+    return Runtime(strategy, _resolve(params.xla, gpus > 0), precision, gpus, cluster)
 
 
 def split_at_frozen(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
@@ -166,23 +184,28 @@ def compile_for(model: keras.Model, learning_rate: float, jit_compile: bool) -> 
 
 
 def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, images_per_epoch: int,
-        **fit_kwargs) -> dict:
+        runtime: Runtime | None = None, **fit_kwargs) -> dict:
     """Fit with early stopping and LR reduction on validation loss; returns history and speed.
 
     Args:
         train: a tf.data.Dataset of (x, y, w) batches, or an (x, y, w) triple of arrays (w: the
             per-item weights of :func:`braintumor.model.inputs.sample_weights`).
         validation: (x, y) batches or arrays for validation.
+        runtime: with a multi-worker cluster, both must be datasets, and the workers train in step
+            (:func:`braintumor.model.multi_worker.fit_in_step`).
     """
     callbacks = callbacks_for(phase, name, images_per_epoch)
-    x, y, w = train if isinstance(train, tuple) else (train, None, None)
-    fit_kwargs.setdefault("shuffle", y is not None)  # a tf.data pipeline shuffles itself, seeded
-    history = model.fit(x, y, sample_weight=w, validation_data=validation, epochs=phase.epochs,
-                        callbacks=callbacks, verbose=0, **fit_kwargs)
+    if runtime is not None and runtime.cluster is not None:
+        history = fit_in_step(model, train, validation, phase.epochs, callbacks, runtime.strategy)
+    else:
+        x, y, w = train if isinstance(train, tuple) else (train, None, None)
+        fit_kwargs.setdefault("shuffle", y is not None)  # a tf.data pipeline shuffles itself, seeded
+        history = model.fit(x, y, sample_weight=w, validation_data=validation, epochs=phase.epochs,
+                            callbacks=callbacks, verbose=0, **fit_kwargs).history
     epoch_log = callbacks[-1]
     seconds = sum(epoch_log.seconds)
     return {
-        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        "history": {k: [float(v) for v in values] for k, values in history.items()},
         "epochs_run": len(epoch_log.seconds),
         "train_images_per_second": round(images_per_epoch * len(epoch_log.seconds) / max(seconds, 1e-9), 1),
     }
@@ -228,7 +251,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
         return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                        augment=augment, seed=seed, weights=weight),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
-                   phase, "train_base", len(train.rows))
+                   phase, "train_base", len(train.rows), runtime)
     features, head = split_at_frozen(model)  # frozen backbone: cut at the pooled features
     started = time.perf_counter()
     x_train, sources = cache_outputs(features, images, train.rows, batch_size=phase.batch_size, augment=augment,
@@ -238,7 +261,14 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     cache_seconds = time.perf_counter() - started
     log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
     compile_for(head, phase.learning_rate, runtime.jit_compile)
-    result = fit(head, (x_train, y_train, w_train), (x_val, val.labels), phase, "train_base", len(x_train),
+    if runtime.cluster is None:
+        train_data, val_data = (x_train, y_train, w_train), (x_val, val.labels)
+    else:  # workers in step need the same seeded batches: the pipeline, not fit's array shuffling
+        train_data = make_dataset(x_train, np.arange(len(x_train)), y_train, batch_size=phase.batch_size,
+                                  training=True, augment=None, seed=seed, weights=w_train)
+        val_data = make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
+                                training=False, augment=None, seed=seed)
+    result = fit(head, train_data, val_data, phase, "train_base", len(x_train), runtime,
                  batch_size=phase.batch_size, shuffle=True)
     result["feature_cache_seconds"] = round(cache_seconds, 2)
     return result
@@ -261,7 +291,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                   augment=augment, seed=seed, weights=weight),
                      make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
-                     phase, "finetune", len(train.rows))
+                     phase, "finetune", len(train.rows), runtime)
         return {**result, "unfrozen": counts}
     bottom, top = parts
     with tempfile.TemporaryDirectory(prefix="activations-") as folder:
@@ -285,10 +315,32 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
                                   augment=None, seed=seed, weights=w_train),
                      make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
                                   training=False, augment=None, seed=seed),
-                     phase, "finetune", len(x_train))
+                     phase, "finetune", len(x_train), runtime)
         del x_train, x_val  # close the memmaps before their folder goes
     return {**result, "unfrozen": counts, "activation_cache_seconds": round(seconds, 2),
             "activation_cache_layer": bottom.layers[-1].name}
+
+
+def train_base_model(params, images: np.ndarray, split: dict[str, SplitRows], runtime: Runtime,
+                     weights: ResolvedWeights, root: Path) -> tuple[keras.Model, dict]:
+    """The train_base stage's training: the model built under the runtime's strategy, its backbone
+    frozen, the head trained. Every worker of a cluster runs it; returns (model, result)."""
+    with runtime.strategy.scope():
+        model = build_model(params.model, params.preprocess.image_size, root=root, weights=weights,
+                            synchronized_batchnorm=runtime.cluster is not None)
+        freeze_backbone(model)
+        result = train_base_phase(model, images, split, params.train_base, params.augment, runtime, params.runtime.seed)
+    return runtime.standalone(model), result
+
+
+def finetune_model(params, base_model: Path, images: np.ndarray, split: dict[str, SplitRows],
+                   runtime: Runtime) -> tuple[keras.Model, dict]:
+    """The finetune stage's training: the base model loaded under the runtime's strategy, its top
+    unfrozen and trained. Every worker of a cluster runs it; returns (model, result)."""
+    with runtime.strategy.scope():
+        model = keras.saving.load_model(base_model, safe_mode=True)
+        result = finetune_phase(model, images, split, params.finetune, params.augment, runtime, params.runtime.seed)
+    return runtime.standalone(model), result
 
 
 def training_data_record(params, split_report: dict) -> dict:

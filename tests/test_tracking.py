@@ -370,3 +370,16 @@ def test_dvc_experiments_log_to_the_main_roots_store(tmp_path, dvc_env):
         report = Path(urlparse(stored.info.artifact_uri).path) / "report.json"
         assert report.is_relative_to(repo.resolve() / "mlruns")
         assert json.loads(report.read_text()) == {"factor": int(factor)}
+
+
+def test_mlflow_ui_target_refuses_a_server_uri():
+    """`make mlflow-ui` serves a local store; with MLFLOW_TRACKING_URI on a server it says where to look instead."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-m", "braintumor.core.tracking"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"})
+    assert result.returncode == 1 and "tracking server (http://127.0.0.1:5999" in result.stderr and not result.stdout

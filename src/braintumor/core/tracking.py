@@ -574,7 +574,11 @@ def main() -> None:
     from braintumor.core.paths import find_project_root
 
     root = find_project_root()
-    print(resolve_tracking_uri(load_params(root / "params.yaml").mlflow.tracking_uri, root))
+    uri = resolve_tracking_uri(load_params(root / "params.yaml").mlflow.tracking_uri, root)
+    if urlparse(uri).scheme in ("http", "https"):
+        raise SystemExit(f"the runs are on a tracking server ({uri}, from {ENV_TRACKING_URI} or params.yaml): "
+                         "open that address in a browser; `make mlflow-ui` serves a local store")
+    print(uri)
 
 
 if __name__ == "__main__":

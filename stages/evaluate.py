@@ -3,6 +3,7 @@
 Params: evaluate, mlflow
 Inputs: models/base.keras, models/finetuned.keras (and its card: the MLflow run that registered it), data/processed/images.npy,
     data/split/split.csv, reports/data/split.json (data fingerprint), data/interim/manifest.csv (image paths),
+    data/split/external.csv (external sets, split.external),
     reports/train_base/history.json, reports/finetune/history.json
     evaluate.feature_check.shifted_sets (folders of images unlike the training data, optional)
 Outputs: reports/metrics.json (DVC metrics, both models side by side), models/calibration.json
@@ -40,14 +41,16 @@ def main() -> dict:
     with stage_run("evaluate", params.mlflow, paths.root, logged_params=flatten_params(params.evaluate, "evaluate")) as run:
         data = load_training_data(paths)
         mlflow.set_tag("data_fingerprint", data.fingerprint)
-        files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False),
-                            pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"]))
+        manifest = pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"])
+        files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False), manifest)
+        external_table = pd.read_csv(paths.external_csv, keep_default_na=False) if data.external else None
+        external_files = {source: image_paths(rows.rows, external_table, manifest) for source, rows in data.external.items()}
         histories = {phase: json.loads((paths.reports / phase / "history.json").read_text()) for phase in PHASES}
         shifted = load_shifted_sets(params.evaluate.feature_check.shifted_sets, paths.root, params.preprocess)
         feature_layer = feature_check_layer_name(params.evaluate.feature_check.layer, params.model.backbone)
         result = evaluate_models({name: paths.models / f"{name}.keras" for name in MODELS}, data, files, histories,
                                  params.evaluate, paths.evaluate_reports, feature_layer,
-                                 shifted)
+                                 shifted, external_files)
         atomic.write_json(paths.calibration_json, result.calibration)
         save_feature_checks(paths.ood_file, result.feature_checks)
         atomic.write_json(paths.metrics_json, result.metrics)

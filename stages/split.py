@@ -2,7 +2,10 @@
 
 Params: split
 Inputs: data/interim/manifest.csv, data/processed/index.csv
-Outputs: data/split/split.csv (row in images.npy, id, label, group, split, training weight), reports/data/split.json (metrics)
+Outputs: data/split/split.csv (row in images.npy, id, label, group, split, training weight),
+    data/split/external.csv (the external sources' images new to the others, split.external),
+    data/split/external_removed.csv (the external images left out, with the reason and the image they match),
+    reports/data/split.json (metrics)
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from braintumor.core import atomic
 from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
-from braintumor.split.partition import split_by_strategy, split_fingerprint, split_report
+from braintumor.split.partition import (external_report, separate_external, split_by_strategy, split_fingerprint,
+                                        split_report, with_cache_rows)
 
 
 def main() -> dict:
@@ -21,13 +25,15 @@ def main() -> dict:
     paths = ProjectPaths.discover()
     params = load_params(paths.params).split
     manifest = pd.read_csv(paths.manifest, keep_default_na=False)
-    rows, clean_test = split_by_strategy(manifest, params)
+    internal, external, removed = separate_external(manifest, params.external)
+    rows, clean_test = split_by_strategy(internal, params)
     index = pd.read_csv(paths.images_index, keep_default_na=False)
-    rows = rows.merge(index[["id", "row"]], on="id", how="left", validate="one_to_one")
-    if rows["row"].isna().any():
-        raise RuntimeError("split rows missing from data/processed/index.csv: rerun `dvc repro preprocess`")
-    table = rows[["row", "id", "source", "label", "group", "split_group", "split", "weight"]].astype({"row": int}).sort_values("row")
+    table = with_cache_rows(rows, index)[["row", "id", "source", "label", "group", "split_group", "split", "weight"]]
+    external_table = with_cache_rows(external, index)[["row", "id", "source", "label", "group", "split_group"]]
     report = split_report(table, params.strategy)
+    if params.external:
+        report["external"] = external_report(external, removed, params.external)
+        log.info("external sets (never trained on): %s", {s: (e["n"], e["removed"]) for s, e in report["external"].items()})
     report["fingerprint"] = split_fingerprint(table)
     if clean_test is not None:
         report["clean_test"] = clean_test
@@ -38,6 +44,8 @@ def main() -> dict:
     if leaks:
         log.warning("LEAKY split (%s): %d duplicate groups span train/val/test; numbers on it are inflated", params.strategy, leaks)
     atomic.write_csv(paths.split_csv, table)
+    atomic.write_csv(paths.external_csv, external_table)
+    atomic.write_csv(paths.external_removed_csv, removed[["id", "source", "label", "reason", "matches"]])
     atomic.write_json(paths.data_reports / "split.json", report)
     log.info("%s: %s (training: %d images of %d groups), %d groups span splits", params.strategy,
              report["per_split"], report["train_images"], report["train_groups"], leaks)

@@ -77,6 +77,18 @@ def test_split_fractions_must_sum_to_one(raw):
     assert "split.train + split.val + split.test" in message
 
 
+def test_external_sources_are_checked_against_the_fetched_ones(raw):
+    message = _invalid(raw, lambda r: r["split"].update(external=["sartaj_testing"]))
+    assert "split.external names ['sartaj_testing']" in message and "download.use" in message
+    message = _invalid(raw, lambda r: r["split"].update(external=["nickparvar", "bilalakgz"]))
+    assert "leaves no source to train on" in message
+    message = _invalid(raw, lambda r: r["split"].update(external=["bilalakgz", "bilalakgz"]))
+    assert "lists a source twice" in message
+    fine = copy.deepcopy(raw)
+    fine["split"]["external"] = ["bilalakgz"]
+    assert parse_params(fine).split.external == ("bilalakgz",)
+
+
 def test_out_of_range_number_names_key_and_bound(raw):
     message = _invalid(raw, lambda r: r["preprocess"].update(image_size=8))
     assert "preprocess.image_size" in message and "32" in message

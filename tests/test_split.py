@@ -8,7 +8,9 @@ import pytest
 
 from braintumor.core.config import SplitParams
 from braintumor.split.partition import (
+    external_report,
     groups_spanning_splits,
+    separate_external,
     leak_free_split,
     one_per_group,
     source_folders_clean_split,
@@ -211,3 +213,54 @@ def test_train_copies_all_on_clean_folders_takes_copies_from_training_folders_on
     assert np.allclose(group0["weight"], 0.5)
     assert accounting["test"] == 7 and "a/2" not in set(rows["id"])
     assert not set(rows.loc[rows["split"] == "train", "split_group"]) & set(rows.loc[rows["split"] == "test", "split_group"])
+
+
+def _external_case() -> pd.DataFrame:
+    """Internal source "a" (20 distinct slices, groups 0-19) and external source "x" (10 files):
+    x/copy (same group as a/0; the merge kept x's larger copy), x/adj (a look-alike of a/1: same related
+    group), x/n1 + x/n2 (two copies of a new slice), x/c1 + x/c2 (a new slice filed under two labels),
+    x/m (labelled pituitary, a copy of a/2 labelled glioma: the merge saw a conflict that only x
+    caused), and 3 new distinct slices; plus one quarantined external file."""
+    rows = [(f"a/{i}", "a", ["glioma", "meningioma", "no_tumor", "pituitary"][i % 4], i, i, True, "", "ok")
+            for i in range(20)]
+    rows += [
+        ("x/copy", "x", "glioma", 0, 0, True, "", "ok"),
+        ("x/adj", "x", "meningioma", 100, 1, True, "", "ok"),
+        ("x/n1", "x", "no_tumor", 101, 101, True, "", "ok"), ("x/n2", "x", "no_tumor", 101, 101, False, "duplicate_of:x/n1", "ok"),
+        ("x/c1", "x", "glioma", 102, 102, False, "label_conflict", "ok"),
+        ("x/c2", "x", "pituitary", 102, 102, False, "label_conflict", "ok"),
+        ("x/m", "x", "pituitary", 2, 2, False, "label_conflict", "ok"),
+        *[(f"x/u{i}", "x", "pituitary", 200 + i, 200 + i, True, "", "ok") for i in range(3)],
+        ("x/bad", "x", "", -1, -1, False, "quarantined", "quarantined"),
+    ]
+    frame = pd.DataFrame(rows, columns=["id", "source", "label", "group", "split_group", "kept", "drop_reason", "status"])
+    frame.loc[frame["id"] == "a/0", ["kept", "drop_reason"]] = [False, "duplicate_of:x/copy"]
+    frame.loc[frame["id"] == "a/2", ["kept", "drop_reason"]] = [False, "label_conflict"]
+    return frame
+
+
+def test_external_images_with_a_copy_or_lookalike_inside_are_removed_with_their_reason():
+    internal, external, removed = separate_external(_external_case(), ["x"])
+    assert set(internal["source"]) == {"a"} and len(internal) == 20
+    # The merge kept x's copy of a/0 and saw a/2's conflict only through x: inside, both are kept again.
+    assert internal["kept"].all() and (internal["drop_reason"] == "").all()
+    assert sorted(external["id"]) == ["x/n1", "x/u0", "x/u1", "x/u2"]
+    reasons = dict(zip(removed["id"], removed["reason"]))
+    assert reasons == {"x/copy": "copy_of_internal", "x/m": "copy_of_internal", "x/adj": "lookalike_of_internal",
+                       "x/n2": "duplicate_within_external", "x/c1": "label_conflict", "x/c2": "label_conflict"}
+    matches = dict(zip(removed["id"], removed["matches"]))
+    assert matches["x/copy"] == "a/0" and matches["x/adj"] == "a/1" and matches["x/n2"] == ""
+    report = external_report(external, removed, ["x"])["x"]
+    assert report == {"readable": 10, "n": 4, "per_class": {"no_tumor": 1, "pituitary": 3},
+                      "removed": {"copy_of_internal": 2, "lookalike_of_internal": 1, "label_conflict": 2,
+                                  "duplicate_within_external": 1}}
+    # What trains never contains an external image, and a copy's internal twin trains as usual.
+    rows, _ = split_by_strategy(internal, _split_params(train_copies="all"))
+    assert not rows["id"].str.startswith("x/").any() and "a/0" in set(rows["id"])
+
+
+def test_no_external_source_changes_nothing():
+    frame = _external_case()
+    internal, external, removed = separate_external(frame, [])
+    pd.testing.assert_frame_equal(internal, frame)
+    assert external.empty and removed.empty

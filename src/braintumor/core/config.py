@@ -172,6 +172,8 @@ class SplitParams(_Section):
     test_folder: str = Field(default="Testing", description="source_folders: that source's test folder")
     train_copies: Literal["one", "all"] = Field(
         default="one", description="one image per training duplicate group, or all its members weighted 1/size")
+    external: tuple[str, ...] = Field(
+        default=(), description="sources held out of train/val/test and evaluated on their own (external validation)")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> "SplitParams":
@@ -180,6 +182,10 @@ class SplitParams(_Section):
             raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.4f}")
         if self.strategy.startswith("source_folders") and not self.test_source:
             raise ValueError(f"split.test_source must name a source when split.strategy is {self.strategy!r}")
+        if self.strategy.startswith("source_folders") and self.test_source in self.external:
+            raise ValueError(f"split.test_source {self.test_source!r} cannot also be in split.external")
+        if len(set(self.external)) != len(self.external):
+            raise ValueError(f"split.external lists a source twice: {list(self.external)}")
         return self
 
 
@@ -365,6 +371,12 @@ class Params(_Section):
             raise ValueError(
                 f"split.test_source {self.split.test_source!r} is not in download.use {list(self.download.use)}"
             )
+        unused = [name for name in self.split.external if name not in self.download.use]
+        if unused:
+            raise ValueError(f"split.external names {unused}, which download.use {list(self.download.use)} does not fetch")
+        if self.split.external and set(self.split.external) >= set(self.download.use):
+            raise ValueError(f"split.external {list(self.split.external)} leaves no source to train on: "
+                             f"download.use is {list(self.download.use)}")
         return self
 
 

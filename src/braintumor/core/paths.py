@@ -125,6 +125,16 @@ class ProjectPaths:
         return self.root / "data" / "split" / "split.csv"
 
     @property
+    def external_csv(self) -> Path:
+        """The external sources' images new to the others (``split.external``), evaluated on their own."""
+        return self.root / "data" / "split" / "external.csv"
+
+    @property
+    def external_removed_csv(self) -> Path:
+        """The external images left out of their set, with the reason and the image each matches."""
+        return self.root / "data" / "split" / "external_removed.csv"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -379,9 +379,37 @@ def ood_table(metrics: Mapping[str, Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def external_section(metrics: Mapping[str, Mapping], confusions: Mapping[str, Mapping[str, np.ndarray]],
+                     class_names: Sequence[str]) -> str:
+    """Markdown: each external source on its own (never mixed with the test split): its size, the overlaps
+    removed, both models' accuracy and macro-F1 with intervals, calibrated ECE, per-class recall, confusion."""
+    models = list(metrics)
+    parts = ["Sources held out of training, validation and test (`split.external`), minus every image that "
+             "has a copy or a look-alike in the other sources (listed in `data/split/external_removed.csv`). "
+             "The temperature is the one fitted on the validation split.\n"]
+    for source in sorted(confusions):
+        first = metrics[models[0]]["external"][source]
+        lines = [f"### {source}: {first['n']} images ({first['removed_overlaps']} removed as copies or look-alikes "
+                 "of the other sources)\n",
+                 "| | " + " | ".join(MODEL_TITLES.get(m, m) for m in models) + " |", "|" + "---|" * (len(models) + 1)]
+        entries = [metrics[m]["external"][source] for m in models]
+        lines.append("| accuracy | " + " | ".join(_with_interval(e, "accuracy") for e in entries) + " |")
+        lines.append("| macro-F1 | " + " | ".join(_with_interval(e, "macro_f1") for e in entries) + " |")
+        lines.append("| ECE (calibrated) | " + " | ".join(_number(e.get("ece_calibrated")) for e in entries) + " |")
+        for name in class_names:
+            lines.append(f"| recall {name} ({first['per_class'][name]['support']}) | "
+                         + " | ".join(_number(e["per_class"][name]["recall"]) for e in entries) + " |")
+        parts.append("\n".join(lines) + "\n")
+        for model in models:
+            parts += [f"{MODEL_TITLES.get(model, model)} model on {source} (rows: actual class):\n",
+                      confusion_table(confusions[source][model], class_names)]
+    return "\n".join(parts)
+
+
 def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, np.ndarray],
                       errors: Mapping[str, pd.DataFrame], class_names: Sequence[str], *, bootstrap_resamples: int,
-                      errors_listed: int, figures: Mapping[str, str], files: Mapping[str, str]) -> str:
+                      errors_listed: int, figures: Mapping[str, str], files: Mapping[str, str],
+                      external_confusions: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> str:
     """``reports/evaluation.md``: comparison table, per-class tables, confusion matrices, calibration,
     the most confident errors, and links to the figures and data files.
 
@@ -394,6 +422,7 @@ def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, n
         errors_listed: how many misclassified images to list per model.
         figures: caption -> image path relative to the report.
         files: description -> data file path relative to the report.
+        external_confusions: external source -> model -> confusion counts; adds the external validation section.
     """
     first = next(iter(metrics.values()))
     test_images = sum(m["support"] for m in first["per_class"].values())
@@ -412,6 +441,8 @@ def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, n
                   confusion_table(confusions[model], class_names),
                   f"Most confident errors ({min(errors_listed, len(errors[model]))} of {len(errors[model])}):\n",
                   errors_table(errors[model], errors_listed)]
+    if external_confusions:
+        parts += ["## External validation\n", external_section(metrics, external_confusions, class_names)]
     if all("ood" in entry for entry in metrics.values()):
         parts += ["## Out-of-distribution check\n", ood_table(metrics)]
     parts.append("## Figures\n")

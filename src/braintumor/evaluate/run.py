@@ -38,6 +38,8 @@ DATA_FILES = {
     "loss and accuracy per epoch of both training phases": "evaluate/training_curves.csv",
     "temperature and validation confidence quantiles (read by the app)": "../models/calibration.json",
     "the feature-space out-of-distribution check of each model (read by the app)": "../models/ood.npz",
+    "every image of each external set with its probabilities (split.external)": "evaluate/external/predictions_<source>_<model>.csv",
+    "the external images left out, with the reason and the image each matches": "../data/split/external_removed.csv",
 }
 
 
@@ -51,7 +53,8 @@ class Evaluation:
 
 def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: list[str], histories: dict[str, dict],
                     params: EvaluateParams, out: Path, feature_layer: str,
-                    shifted: dict[str, "ImageFolder"] | None = None) -> Evaluation:
+                    shifted: dict[str, "ImageFolder"] | None = None,
+                    external_files: dict[str, list[str]] | None = None) -> Evaluation:
     """Evaluate each model, write its plots data and figures into ``out``, and build the report.
 
     Args:
@@ -61,13 +64,24 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
         out: ``reports/evaluate/``.
         feature_layer: the out-of-distribution check's layer (``feature_check_layer_name``).
         shifted: name -> images unlike the training data (:func:`load_image_folder`), to score the check on.
+        external_files: the source file of each row of each external set (``data.external``).
     """
+    external_files = external_files or {}
     test = data.split["test"]
-    metrics, calibration, checks, confusions, errors = {}, {}, {}, {}, {}
+    metrics, calibration, checks, confusions, errors, external_confusions = {}, {}, {}, {}, {}, {}
     for name, model_file in model_files.items():
-        metrics[name], calibration[name], probabilities, check = evaluate_model(model_file, data, params,
-                                                                                feature_layer, shifted or {})
+        metrics[name], calibration[name], probabilities, check, external = evaluate_model(
+            model_file, data, params, feature_layer, shifted or {})
         checks[name] = check
+        for source, source_probabilities in external.items():
+            rows = data.external[source]
+            atomic.write_csv(out / "external" / f"predictions_{source}_{name}.csv",
+                             prediction_table(rows.rows, external_files[source], rows.labels, source_probabilities, CLASS_NAMES))
+            external_confusions.setdefault(source, {})[name] = confusion_counts(
+                rows.labels, source_probabilities.argmax(axis=1), len(CLASS_NAMES))
+            e = metrics[name]["external"][source]
+            log.info("%s on external %s (%d images, %d overlaps removed): accuracy %.4f %s, macro-F1 %.4f", name, source,
+                     e["n"], e["removed_overlaps"], e["accuracy"], e["accuracy_ci95"], e["macro_f1"])
         confusions[name], errors[name] = write_model_outputs(name, metrics[name], test, probabilities, files, out,
                                                              params.calibration_bins)
         m = metrics[name]
@@ -84,7 +98,8 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
                for m in model_files}
     figures["training curves"] = "evaluate/training_curves.png"
     report = evaluation_report(metrics, confusions, errors, CLASS_NAMES, bootstrap_resamples=params.bootstrap_resamples,
-                               errors_listed=params.errors_listed, figures=figures, files=DATA_FILES)
+                               errors_listed=params.errors_listed, figures=figures, files=DATA_FILES,
+                               external_confusions=external_confusions)
     return Evaluation(metrics, calibration, checks, report)
 
 
@@ -112,6 +127,8 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
                 for split in ("train", "val", "test")}
     shifted_features = {name: predict_features(model, folder.images, all_rows(len(folder.images)), params.batch_size)[0]
                         for name, folder in shifted.items()}
+    external = {source: predict_features(model, data.images, rows, params.batch_size)[1]
+                for source, rows in (data.external or {}).items()}
     keras.backend.clear_session()  # one model in memory at a time
     (val_features, val), (test_features, test) = features["val"], features["test"]
     temperature = fit_temperature(val, data.split["val"].labels)
@@ -123,7 +140,22 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
     entry["ood"] = feature_check_summary(check, test_features, shifted_features)
     for name, folder in shifted.items():
         entry["ood"]["shifted"][name]["unreadable"] = len(folder.unreadable)
-    return entry, calibration_entry(temperature, val, params.tta), test, check
+    if external:
+        entry["external"] = {source: external_entry(data.external[source].labels, probabilities, temperature, params,
+                                                    data.report.get("external", {}).get(source, {}))
+                             for source, probabilities in external.items()}
+    return entry, calibration_entry(temperature, val, params.tta), test, check, external
+
+
+def external_entry(labels: np.ndarray, probabilities: np.ndarray, temperature: float, params: EvaluateParams,
+                   split_record: dict) -> dict:
+    """One external source's metrics for one model: those of the test split (intervals, calibration with
+    the validation temperature), its size, and how many of its images were removed as overlaps."""
+    removed = split_record.get("removed", {})
+    return {"n": int(len(labels)), "removed_overlaps": int(removed.get("copy_of_internal", 0) + removed.get("lookalike_of_internal", 0)),
+            **model_metrics(labels, probabilities, CLASS_NAMES, temperature=temperature,
+                            bootstrap_resamples=params.bootstrap_resamples, bootstrap_seed=params.bootstrap_seed,
+                            calibration_bins=params.calibration_bins)}
 
 
 @dataclass(frozen=True)

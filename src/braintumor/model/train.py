@@ -348,15 +348,19 @@ def training_data_record(params, split_report: dict) -> dict:
     synthetic), the split strategy, and the images per split and per class (``reports/data/split.json``).
 
     ``synthetic_only`` is true when every source is the phantom: such a model knows nothing of real
-    scans, and the app says so beside every prediction.
+    scans, and the app says so beside every prediction. External sources (``split.external``) were
+    never trained on: they are listed apart, with the size of their external set.
     """
-    sources = [{"name": name, "kind": params.download.sources[name].kind} for name in params.download.use]
+    sources = [{"name": name, "kind": params.download.sources[name].kind} for name in params.download.use
+               if name not in params.split.external]
+    external = {name: split_report.get("external", {}).get(name, {}).get("n", 0) for name in params.split.external}
     return {
         "sources": sources,
         "synthetic_only": all(source["kind"] == "phantom" for source in sources),
         "split_strategy": split_report["strategy"],
         "images_per_split": split_report["per_split"],
         "train_images_per_class": split_report["per_split_per_class"]["train"],
+        **({"external_sets": external} if external else {}),
     }
 
 

@@ -50,12 +50,27 @@ def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
     return result
 
 
+def load_external(external_csv: Path, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
+    """Each external source's rows and class ids (``data/split/external.csv``, ``split.external``), in row order;
+    empty when no source is external (or the file predates external sets)."""
+    if not Path(external_csv).is_file():
+        return {}
+    table = pd.read_csv(external_csv, keep_default_na=False)
+    ids = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(table["label"]) - set(ids))
+    if unknown:
+        raise ValueError(f"{external_csv} has labels {unknown} outside {list(class_names)}")
+    return {source: SplitRows(part["row"].to_numpy(np.int64), part["label"].map(ids).to_numpy(np.int32))
+            for source, part in table.groupby("source", sort=True)}
+
+
 @dataclass(frozen=True)
 class TrainingData:
     images: np.ndarray  # (N, S, S) uint8, memory-mapped
     split: dict[str, SplitRows]
     fingerprint: str  # of the split, from reports/data/split.json: tags the MLflow runs
     report: dict  # reports/data/split.json: strategy, images per split and class (the model card's provenance)
+    external: dict[str, SplitRows] | None = None  # external source -> its images (split.external), never trained on
 
 
 def load_training_data(paths) -> TrainingData:
@@ -63,4 +78,4 @@ def load_training_data(paths) -> TrainingData:
     split = load_split(paths.split_csv, CLASS_NAMES)
     images = load_cached_images(paths.images_npy)
     report = json.loads((paths.data_reports / "split.json").read_text())
-    return TrainingData(images, split, report["fingerprint"], report)
+    return TrainingData(images, split, report["fingerprint"], report, load_external(paths.external_csv, CLASS_NAMES))

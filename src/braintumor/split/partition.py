@@ -8,6 +8,7 @@ and all, as the published numbers were obtained; its leakage is measured and rep
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -210,6 +211,79 @@ def split_by_strategy(manifest: pd.DataFrame, params) -> tuple[pd.DataFrame, dic
     return rows.assign(weight=1.0), accounting
 
 
+# Why an external image is left out of its external set (data/split/external_removed.csv).
+EXTERNAL_REMOVAL_REASONS = {
+    "copy_of_internal": "a copy of an image of the other sources (same duplicate group)",
+    "lookalike_of_internal": "a look-alike slice of an image of the other sources (same related group)",
+    "label_conflict": "its duplicate group carries more than one label",
+    "duplicate_within_external": "a second copy of an external slice (each slice counts once)",
+}
+
+
+def _with_internal_representatives(internal: pd.DataFrame, touched: set) -> pd.DataFrame:
+    """Re-choose ``kept`` (and ``drop_reason``) among the internal members of the groups that also had
+    external members: the merge may have kept the external copy, or seen a label conflict only with it."""
+    internal = internal.copy()
+    mine = internal[(internal["status"] == "ok") & internal["group"].isin(touched)]
+    for _, members in mine.sort_values(["kept", "id"], ascending=[False, True], kind="stable").groupby("group", sort=False):
+        if members["label"].nunique() > 1:
+            internal.loc[members.index, ["kept", "drop_reason"]] = [False, "label_conflict"]
+            continue
+        internal.loc[members.index, "kept"] = False
+        internal.loc[members.index[0], ["kept", "drop_reason"]] = [True, ""]
+        internal.loc[members.index[1:], "drop_reason"] = f"duplicate_of:{members['id'].iloc[0]}"
+    return internal
+
+
+def separate_external(manifest: pd.DataFrame, external: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The manifest without the external sources, their images that are new to it, and the ones removed.
+
+    An external source (``split.external``) never enters training, validation or test. Each of its
+    readable images stays in its external set unless it is a copy or a look-alike of an image of the
+    other sources, carries a conflicting label, or is a second copy of an external slice; each removal
+    is listed with its reason (:data:`EXTERNAL_REMOVAL_REASONS`) and the internal image it matches.
+
+    Returns:
+        (internal manifest, with representatives re-chosen where the merge kept an external copy;
+        external rows, one per duplicate group; removed rows with ``reason`` and ``matches``).
+    """
+    is_external = manifest["source"].isin(list(external))
+    readable = manifest["status"] == "ok"
+    touched = set(manifest.loc[is_external & readable, "group"])
+    internal = _with_internal_representatives(manifest[~is_external], touched)
+    inside = internal[internal["status"] == "ok"]
+    first_of_group = inside.sort_values("id").drop_duplicates("group").set_index("group")["id"]
+    first_of_related = inside.sort_values("id").drop_duplicates("split_group").set_index("split_group")["id"]
+    candidates = manifest[is_external & readable].copy()
+    candidates["matches"] = candidates["group"].map(first_of_group)
+    lookalike = candidates["matches"].isna()
+    candidates.loc[lookalike, "matches"] = candidates.loc[lookalike, "split_group"].map(first_of_related)
+    candidates["reason"] = np.select(
+        [candidates["group"].isin(first_of_group.index), candidates["split_group"].isin(first_of_related.index),
+         candidates["drop_reason"] == "label_conflict"],
+        ["copy_of_internal", "lookalike_of_internal", "label_conflict"], default="")
+    remaining = candidates[candidates["reason"] == ""]
+    kept = remaining.sort_values("id", kind="stable").drop_duplicates("group")
+    candidates.loc[remaining.index.difference(kept.index), "reason"] = "duplicate_within_external"
+    candidates["matches"] = candidates["matches"].fillna("")
+    removed = candidates[candidates["reason"] != ""]
+    return internal, kept.sort_index().drop(columns=["matches", "reason"]), removed
+
+
+def external_report(external: pd.DataFrame, removed: pd.DataFrame, sources: Sequence[str]) -> dict:
+    """Per external source: readable images, those removed by reason, and the external set left per class."""
+    report = {}
+    for source in sources:
+        kept, gone = external[external["source"] == source], removed[removed["source"] == source]
+        report[source] = {
+            "readable": int(len(kept) + len(gone)),
+            "removed": {reason: int((gone["reason"] == reason).sum()) for reason in EXTERNAL_REMOVAL_REASONS},
+            "n": int(len(kept)),
+            "per_class": {label: int(n) for label, n in kept.groupby("label").size().items()},
+        }
+    return report
+
+
 def split_report(rows: pd.DataFrame, strategy: str) -> dict:
     """Counts per class per split and the leakage check for ``reports/data/split.json``."""
     counts = rows.groupby(["split", "label"]).size()
@@ -231,6 +305,14 @@ def split_report(rows: pd.DataFrame, strategy: str) -> dict:
             "related_groups_spanning_splits": groups_spanning_splits(rows["split_group"].to_numpy(), rows["split"].to_numpy()),
         },
     }
+
+
+def with_cache_rows(rows: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with the ``row`` of each image in the preprocessed array (``data/processed/index.csv``), in row order."""
+    rows = rows.merge(index[["id", "row"]], on="id", how="left", validate="one_to_one")
+    if rows["row"].isna().any():
+        raise RuntimeError("split rows missing from data/processed/index.csv: rerun `dvc repro preprocess`")
+    return rows.astype({"row": int}).sort_values("row")
 
 
 def split_fingerprint(rows: pd.DataFrame) -> str:

@@ -1,0 +1,78 @@
+"""External validation end to end with real DVC: a source marked `split.external` never trains, its copies of
+the other sources' images are removed with their reason, and evaluate reports it on its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from braintumor.core.config import PhantomDuplicates, PhantomSource, read_yaml, write_yaml
+from braintumor.data.phantom.source import generate_phantom_source
+from conftest import copy_built_pipeline, dvc, ran_stages, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def write_external_source(folder: Path, internal_images: Path) -> tuple[set[str], str]:
+    """A hospital's folder (Testing/<class>/): new phantom slices (another seed), 3 byte copies of the
+    built pipeline's own slices, and one slice uploaded twice. Returns the copies' and the twin's ids."""
+    generated = folder.parent / "generated"
+    generated.mkdir()
+    generate_phantom_source(generated, PhantomSource(kind="phantom", images_per_class=3, image_size=96, seed=11,
+                                                     test_fraction=0.0, duplicates=PhantomDuplicates(**{
+                                                         k: 0 for k in PhantomDuplicates.model_fields})))
+    for path in (p for p in (generated / "images").rglob("*") if p.is_file()):
+        target = folder / "Testing" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    copies = set()
+    for path in sorted((internal_images / "Training" / "glioma").glob("*.*"))[:3]:
+        shutil.copy2(path, folder / "Testing" / "glioma" / f"copy_{path.name}")
+        copies.add(f"hospital/Testing/glioma/copy_{path.name}")
+    first = sorted((folder / "Testing" / "pituitary").glob("*.*"))[0]
+    shutil.copy2(first, first.with_name("again_" + first.name))
+    return copies, f"hospital/Testing/pituitary/again_{first.name}"
+
+
+def test_external_source_is_held_out_and_reported_apart(built_pipeline, tmp_path, venv_env):
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    copies, twin = write_external_source(tmp_path / "hospital", repo / "data/raw/phantom/images")
+    params = read_yaml((repo / "params.yaml").read_text())
+    params["download"]["sources"]["hospital"] = {"kind": "local", "path": str(tmp_path / "hospital")}
+    write_yaml(repo / "params.yaml", params)
+    set_params(repo, {"download.use": ["phantom", "hospital"], "split.external": ["hospital"]})
+    output = dvc(repo, venv_env, "repro", "evaluate")
+    assert {"download@hospital", "merge", "split", "evaluate"} <= ran_stages(output)
+
+    split = pd.read_csv(repo / "data/split/split.csv", keep_default_na=False)
+    external = pd.read_csv(repo / "data/split/external.csv", keep_default_na=False)
+    removed = pd.read_csv(repo / "data/split/external_removed.csv", keep_default_na=False)
+    assert not split["source"].eq("hospital").any(), "an external image entered train, validation or test"
+    assert set(external["source"]) == {"hospital"} and len(external) > 0
+    reasons = dict(zip(removed["id"], removed["reason"]))
+    assert {reasons[c] for c in copies} == {"copy_of_internal"}
+    assert all(m.startswith("phantom/") for m in removed.loc[removed["id"].isin(copies), "matches"])
+    assert reasons[twin] == "duplicate_within_external" or twin not in set(external["id"])
+    assert not set(external["id"]) & set(removed["id"])
+
+    report = json.loads((repo / "reports/data/split.json").read_text())["external"]["hospital"]
+    assert report["n"] == len(external) and report["readable"] == len(external) + len(removed)
+    assert report["removed"]["copy_of_internal"] >= 3
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    for model in ("base", "finetuned"):
+        entry = metrics[model]["external"]["hospital"]
+        assert entry["n"] == len(external)
+        assert entry["removed_overlaps"] == report["removed"]["copy_of_internal"] + report["removed"]["lookalike_of_internal"]
+        assert 0 <= entry["accuracy_ci95"]["low"] <= entry["accuracy"] <= entry["accuracy_ci95"]["high"] <= 1
+        predictions = pd.read_csv(repo / f"reports/evaluate/external/predictions_hospital_{model}.csv")
+        assert len(predictions) == len(external)
+    # The test split's numbers are the test split's alone.
+    assert sum(c["support"] for c in metrics["finetuned"]["per_class"].values()) == (split["split"] == "test").sum()
+    markdown = (repo / "reports/evaluation.md").read_text()
+    assert "## External validation" in markdown and f"### hospital: {len(external)} images" in markdown
+    card = json.loads((repo / "models/finetuned.json").read_text())["training_data"]
+    assert [s["name"] for s in card["sources"]] == ["phantom"] and card["external_sets"] == {"hospital": len(external)}

@@ -55,10 +55,10 @@ _VALID_KEY = re.compile(r"^[/\w.\- :]+$")
 _TRUNCATION_NOTE = "...[truncated from {length} chars]"
 _TRUNCATED = re.compile(r"\.\.\.\[truncated from \d+ chars\]$")
 
-# Bare words MLflow reads as stores, not as folder names (mlflow.tracking.registry.get_store_builder).
 # MLflow's own variable for the tracking server; it wins over params.yaml (see resolve_tracking_uri).
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 
+# Bare words MLflow reads as stores, not as folder names (mlflow.tracking.registry.get_store_builder).
 _NAMED_STORES = frozenset({"databricks", "databricks-uc", "uc"})
 
 # Tags every stage run carries; callers may add others but not overwrite these.

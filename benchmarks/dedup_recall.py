@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate_phantom_source(Path(tmp), cfg)
         start = time.perf_counter()
-        manifest, search, _ = merge_sources(
+        manifest, search, _, _ = merge_sources(
             [("phantom", Path(tmp) / "images")], params.merge.folder_to_label(), root=Path(tmp),
             head_threshold=params.preprocess.head_threshold, max_colour_share=params.merge.max_colour_share,
             keep=params.merge.keep, near=params.merge.near_duplicates, workers=params.merge.workers,

@@ -2,7 +2,7 @@
 
 Params: download.use, merge (but merge.workers), preprocess.head_threshold
 Inputs: data/raw/<name>/ for each name in download.use
-Outputs: data/interim/manifest.csv, reports/data/merge.json (metrics),
+Outputs: data/interim/manifest.csv, data/interim/boxes.csv (tumor boxes, raw pixels), reports/data/merge.json (metrics),
          reports/data/quarantine.csv, reports/data/conflicts.csv
 """
 
@@ -23,7 +23,9 @@ def main() -> dict:
     params = load_params(paths.params)
     sources = [(name, fetched_class_root(paths.raw_source(name))) for name in params.download.use]
 
-    manifest, search, skipped = merge_sources(
+    box_formats = {name: (params.download.sources[name].boxes, params.download.sources[name].boxes_csv)
+                   for name in params.download.use if hasattr(params.download.sources[name], "boxes")}
+    manifest, search, skipped, boxes = merge_sources(
         sources,
         params.merge.folder_to_label(),
         root=paths.root,
@@ -32,12 +34,16 @@ def main() -> dict:
         keep=params.merge.keep,
         near=params.merge.near_duplicates,
         workers=params.merge.workers,
+        boxes=box_formats,
     )
     planted = {name: json.loads((paths.raw_source(name) / "planted.json").read_text()) for name in params.download.use
                if isinstance(params.download.sources[name], PhantomSource)}
     report = merge_json(manifest, search, planted, skipped)
+    for name, count in boxes.assign(source=boxes["id"].str.split("/").str[0]).groupby("source")["id"].nunique().items():
+        report["per_source"][name]["images_with_boxes"] = int(count)
 
     atomic.write_csv(paths.manifest, manifest[MANIFEST_COLUMNS])
+    atomic.write_csv(paths.boxes_csv, boxes)
     atomic.write_csv(paths.data_reports / "quarantine.csv", manifest.loc[manifest["status"] == "quarantined", ["id", "path", "reason"]])
     conflicts = manifest[manifest["drop_reason"] == "label_conflict"]
     atomic.write_csv(paths.data_reports / "conflicts.csv", conflicts[["group", "id", "path", "folder", "label"]])

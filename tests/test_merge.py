@@ -44,9 +44,10 @@ def write(path: Path, image: np.ndarray, params: list[int] | None = None) -> Pat
     return path
 
 
-def run(root: Path, sources: list[tuple[str, Path]], keep: str = "largest"):
-    return merge_sources(sources, FOLDERS, root=root, head_threshold=12, max_colour_share=0.06, keep=keep,
-                         near=NEAR, workers=1)
+def run(root: Path, sources: list[tuple[str, Path]], keep: str = "largest", boxes=None, with_boxes: bool = False):
+    result = merge_sources(sources, FOLDERS, root=root, head_threshold=12, max_colour_share=0.06, keep=keep,
+                           near=NEAR, workers=1, boxes=boxes)
+    return result if with_boxes else result[:3]
 
 
 def test_label_mapping_is_case_insensitive_and_records_source_split(tmp_path):

@@ -32,6 +32,12 @@ class KaggleSource(_Section):
     slug: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/dataset on Kaggle")
     version: int | None = Field(default=None, ge=1, description="dataset version; None = latest")
     subdir: str = Field(default="", description="folder inside the download holding the class folders")
+    boxes: Literal["none", "yolo", "csv"] = Field(default="none", description="tumor bounding boxes (see check_boxes_csv)")
+    boxes_csv: str = ""
+
+    @model_validator(mode="after")
+    def _boxes_csv_named(self):
+        return check_boxes_csv(self)
 
 
 class LocalSource(_Section):
@@ -39,6 +45,23 @@ class LocalSource(_Section):
     path: str = Field(description="existing folder, relative to the project root or absolute")
     mode: Literal["copy", "hardlink"] = "copy"
     subdir: str = ""
+    boxes: Literal["none", "yolo", "csv"] = Field(default="none", description="tumor bounding boxes (see check_boxes_csv)")
+    boxes_csv: str = ""
+
+    @model_validator(mode="after")
+    def _boxes_csv_named(self):
+        return check_boxes_csv(self)
+
+
+def check_boxes_csv(source):
+    """Tumor boxes of a downloaded or local source: ``yolo`` = a ``<image stem>.txt`` beside each image
+    (``class x_centre y_centre width height``, normalised), ``csv`` = one file ``boxes_csv`` below the
+    class root with columns path, x0, y0, x1, y1 (pixels); ``none``. Only ``csv`` takes ``boxes_csv``."""
+    if source.boxes == "csv" and not source.boxes_csv:
+        raise ValueError("boxes: csv needs boxes_csv, the CSV's path below the folder holding the class folders")
+    if source.boxes != "csv" and source.boxes_csv:
+        raise ValueError(f"boxes_csv is only read with boxes: csv (boxes is {source.boxes!r})")
+    return source
 
 
 class PhantomDuplicates(_Section):
@@ -321,6 +344,8 @@ class GradcamParams(_Section):
     randomise_top: int | str = Field(default=38, description="randomisation test: the model's last N layers (head = last 8), or from this layer name")
     max_rank_correlation: float = Field(default=0.5, ge=-1.0, le=1.0, description="randomisation test passes below this")
     pointing_tolerance_px: float = Field(default=15.0, ge=0.0, description="pointing game also counted within this distance of the mask")
+    box_tolerance: float = Field(default=0.03, ge=0.0, le=0.5, description="tumor boxes: pointing game also counted within this share of the image side")
+    box_examples: int = Field(default=12, ge=0, description="tumor-box overlays in the report")
 
 
 class OodParams(_Section):

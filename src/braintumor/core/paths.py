@@ -109,6 +109,11 @@ class ProjectPaths:
         return self.interim / "manifest.csv"
 
     @property
+    def boxes_csv(self) -> Path:
+        """Tumor boxes of the sources that carry them, raw pixels (braintumor.data.boxes)."""
+        return self.interim / "boxes.csv"
+
+    @property
     def processed(self) -> Path:
         return self.root / "data" / "processed"
 

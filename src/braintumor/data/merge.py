@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.core.config import NearDuplicateParams
+from braintumor.data.boxes import BOX_COLUMNS, annotation_files, csv_box_table, yolo_box_table
 from braintumor.data.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
 from braintumor.core.parallel import map_in_workers, resolve_workers
 from braintumor.core.imageio import IMAGE_SUFFIXES, UnreadableImageError, colour_pixel_share, decode_image_bytes, is_system_entry
@@ -228,14 +229,22 @@ def merge_sources(
     keep: str,
     near: NearDuplicateParams,
     workers: int = 0,
-) -> tuple[pd.DataFrame, DuplicateSearch, dict[str, int]]:
-    """Walk, label, inspect and deduplicate every source; return the manifest, the raw search, and
-    the hidden or system files skipped per source."""
-    sources = list(sources)
-    files, skipped = [], {}
+    boxes: dict[str, tuple[str, str]] | None = None,
+) -> tuple[pd.DataFrame, DuplicateSearch, dict[str, int], pd.DataFrame]:
+    """Walk, label, inspect and deduplicate every source; return the manifest, the raw search, the
+    hidden or system files skipped per source, and the tumor boxes (:data:`~braintumor.data.boxes.BOX_COLUMNS`).
+
+    ``boxes`` maps a source to its box format and CSV (``yolo``/``csv``, see :mod:`braintumor.data.boxes`):
+    its annotation files are read as boxes, not listed as images.
+    """
+    sources, boxes = list(sources), boxes or {}
+    files, skipped, annotations = [], {}, {}
     for name, images_root in sources:
         listed, skipped[name] = list_source_files(name, images_root)
-        files += listed
+        fmt, boxes_csv = boxes.get(name, ("none", ""))
+        notes = annotation_files([f.relpath for f in listed], fmt, boxes_csv)
+        annotations[name] = {f.relpath: f.path for f in listed if f.relpath in notes}
+        files += [f for f in listed if f.relpath not in notes]
     labels = map_labels(files, folder_to_label)
     inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers)
     manifest = build_manifest(files, labels, inspections, root)
@@ -247,7 +256,21 @@ def merge_sources(
     search = find_duplicate_groups(fingerprints, head_threshold, near)
     manifest = attach_groups(manifest, search, ok_rows)
     manifest = choose_representatives(manifest, keep, [name for name, _ in sources])
-    return manifest, search, skipped
+    return manifest, search, skipped, source_boxes(manifest, boxes, annotations, dict(sources))
+
+
+def source_boxes(manifest: pd.DataFrame, formats: dict[str, tuple[str, str]], annotations: dict[str, dict[str, Path]],
+                 roots: dict[str, Path]) -> pd.DataFrame:
+    """Every box of the readable images of the sources with boxes, in raw pixels (one row per box)."""
+    tables = [pd.DataFrame(columns=BOX_COLUMNS)]
+    for name, (fmt, boxes_csv) in formats.items():
+        if fmt == "none" or name not in roots:
+            continue
+        images = manifest[(manifest["source"] == name) & (manifest["status"] == "ok")]
+        images = images.assign(relpath=images["id"].str[len(name) + 1:])
+        tables.append(yolo_box_table(images, annotations[name]) if fmt == "yolo"
+                      else csv_box_table(images, roots[name] / boxes_csv))
+    return pd.concat(tables, ignore_index=True).astype({c: float for c in BOX_COLUMNS[1:]})
 
 
 def _group_scope(members: pd.DataFrame) -> str:

@@ -18,6 +18,7 @@ Scores, for heatmaps (N, S, S) in [0, 1] and masks (N, S, S) bool, each mask non
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -26,8 +27,7 @@ import pandas as pd
 
 from braintumor.core.config import PreprocessParams
 from braintumor.core.imageio import read_grayscale
-from braintumor.data.head import head_bbox
-from braintumor.preprocess.slices import pad_to_square
+from braintumor.preprocess.slices import pad_to_square, slice_geometry
 
 MASKS_FOLDER = "masks"
 IMAGES_FOLDER = "images"
@@ -61,12 +61,28 @@ def preprocess_mask(mask: np.ndarray, raw_gray: np.ndarray, params: PreprocessPa
     if mask.shape != raw_gray.shape:
         raise ValueError(f"mask {mask.shape} and raw image {raw_gray.shape} differ in size")
     binary = (np.asarray(mask) > 0).astype(np.uint8) * 255
-    if params.crop_to_head:
-        y0, y1, x0, x1 = head_bbox(raw_gray, params.head_threshold)
-        binary = binary[y0:y1, x0:x1]
-    square = pad_to_square(np.ascontiguousarray(binary))
+    y0, y1, x0, x1 = slice_geometry(raw_gray, params).crop
+    square = pad_to_square(np.ascontiguousarray(binary[y0:y1, x0:x1]))
     size = params.image_size
     return cv2.resize(square, (size, size), interpolation=cv2.INTER_NEAREST_EXACT) > 0
+
+
+def box_mask(boxes: Sequence[Sequence[float]], size: int) -> np.ndarray:
+    """(size, size) bool: the pixels whose centre lies inside any of the boxes (x0, y0, x1, y1, in the
+    slice's pixels, e.g. from :func:`~braintumor.preprocess.slices.box_to_slice`). A box too thin to hold
+    a pixel centre marks the pixel its centre falls in, so that no box scores as empty."""
+    mask = np.zeros((size, size), bool)
+    centres = np.arange(size) + 0.5
+    for x0, y0, x1, y1 in boxes:
+        rows = (centres >= y0) & (centres < y1)
+        cols = (centres >= x0) & (centres < x1)
+        if rows.any() and cols.any():
+            mask[np.ix_(rows, cols)] = True
+        else:
+            row = min(max(int((y0 + y1) / 2), 0), size - 1)
+            col = min(max(int((x0 + x1) / 2), 0), size - 1)
+            mask[row, col] = True
+    return mask
 
 
 def load_preprocessed_mask(image_path: Path, mask_path: Path, params: PreprocessParams) -> np.ndarray:

@@ -11,6 +11,7 @@ with its parameters as plain arguments, so the app and the tests call exactly wh
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -57,11 +58,19 @@ def crop_to_head(gray: np.ndarray, threshold: int) -> np.ndarray:
     return gray[y0:y1, x0:x1]
 
 
-def pad_to_square(gray: np.ndarray) -> np.ndarray:
-    """Pad with black, centred, to a (L, L) square with L = max(H, W); a square input is returned as is.
+def square_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) black borders that centre an (H, W) image in a max(H, W) square.
 
-    Padding rather than stretching keeps the anatomy's aspect ratio through the later resize. When
-    the difference is odd, the extra pixel goes after (bottom/right).
+    When the difference is odd, the extra pixel goes after (bottom/right).
+    """
+    extra_y, extra_x = max(width - height, 0), max(height - width, 0)
+    return extra_y // 2, extra_y - extra_y // 2, extra_x // 2, extra_x - extra_x // 2
+
+
+def pad_to_square(gray: np.ndarray) -> np.ndarray:
+    """Pad with black, centred, to a (L, L) square with L = max(H, W) (:func:`square_padding`); a square
+    input is returned as is. Padding rather than stretching keeps the anatomy's aspect ratio through
+    the later resize.
 
     Args:
         gray: uint8 (H, W) image.
@@ -70,9 +79,47 @@ def pad_to_square(gray: np.ndarray) -> np.ndarray:
     height, width = gray.shape
     if height == width:
         return gray
-    extra_y, extra_x = max(width - height, 0), max(height - width, 0)
-    top, left = extra_y // 2, extra_x // 2
-    return cv2.copyMakeBorder(gray, top, extra_y - top, left, extra_x - left, cv2.BORDER_CONSTANT, value=0)
+    top, bottom, left, right = square_padding(height, width)
+    return cv2.copyMakeBorder(gray, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the raw slice's pixels go in the preprocessed (S, S) slice: crop, pad, resize."""
+
+    crop: tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, in the raw image: the head, or all of it
+    side: int  # the padded square's side
+    pad_top: int
+    pad_left: int
+    size: int  # S, the output side
+
+    @property
+    def head_box(self) -> tuple[int, int, int, int]:
+        """The crop as a box (x0, y0, x1, y1) in raw pixels."""
+        y0, y1, x0, x1 = self.crop
+        return x0, y0, x1, y1
+
+
+def slice_geometry(gray: np.ndarray, params: PreprocessParams) -> SliceGeometry:
+    """The geometry :func:`preprocess_slice` applies to ``gray``: the same crop and padding functions."""
+    require_gray(gray)
+    height, width = gray.shape
+    crop = head_bbox(gray, params.head_threshold) if params.crop_to_head else (0, height, 0, width)
+    top, _, left, _ = square_padding(crop[1] - crop[0], crop[3] - crop[2])
+    return SliceGeometry(crop=crop, side=max(crop[1] - crop[0], crop[3] - crop[2]), pad_top=top, pad_left=left,
+                         size=params.image_size)
+
+
+def box_to_slice(box: Sequence[float], geometry: SliceGeometry) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) in raw pixels, in the preprocessed slice's pixels; clipped to the slice
+    (a box partly outside the head keeps only its part inside the crop)."""
+    y0, _, x0, _ = geometry.crop
+    scale = geometry.size / geometry.side
+    xs = [(float(x) - x0 + geometry.pad_left) * scale for x in (box[0], box[2])]
+    ys = [(float(y) - y0 + geometry.pad_top) * scale for y in (box[1], box[3])]
+    limit = float(geometry.size)
+    return (min(max(xs[0], 0.0), limit), min(max(ys[0], 0.0), limit),
+            min(max(xs[1], 0.0), limit), min(max(ys[1], 0.0), limit))
 
 
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:

@@ -77,3 +77,63 @@ def test_external_source_is_held_out_and_reported_apart(built_pipeline, tmp_path
     assert "## External validation" in markdown and f"### hospital: {len(external)} images" in markdown
     card = json.loads((repo / "models/finetuned.json").read_text())["training_data"]
     assert [s["name"] for s in card["sources"]] == ["phantom"] and card["external_sets"] == {"hospital": len(external)}
+
+
+def yolo_line_from_mask(mask_file: Path) -> str:
+    """The YOLO line of a phantom mask's bounding box, as a detection dataset would export it."""
+    import cv2
+    mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
+    x, y, w, h = cv2.boundingRect((mask > 0).astype("uint8"))
+    height, width = mask.shape
+    return f"0 {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {w / width:.6f} {h / height:.6f}\n"
+
+
+def test_external_source_with_tumor_boxes_is_scored_by_the_gradcam_stage(built_pipeline, tmp_path, venv_env):
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    copies, _ = write_external_source(tmp_path / "hospital", repo / "data/raw/phantom/images")
+    # YOLO label files beside the tumor images, from the phantom's masks: the new slices' and the copies'
+    masks = {tmp_path / "generated" / "masks": tmp_path / "generated" / "images",
+             repo / "data/raw/phantom/masks": repo / "data/raw/phantom/images"}
+    labelled = 0
+    for image in sorted((tmp_path / "hospital" / "Testing").rglob("*.*")):
+        if image.parent.name in ("no_tumor", "notumor") or image.name.startswith("again_"):
+            continue
+        name = image.name.removeprefix("copy_")
+        for mask_root, image_root in masks.items():
+            found = list(image_root.rglob(name))
+            if found:
+                mask_file = mask_root / found[0].relative_to(image_root).with_suffix(".png")
+                image.with_suffix(".txt").write_text(yolo_line_from_mask(mask_file))
+                labelled += 1
+                break
+    assert labelled >= 9
+    params = read_yaml((repo / "params.yaml").read_text())
+    params["download"]["sources"]["hospital"] = {"kind": "local", "path": str(tmp_path / "hospital"), "boxes": "yolo"}
+    write_yaml(repo / "params.yaml", params)
+    set_params(repo, {"download.use": ["phantom", "hospital"], "split.external": ["hospital"], "gradcam.box_examples": 5})
+    output = dvc(repo, venv_env, "repro", "gradcam")
+    assert {"merge", "split", "gradcam"} <= ran_stages(output)
+
+    manifest = pd.read_csv(repo / "data/interim/manifest.csv", keep_default_na=False)
+    assert not manifest["id"].str.endswith(".txt").any(), "a YOLO label file was taken for an image"
+    boxes = pd.read_csv(repo / "data/interim/boxes.csv")
+    assert boxes["id"].nunique() == labelled and boxes["id"].str.startswith("hospital/").all()
+    merge = json.loads((repo / "reports/data/merge.json").read_text())
+    assert merge["per_source"]["hospital"]["images_with_boxes"] == labelled
+
+    sanity = json.loads((repo / "reports/gradcam/sanity.json").read_text())["boxes"]
+    assert sanity["applicable"] and set(sanity["sets"]) == {"hospital"}
+    hospital = sanity["sets"]["hospital"]
+    # every boxed image is scored, also the copies left out of the classification set (counted as seen)
+    assert hospital["images"] == labelled and hospital["images_seen_in_training"] == len(copies)
+    chance = hospital["chance"]["all"]
+    assert 0 < chance["area"] < chance["area_tolerant"] < 1
+    for model in ("base", "finetuned"):
+        scores = hospital["models"][model]["all"]
+        assert scores["images"] == labelled
+        assert 0 <= scores["pointing_game"] <= scores["pointing_game_tolerant"] <= 1 and 0 <= scores["energy_inside"] <= 1
+        assert set(scores["targets"]) == {"pointing_game_over_3x_area", "pointing_game_over_fixed_points"}
+    overlays = sorted((repo / "reports/gradcam/overlays").glob("box_hospital_*.png"))
+    assert len(overlays) == 5
+    html = (repo / "reports/gradcam/index.html").read_text()
+    assert "Localisation on real tumor boxes" in html and all(p.name in html for p in overlays)

@@ -186,6 +186,42 @@ prior</b>: a fixed Gaussian at the image centre, which knows only that tumors te
 {%- endfor %}{% endfor %}
 </table>
 {%- endif %}
+{%- set bx = sanity.get("boxes", {"applicable": False, "reason": "not computed"}) %}
+<h3>Localisation on real tumor boxes</h3>
+{%- if not bx["applicable"] %}
+<p class="note">Not applicable: {{ bx["reason"] }}</p>
+{%- else %}
+{%- set tol = "%g"|format(bx["tolerance_px"]) %}
+<p class="note">Grad-CAM of the true class against the tumor boxes the sources carry, carried through the same
+crop, padding and resize as the pixels. <b>Pointing game</b>: share of maps whose peak lies inside a box (and within
+{{ tol }} px, {{ "%g"|format(100 * bx["tolerance_share"]) }}% of the side). <b>Energy inside</b>: share of the map's mass
+inside the boxes. Baselines that never look at the image: <b>box area</b> (a random pixel), the <b>image centre</b>
+and the <b>head-box centre</b> as fixed points. Images whose copy or look-alike was in the training data are scored
+too (where a map points does not need an unseen label) and counted.</p>
+{%- for set_name, s in bx["sets"].items() %}
+<h4>{{ set_name }}: {{ s["images"] }} images with a box, {{ s["images_seen_in_training"] }} of them with a copy or look-alike in the training data</h4>
+<table class="sanity"><tr><th>model / class</th><th>images</th><th>pointing game</th><th>within {{ tol }} px</th>
+<th>energy inside</th><th>box area (chance)</th><th>image centre</th><th>head-box centre</th><th>centres within {{ tol }} px</th></tr>
+{%- for model, groups in s["models"].items() %}{% for group, g in groups.items() %}
+{%- set c = s["chance"][group] %}
+<tr><td>{{ model }} / {{ group }}</td><td>{{ g["images"] }}</td>
+<td>{{ g["pointing_game"]|number }}</td><td>{{ g["pointing_game_tolerant"]|number }}</td><td>{{ g["energy_inside"]|number }}</td>
+<td>{{ c["area"]|number }}</td><td>{{ c["centre"]|number }}</td><td>{{ c["head_centre"]|number }}</td>
+<td>{{ c["centre_tolerant"]|number }}, {{ c["head_centre_tolerant"]|number }}</td></tr>
+{%- endfor %}{% endfor %}
+</table>
+{%- endfor %}
+{%- if box_figures %}
+<p class="note">{{ box_figures|length }} examples ({{ box_figures[0]["set"] }}): the {{ first_model }} model's map of the
+true class, the tumor box in green, the map's peak as a white cross.</p>
+<div style="display:flex;flex-wrap:wrap;gap:8px">
+{%- for f in box_figures %}
+<figure><img src="{{ folder }}/{{ f["file"] }}" alt="{{ f["label"] }} row {{ f["row"] }}">{{ f["label"] }} (row {{ f["row"] }}):
+{{ "hit" if f["hit"] else "miss" }}, energy {{ "%.2f"|format(f["energy_inside"]) }}{{ ", seen in training" if f["seen"] else "" }}</figure>
+{%- endfor %}
+</div>
+{%- endif %}
+{%- endif %}
 {%- for name, group in groups_by_class %}
 {%- set correct = group|selectattr("example.correct")|list|length %}
 <h2>True class: {{ name }} ({{ correct }} correct, {{ group|length - correct }} misclassified by the fine-tuned model)</h2>
@@ -220,7 +256,7 @@ def _page_template() -> jinja2.Template:
 
 
 def render_report_html(items: list[ReportItem], sanity: dict, class_names: tuple[str, ...], title: str,
-                       notes: list[str]) -> str:
+                       notes: list[str], box_figures: list[dict] = ()) -> str:
     """The whole page as one string: inline CSS, images by relative path, no script, no external URL.
 
     Rendered by Jinja2 with autoescaping, so names, notes and layer names are always shown as text.
@@ -231,6 +267,7 @@ def render_report_html(items: list[ReportItem], sanity: dict, class_names: tuple
         class_names: names of the class ids.
         title: the page title.
         notes: short paragraphs shown under the title (layer, calibration, counts).
+        box_figures: overlays with tumor boxes (file, set, row, label, hit, energy_inside, seen).
     """
     # Probabilities as Python floats, which the page formats with "%.3f".
     shown = [ReportItem(item.example, item.image_file, item.overlays, item.predicted,
@@ -239,4 +276,5 @@ def render_report_html(items: list[ReportItem], sanity: dict, class_names: tuple
     groups_by_class = [(name, [item for item in shown if item.example.label == label])
                        for label, name in enumerate(class_names)]
     return _page_template().render(title=title, css=_CSS, notes=notes, sanity=sanity, class_names=class_names,
-                                   groups_by_class=groups_by_class, folder=OVERLAYS_FOLDER)
+                                   groups_by_class=groups_by_class, folder=OVERLAYS_FOLDER,
+                                   box_figures=list(box_figures), first_model=next(iter(items[0].overlays), "") if items else "")

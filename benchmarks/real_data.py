@@ -1,6 +1,7 @@
 """Every real-data number in the README, from one command: the pipeline on the shared datasets.
 
     .venv/bin/python benchmarks/real_data.py --sources nickparvar          # or nickparvar,sartaj
+    .venv/bin/python benchmarks/real_data.py --sources nickparvar --external sartaj_testing --boxes figshare --skip-clean
 
 1. A clone of this repository's HEAD in ``--workdir`` (reused on a rerun, so DVC skips what is
    already built; uncommitted changes are not in it).
@@ -15,7 +16,9 @@
 
 Progress goes to the terminal; the last line is one JSON object: ``leak_free.{base,finetuned}.
 {accuracy,macro_f1}[_ci]``, ``clean_testing.n``, ``clean_testing.{base,finetuned}.*``,
-``clean_testing.peers.<name>.*``, ``testing.*``, the split sizes, the machine and ``minutes``.
+``clean_testing.peers.<name>.*``, ``testing.*``, the split sizes, the machine and ``minutes``; with
+``--external``/``--boxes`` also ``external.<name>.{n,removed_overlaps,accuracy[_ci],macro_f1[_ci]}`` and
+``boxes.{n,finetuned.pointing_game,finetuned.energy_inside,chance.area,chance.centre,...}``.
 
 This script may name ``../shared`` (the datasets beside the repository on the project's machines);
 nothing a user runs does. ``-S key=value`` adds an override to both trainings (e.g. ``-S
@@ -44,6 +47,52 @@ SHARED_WEIGHTS = REPO.parent / "shared" / "weights"  # the ImageNet files, for m
 # --sources name -> (params source, folder under ../shared/datasets)
 SOURCES = {"nickparvar": ("local_nickparvar", "nickparvar-224"), "sartaj": ("local_sartaj", "sartaj")}
 TEST_SOURCE = "local_nickparvar"  # whose Testing folder the clean comparison uses (the peers trained on its Training)
+# --external name -> (params source, folder): held out of training, evaluated apart (split.external)
+EXTERNAL = {"sartaj_testing": ("local_sartaj_testing", "sartaj/Testing")}
+# --boxes name -> (params source, folder): slices with tumor boxes, an external localisation set
+BOXES = {"figshare": ("local_figshare", "figshare-boxes")}
+
+
+def held_out_overrides(external: list[str], boxes: list[str], used: list[str], datasets: Path) -> dict[str, object]:
+    """params overrides that add the named external and box sets as external sources (after ``used``)."""
+    unknown = [n for n in external if n not in EXTERNAL] + [n for n in boxes if n not in BOXES]
+    if unknown:
+        raise ValueError(f"unknown --external / --boxes names {unknown}: choose from {sorted(EXTERNAL)} and {sorted(BOXES)}")
+    chosen = [EXTERNAL[n] for n in external] + [BOXES[n] for n in boxes]
+    if not chosen:
+        return {}
+    overrides: dict[str, object] = {"download.use": [*used, *(source for source, _ in chosen)],
+                                    "split.external": [source for source, _ in chosen]}
+    for source, folder in chosen:
+        if not (datasets / folder).is_dir():
+            raise FileNotFoundError(f"{datasets / folder} is missing: this benchmark needs the shared datasets beside the repository")
+        overrides[f"download.sources.{source}.path"] = str(datasets / folder)
+    return overrides
+
+
+def held_out_results(workdir: Path, external: list[str], boxes: list[str]) -> dict:
+    """``external.<name>`` (n, removed overlaps, the fine-tuned model's accuracy and macro-F1 with intervals)
+    and ``boxes`` (images, the fine-tuned and base models' localisation, the baselines)."""
+    metrics = read_json(workdir / "reports" / "metrics.json")
+    result: dict = {}
+    for name in [*external, *boxes]:
+        source = (EXTERNAL.get(name) or BOXES[name])[0]
+        entry = metrics["finetuned"]["external"][source]
+        result.setdefault("external", {})[name] = {
+            "n": entry["n"], "removed_overlaps": entry["removed_overlaps"], **scores_of(entry),
+            "base": scores_of(metrics["base"]["external"][source])}
+    if boxes:
+        scored = read_json(workdir / "reports" / "gradcam" / "sanity.json")["boxes"]["sets"][BOXES[boxes[0]][0]]
+        chance = scored["chance"]["all"]
+        result["boxes"] = {"n": scored["images"], "seen_in_training": scored["images_seen_in_training"],
+                           **{model: {k: v for k, v in scored["models"][model]["all"].items() if k != "images"}
+                              for model in ("finetuned", "base")},
+                           "chance": {"area": chance["area"], "area_tolerant": chance["area_tolerant"],
+                                      "centre": chance["centre"], "centre_tolerant": chance["centre_tolerant"],
+                                      "head_centre": chance["head_centre"],
+                                      "head_centre_tolerant": chance["head_centre_tolerant"]},
+                           "per_class": scored["models"]["finetuned"], "chance_per_class": scored["chance"]}
+    return result
 
 
 def source_overrides(names: list[str], datasets: Path) -> dict[str, object]:
@@ -129,6 +178,22 @@ def compare_with_peers(workdir: Path, peers_venv: Path) -> tuple[dict, dict]:
     return clean, testing
 
 
+def copy_box_overlays(workdir: Path, folder: Path) -> None:
+    """The report's tumor-box overlays as one 4-column sheet for the README (``docs/real-data/gradcam_boxes.png``)."""
+    import cv2
+    import numpy as np
+
+    files = sorted((workdir / "reports" / "gradcam" / "overlays").glob("box_*.png"))
+    tiles = [cv2.imread(str(f)) for f in files]
+    if not tiles:
+        return
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)
+    sheet = np.vstack([np.hstack(tiles[i:i + 4]) for i in range(0, len(tiles), 4)])
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "gradcam_boxes.png"), sheet)
+    print(f"wrote {folder / 'gradcam_boxes.png'} ({len(files)} overlays)", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", default="nickparvar", help="nickparvar | nickparvar,sartaj")
@@ -137,14 +202,19 @@ def main() -> int:
     parser.add_argument("--name", default="real", help="prefix of the DVC experiment names")
     parser.add_argument("--peers-venv", type=Path, default=Path.home() / ".cache" / "braintumor" / "peers-venv")
     parser.add_argument("--skip-clean", action="store_true", help="only the leak-free run (no clean-Testing training, no peers)")
+    parser.add_argument("--external", default="", help=f"external sets, comma-separated: {', '.join(EXTERNAL)}")
+    parser.add_argument("--boxes", default="", help=f"a set with tumor boxes (external, localisation): {', '.join(BOXES)}")
     args = parser.parse_args()
     started = time.perf_counter()
     names = [n.strip() for n in args.sources.split(",") if n.strip()]
+    external = [n.strip() for n in args.external.split(",") if n.strip()]
+    boxes = [n.strip() for n in args.boxes.split(",") if n.strip()]
     overrides = source_overrides(names, SHARED_DATASETS)
+    overrides.update(held_out_overrides(external, boxes, overrides["download.use"], SHARED_DATASETS))
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = read_yaml(value)
-    workdir = args.workdir or Path.home() / ".cache" / "braintumor" / "real-data" / "-".join(names)
+    workdir = args.workdir or Path.home() / ".cache" / "braintumor" / "real-data" / "-".join(names + external + boxes)
     commit = prepare_workdir(workdir)
     os.environ["PYTHONPATH"] = str(workdir / "src")  # the stages import the clone's code, not this checkout's
     if "BRAINTUMOR_WEIGHTS_DIR" not in os.environ and SHARED_WEIGHTS.is_dir():
@@ -155,6 +225,16 @@ def main() -> int:
     result["leak_free"] = pipeline(workdir, overrides, f"{args.name}-{tag}-leak-free")
     print(f"leak-free: base {result['leak_free']['base']['accuracy']:.3f}, fine-tuned "
           f"{result['leak_free']['finetuned']['accuracy']:.3f} {result['leak_free']['finetuned']['accuracy_ci']}", flush=True)
+    result.update(held_out_results(workdir, external, boxes))
+    for name, entry in result.get("external", {}).items():
+        print(f"external {name}: n={entry['n']} ({entry['removed_overlaps']} removed as overlaps), fine-tuned accuracy "
+              f"{entry['accuracy']:.3f} {entry['accuracy_ci']}, macro-F1 {entry['macro_f1']:.3f}", flush=True)
+    if boxes:
+        b = result["boxes"]
+        print(f"tumor boxes: n={b['n']}, fine-tuned pointing game {b['finetuned']['pointing_game']:.3f} (box-area chance "
+              f"{b['chance']['area']:.3f}, centre {b['chance']['centre']:.3f}), energy inside {b['finetuned']['energy_inside']:.3f}",
+              flush=True)
+        copy_box_overlays(workdir, REPO / "docs" / "real-data")
     if not args.skip_clean:
         clean = pipeline(workdir, {**overrides, "split.strategy": "source_folders_clean"},
                          f"{args.name}-{tag}-clean-testing", targets=("evaluate",))

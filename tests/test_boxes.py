@@ -126,6 +126,18 @@ def test_box_mask_takes_pixels_whose_centre_is_inside():
     assert box_mask([(2.2, 2.2, 2.4, 2.4)], 6).sum() == 1
 
 
-def test_params_yaml_has_no_boxes_on_the_default_sources():
+def test_params_yaml_declares_the_figshare_boxes_and_the_used_sources_have_none():
     params_ = load_params(REPO / "params.yaml")
-    assert all(getattr(s, "boxes", "none") == "none" for s in params_.download.sources.values())
+    assert params_.download.sources["local_figshare"].boxes == "yolo"
+    assert all(getattr(params_.download.sources[name], "boxes", "none") == "none" for name in params_.download.use)
+
+
+def test_macro_f1_of_a_set_without_a_class_averages_the_classes_it_holds():
+    from braintumor.evaluate.metrics import bootstrap_intervals, classification_metrics
+    labels = np.array([0, 0, 1, 1, 3, 3])  # figshare-like: no no-tumor slices
+    probabilities = np.eye(4)[[0, 0, 1, 2, 3, 3]]  # one meningioma called no tumor
+    metrics = classification_metrics(labels, probabilities, ("g", "m", "n", "p"))
+    # F1: glioma 1, meningioma 2/3, pituitary 1 -> 0.8889; the empty class is not averaged in as 0
+    assert metrics["macro_f1"] == pytest.approx(0.888889, abs=1e-6)
+    low, high = bootstrap_intervals(labels, probabilities.argmax(1), 4, resamples=200, seed=0)["macro_f1"]
+    assert low <= metrics["macro_f1"] <= high <= 1

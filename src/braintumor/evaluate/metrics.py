@@ -66,7 +66,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
     }
     return {
         "accuracy": _round(accuracy_score(labels, predicted)),
-        "macro_f1": _round(f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)),
+        # over the classes the set holds: an external set without no-tumor slices is not scored on an empty class
+        "macro_f1": _round(f1_score(labels, predicted, labels=sorted(set(labels.tolist())), average="macro", zero_division=0)),
         "weighted_f1": _round(f1_score(labels, predicted, labels=ids, average="weighted", zero_division=0)),
         "roc_auc_macro": None if None in aucs else _round(np.mean(aucs)),
         "per_class": per_class,
@@ -108,12 +109,13 @@ def roc_curves(labels: np.ndarray, probabilities: np.ndarray, class_names: Seque
     return curves
 
 
-def _macro_f1_from_counts(counts: np.ndarray) -> np.ndarray:
-    """Macro-F1 of a stack of confusion matrices (r, k, k); F1 of a class with no TP, FP or FN is 0."""
+def _macro_f1_from_counts(counts: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
+    """Macro-F1 of a stack of confusion matrices (r, k, k) over ``classes`` (default all); F1 of a class
+    with no TP, FP or FN is 0."""
     tp = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
     denominator = counts.sum(axis=1) + counts.sum(axis=2)  # 2TP + FP + FN: column sums plus row sums
     f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    return f1.mean(axis=1)
+    return (f1 if classes is None else f1[:, classes]).mean(axis=1)
 
 
 def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, num_classes: int, *, resamples: int, seed: int,
@@ -147,7 +149,7 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, num_classes: 
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     return {
         "accuracy": [_round(v) for v in np.percentile(accuracy, tails)],
-        "macro_f1": [_round(v) for v in np.percentile(_macro_f1_from_counts(counts), tails)],
+        "macro_f1": [_round(v) for v in np.percentile(_macro_f1_from_counts(counts, np.unique(labels)), tails)],
     }
 
 

@@ -29,7 +29,7 @@ def _invalid(raw: dict, edit) -> str:
 def test_committed_params_load_and_describe_the_real_kaggle_run():
     params = load_params(REPO / "params.yaml")
     assert [params.download.sources[n].kind for n in params.download.use] == ["kaggle", "kaggle"]
-    assert set(params.merge.label_map) == set(CLASS_NAMES)
+    assert set(params.merge.label_map) == {*CLASS_NAMES, "tumor"}
     assert params.merge.folder_to_label()["notumor"] == "no_tumor"
     assert params.merge.folder_to_label()["no"] == "no_tumor"  # a bare `no` would be YAML false
 

@@ -137,3 +137,37 @@ def test_external_source_with_tumor_boxes_is_scored_by_the_gradcam_stage(built_p
     assert len(overlays) == 5
     html = (repo / "reports/gradcam/index.html").read_text()
     assert "Localisation on real tumor boxes" in html and all(p.name in html for p in overlays)
+
+
+def test_a_yes_no_source_is_scored_as_tumor_vs_no_tumor(built_pipeline, tmp_path, venv_env):
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    write_external_source(tmp_path / "hospital", repo / "data/raw/phantom/images")
+    # Br35H's layout: the tumor classes in one "yes" folder, no tumor in "no"
+    testing = tmp_path / "hospital" / "Testing"
+    for folder in [p for p in testing.iterdir() if p.is_dir()]:
+        target = testing / ("no" if folder.name in ("notumor", "no_tumor") else "yes")
+        target.mkdir(exist_ok=True)
+        for path in folder.iterdir():
+            shutil.move(path, target / f"{folder.name}_{path.name}")
+        folder.rmdir()
+    params = read_yaml((repo / "params.yaml").read_text())
+    params["download"]["sources"]["hospital"] = {"kind": "local", "path": str(tmp_path / "hospital")}
+    write_yaml(repo / "params.yaml", params)
+    set_params(repo, {"download.use": ["phantom", "hospital"], "split.external": ["hospital"]})
+    dvc(repo, venv_env, "repro", "evaluate")
+
+    external = pd.read_csv(repo / "data/split/external.csv", keep_default_na=False)
+    assert set(external["label"]) == {"tumor", "no_tumor"}
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    for model in ("base", "finetuned"):
+        entry = metrics[model]["external"]["hospital"]
+        assert entry["task"] == "tumor_vs_no_tumor" and entry["n"] == len(external)
+        counts = entry["counts"]
+        assert counts["tumor_called_tumor"] + counts["tumor_called_no_tumor"] == (external["label"] == "tumor").sum()
+        assert entry["sensitivity"] == pytest.approx(counts["tumor_called_tumor"] / (external["label"] == "tumor").sum(), abs=1e-6)
+        assert 0 <= entry["specificity_ci95"]["low"] <= entry["specificity"] <= entry["specificity_ci95"]["high"] <= 1
+        predictions = pd.read_csv(repo / f"reports/evaluate/external/predictions_hospital_{model}.csv")
+        assert set(predictions["actual"]) == {"tumor", "no_tumor"}
+    assert "### hospital:" in (repo / "reports/evaluation.md").read_text()
+    assert "tumor vs no tumor" in (repo / "reports/evaluation.md").read_text()
+

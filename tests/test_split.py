@@ -264,3 +264,32 @@ def test_no_external_source_changes_nothing():
     internal, external, removed = separate_external(frame, [])
     pd.testing.assert_frame_equal(internal, frame)
     assert external.empty and removed.empty
+
+
+def test_a_source_labelled_only_tumor_or_not_must_be_external():
+    frame = _external_case()
+    frame.loc[frame["id"].str.startswith("x/u"), "label"] = "tumor"
+    with pytest.raises(ValueError, match=r"sources \['x'\] have images labelled 'tumor'.*split.external"):
+        separate_external(frame, [])
+    _, external, _ = separate_external(frame, ["x"])
+    assert set(external["label"]) == {"tumor", "no_tumor"}
+
+
+def test_tumor_agrees_with_every_tumor_class_but_not_with_no_tumor():
+    from braintumor.core.config import labels_disagree
+    assert not labels_disagree(["tumor", "glioma"]) and not labels_disagree(["tumor", "tumor"])
+    assert labels_disagree(["tumor", "no_tumor"]) and labels_disagree(["glioma", "pituitary", "tumor"])
+
+
+def test_tumor_vs_no_tumor_scores_by_the_summed_tumor_probability():
+    from braintumor.evaluate.metrics import tumor_vs_no_tumor
+    is_tumor = np.array([True, True, True, False, False])
+    tumor_probability = np.array([0.9, 0.6, 0.4, 0.2, 0.5])  # one tumor missed, one healthy slice called tumor (0.5)
+    entry = tumor_vs_no_tumor(is_tumor, tumor_probability, resamples=300, seed=0)
+    assert entry["sensitivity"] == pytest.approx(2 / 3, abs=1e-6) and entry["specificity"] == 0.5
+    assert entry["accuracy"] == 0.6 and entry["roc_auc"] == pytest.approx(5 / 6, abs=1e-6)
+    assert entry["counts"] == {"tumor_called_tumor": 2, "tumor_called_no_tumor": 1, "no_tumor_called_tumor": 1,
+                               "no_tumor_called_no_tumor": 1}
+    assert entry["sensitivity_ci95"]["low"] <= entry["sensitivity"] <= entry["sensitivity_ci95"]["high"]
+    only_tumors = tumor_vs_no_tumor(is_tumor[:3], tumor_probability[:3], resamples=10, seed=0)
+    assert only_tumors["specificity"] is None and only_tumors["roc_auc"] is None

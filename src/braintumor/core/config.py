@@ -14,6 +14,15 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "no_tumor", "pituitary")
+# The label of a source that only knows tumor / no tumor (e.g. Br35H's yes / no folders): such a source can only
+# be external, and is scored as tumor vs no tumor.
+TUMOR_LABEL = "tumor"
+
+
+def labels_disagree(labels) -> bool:
+    """Do these labels of one duplicate group contradict each other? ``tumor`` agrees with every tumor class."""
+    distinct = set(labels)
+    return len(distinct - {TUMOR_LABEL}) > 1 or {TUMOR_LABEL, "no_tumor"} <= distinct
 
 
 class ParamsError(ValueError):
@@ -146,9 +155,10 @@ class MergeParams(_Section):
 
     @model_validator(mode="after")
     def _labels_are_known_and_folders_unique(self) -> "MergeParams":
-        unknown = sorted(set(self.label_map) - set(CLASS_NAMES))
+        unknown = sorted(set(self.label_map) - set(CLASS_NAMES) - {TUMOR_LABEL})
         if unknown:
-            raise ValueError(f"merge.label_map: unknown label(s) {unknown}; allowed: {list(CLASS_NAMES)}")
+            raise ValueError(f"merge.label_map: unknown label(s) {unknown}; allowed: {[*CLASS_NAMES, TUMOR_LABEL]} "
+                             f"({TUMOR_LABEL!r}: a tumor of unknown class, for external sources only)")
         missing = sorted(set(CLASS_NAMES) - set(self.label_map))
         if missing:
             raise ValueError(f"merge.label_map: no folders given for label(s) {missing}")

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from braintumor.core.config import NearDuplicateParams
+from braintumor.core.config import NearDuplicateParams, labels_disagree
 from braintumor.data.boxes import BOX_COLUMNS, annotation_files, csv_box_table, yolo_box_table
 from braintumor.data.dedup import DuplicateSearch, Fingerprint, find_duplicate_groups, fingerprint_image
 from braintumor.core.parallel import map_in_workers, resolve_workers
@@ -209,7 +209,7 @@ def choose_representatives(manifest: pd.DataFrame, keep: str, source_order: Sequ
         _row=np.arange(len(ok)),
     ).sort_values(["group", "_pixels", "_source", "_row"])
     for _, members in order.groupby("group", sort=False):
-        if members["label"].nunique() > 1:
+        if labels_disagree(members["label"]):
             manifest.loc[members.index, "drop_reason"] = "label_conflict"
             continue
         representative = members.index[0]
@@ -308,7 +308,7 @@ def merge_report(manifest: pd.DataFrame) -> dict:
         dup[key]["redundant"] += len(members) - 1
         if members.groupby("source")["source_split"].nunique().max() > 1:
             spanning_folders += 1
-        if members["label"].nunique() > 1:
+        if labels_disagree(members["label"]):
             conflict_groups += 1
             conflict_images += len(members)
     report["duplicates"] = dup

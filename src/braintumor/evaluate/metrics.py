@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 
+from braintumor.core.config import TUMOR_LABEL
 from braintumor.evaluate.calibration import apply_temperature, expected_calibration_error, negative_log_likelihood
 
 DIGITS = 6  # metrics are rounded to this many decimals: stable, readable `dvc metrics diff`
@@ -198,6 +199,36 @@ def _low_high(interval) -> dict[str, float]:
     return {"low": float(low), "high": float(high)}
 
 
+def tumor_vs_no_tumor(is_tumor: np.ndarray, tumor_probability: np.ndarray, *, resamples: int, seed: int,
+                      level: float = 0.95) -> dict:
+    """Binary scores of a set that only knows tumor / no tumor: called tumor when the tumor probability
+    (the sum of the tumor classes') is at least 0.5. Accuracy, sensitivity and specificity with percentile
+    bootstrap intervals (None where the set has no images of that kind), ROC-AUC, and the four counts."""
+    truth, p = np.asarray(is_tumor, bool), np.asarray(tumor_probability, np.float64)
+    if truth.size == 0 or truth.shape != p.shape:
+        raise ValueError(f"tumor_vs_no_tumor: need one probability per image, got {truth.shape} and {p.shape}")
+    called = p >= 0.5
+    draws = np.random.default_rng(seed).integers(0, truth.size, size=(resamples, truth.size))
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+
+    def rate(hit: np.ndarray, among: np.ndarray) -> tuple[float | None, dict | None]:
+        if not among.any():
+            return None, None
+        counts = among[draws].sum(axis=1)
+        rates = np.divide((hit & among)[draws].sum(axis=1), counts, out=np.full(resamples, np.nan), where=counts > 0)
+        return _round(hit[among].mean()), _low_high([_round(v) for v in np.nanpercentile(rates, tails)])
+
+    correct = called == truth
+    entry = {"task": "tumor_vs_no_tumor", "n": int(truth.size)}
+    for key, (hit, among) in {"accuracy": (correct, np.ones_like(truth)), "sensitivity": (called, truth),
+                              "specificity": (~called, ~truth)}.items():
+        entry[key], entry[f"{key}_ci95"] = rate(hit, among)
+    entry["roc_auc"] = _round(roc_auc_score(truth, p)) if 0 < truth.sum() < truth.size else None
+    entry["counts"] = {"tumor_called_tumor": int((truth & called).sum()), "tumor_called_no_tumor": int((truth & ~called).sum()),
+                       "no_tumor_called_tumor": int((~truth & called).sum()), "no_tumor_called_no_tumor": int((~truth & ~called).sum())}
+    return entry
+
+
 def flat_metrics(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     """``reports/metrics.json`` as MLflow metrics: dotted keys (``finetuned.per_class.glioma.f1``,
     ``finetuned.accuracy_ci95.low``). Values that are None (an undefined ROC-AUC) or text (a layer
@@ -231,7 +262,8 @@ def prediction_table(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
     table = pd.DataFrame({
         "row": np.asarray(rows, np.int64),
         "path": list(paths),
-        "actual": names[np.asarray(labels)],
+        # a binary source's tumor of unknown class (TUMOR_ID, -1) is named as such
+        "actual": [TUMOR_LABEL if label < 0 else names[label] for label in np.asarray(labels).tolist()],
         "predicted": names[_predicted(probabilities)],
         "confidence": probabilities.max(axis=1).round(DIGITS),
     })
@@ -389,8 +421,11 @@ def external_section(metrics: Mapping[str, Mapping], confusions: Mapping[str, Ma
     parts = ["Sources held out of training, validation and test (`split.external`), minus every image that "
              "has a copy or a look-alike in the other sources (listed in `data/split/external_removed.csv`). "
              "The temperature is the one fitted on the validation split.\n"]
-    for source in sorted(confusions):
+    for source in sorted(metrics[models[0]].get("external", {})):
         first = metrics[models[0]]["external"][source]
+        if first.get("task") == "tumor_vs_no_tumor":
+            parts.append(binary_external_table(source, [metrics[m]["external"][source] for m in models], models))
+            continue
         lines = [f"### {source}: {first['n']} images ({first['removed_overlaps']} removed as copies or look-alikes "
                  "of the other sources)\n",
                  "| | " + " | ".join(MODEL_TITLES.get(m, m) for m in models) + " |", "|" + "---|" * (len(models) + 1)]
@@ -406,6 +441,24 @@ def external_section(metrics: Mapping[str, Mapping], confusions: Mapping[str, Ma
             parts += [f"{MODEL_TITLES.get(model, model)} model on {source} (rows: actual class):\n",
                       confusion_table(confusions[source][model], class_names)]
     return "\n".join(parts)
+
+
+def binary_external_table(source: str, entries: list[dict], models: list[str]) -> str:
+    """Markdown of a tumor / no-tumor external source: both models' binary scores with intervals."""
+    first = entries[0]
+    counts = first["counts"]
+    lines = [f"### {source}: {first['n']} images, tumor vs no tumor ({first['removed_overlaps']} removed as copies or "
+             "look-alikes of the other sources)\n",
+             f"The source only knows tumor / no tumor ({counts['tumor_called_tumor'] + counts['tumor_called_no_tumor']} "
+             "tumor images): an image is called tumor when the calibrated probabilities of the three tumor classes sum "
+             "to at least 0.5.\n",
+             "| | " + " | ".join(MODEL_TITLES.get(m, m) for m in models) + " |", "|" + "---|" * (len(models) + 1)]
+    for key in ("accuracy", "sensitivity", "specificity"):
+        lines.append(f"| {key} | " + " | ".join(_with_interval(e, key) if e[key] is not None else "n/a" for e in entries) + " |")
+    lines.append("| ROC-AUC | " + " | ".join(_number(e["roc_auc"]) for e in entries) + " |")
+    for key in first["counts"]:
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(e["counts"][key]) for e in entries) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, np.ndarray],
@@ -443,8 +496,8 @@ def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, n
                   confusion_table(confusions[model], class_names),
                   f"Most confident errors ({min(errors_listed, len(errors[model]))} of {len(errors[model])}):\n",
                   errors_table(errors[model], errors_listed)]
-    if external_confusions:
-        parts += ["## External validation\n", external_section(metrics, external_confusions, class_names)]
+    if any(entry.get("external") for entry in metrics.values()):
+        parts += ["## External validation\n", external_section(metrics, external_confusions or {}, class_names)]
     if all("ood" in entry for entry in metrics.values()):
         parts += ["## Out-of-distribution check\n", ood_table(metrics)]
     parts.append("## Figures\n")

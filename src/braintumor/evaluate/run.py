@@ -20,9 +20,9 @@ from braintumor.evaluate.calibration import apply_temperature, calibration_entry
 from braintumor.evaluate.feature_check import FeatureCheck, detection_summary, fit_feature_check
 from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
 from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, misclassified, model_metrics,
-                                         prediction_table, roc_curves, training_curves)
+                                         prediction_table, roc_curves, training_curves, tumor_vs_no_tumor)
 from braintumor.model.inputs import features_and_probabilities_model, predict_features
-from braintumor.split.load import SplitRows, TrainingData
+from braintumor.split.load import TUMOR_ID, SplitRows, TrainingData
 
 log = logging.getLogger("braintumor.evaluate")
 
@@ -77,9 +77,14 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
             rows = data.external[source]
             atomic.write_csv(out / "external" / f"predictions_{source}_{name}.csv",
                              prediction_table(rows.rows, external_files[source], rows.labels, source_probabilities, CLASS_NAMES))
+            e = metrics[name]["external"][source]
+            if e.get("task") == "tumor_vs_no_tumor":
+                log.info("%s on external %s (%d images, %d overlaps removed), tumor vs no tumor: accuracy %.4f %s, "
+                         "sensitivity %s, specificity %s, ROC-AUC %s", name, source, e["n"], e["removed_overlaps"],
+                         e["accuracy"], e["accuracy_ci95"], e["sensitivity"], e["specificity"], e["roc_auc"])
+                continue
             external_confusions.setdefault(source, {})[name] = confusion_counts(
                 rows.labels, source_probabilities.argmax(axis=1), len(CLASS_NAMES))
-            e = metrics[name]["external"][source]
             log.info("%s on external %s (%d images, %d overlaps removed): accuracy %.4f %s, macro-F1 %.4f", name, source,
                      e["n"], e["removed_overlaps"], e["accuracy"], e["accuracy_ci95"], e["macro_f1"])
         confusions[name], errors[name] = write_model_outputs(name, metrics[name], test, probabilities, files, out,
@@ -127,7 +132,9 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
                 for split in ("train", "val", "test")}
     shifted_features = {name: predict_features(model, folder.images, all_rows(len(folder.images)), params.batch_size)[0]
                         for name, folder in shifted.items()}
-    external = {source: predict_features(model, data.images, rows, params.batch_size)[1]
+    # prediction reads no label; a binary source's TUMOR_ID (-1) is not one the input pipeline accepts
+    external = {source: predict_features(model, data.images, SplitRows(rows.rows, np.zeros_like(rows.labels)),
+                                         params.batch_size)[1]
                 for source, rows in (data.external or {}).items()}
     keras.backend.clear_session()  # one model in memory at a time
     (val_features, val), (test_features, test) = features["val"], features["test"]
@@ -152,7 +159,14 @@ def external_entry(labels: np.ndarray, probabilities: np.ndarray, temperature: f
     """One external source's metrics for one model: those of the test split (intervals, calibration with
     the validation temperature), its size, and how many of its images were removed as overlaps."""
     removed = split_record.get("removed", {})
-    return {"n": int(len(labels)), "removed_overlaps": int(removed.get("copy_of_internal", 0) + removed.get("lookalike_of_internal", 0)),
+    overlaps = int(removed.get("copy_of_internal", 0) + removed.get("lookalike_of_internal", 0))
+    if (np.asarray(labels) == TUMOR_ID).any():  # a source that only knows tumor / no tumor
+        calibrated = apply_temperature(probabilities, temperature)
+        no_tumor = CLASS_NAMES.index("no_tumor")
+        return {"removed_overlaps": overlaps, **tumor_vs_no_tumor(
+            np.asarray(labels) != no_tumor, 1.0 - calibrated[:, no_tumor], resamples=params.bootstrap_resamples,
+            seed=params.bootstrap_seed)}
+    return {"n": int(len(labels)), "removed_overlaps": overlaps,
             **model_metrics(labels, probabilities, CLASS_NAMES, temperature=temperature,
                             bootstrap_resamples=params.bootstrap_resamples, bootstrap_seed=params.bootstrap_seed,
                             calibration_bins=params.calibration_bins)}

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from braintumor.core.config import CLASS_NAMES
+from braintumor.core.config import CLASS_NAMES, TUMOR_LABEL
+
+TUMOR_ID = -1  # the class id of TUMOR_LABEL in an external set: not one of the model's classes
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,12 @@ def load_split(split_csv, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
 
 def load_external(external_csv: Path, class_names: tuple[str, ...]) -> dict[str, SplitRows]:
     """Each external source's rows and class ids (``data/split/external.csv``, ``split.external``), in row order;
-    empty when no source is external (or the file predates external sets)."""
+    empty when no source is external (or the file predates external sets). A tumor of unknown class
+    (``TUMOR_LABEL``, binary sources) has the id :data:`TUMOR_ID`."""
     if not Path(external_csv).is_file():
         return {}
     table = pd.read_csv(external_csv, keep_default_na=False)
-    ids = {name: i for i, name in enumerate(class_names)}
+    ids = {**{name: i for i, name in enumerate(class_names)}, TUMOR_LABEL: TUMOR_ID}
     unknown = sorted(set(table["label"]) - set(ids))
     if unknown:
         raise ValueError(f"{external_csv} has labels {unknown} outside {list(class_names)}")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from braintumor.core.config import TUMOR_LABEL
+
 SPLITS = ("train", "val", "test")
 
 
@@ -249,6 +251,11 @@ def separate_external(manifest: pd.DataFrame, external: Sequence[str]) -> tuple[
     """
     is_external = manifest["source"].isin(list(external))
     readable = manifest["status"] == "ok"
+    binary = sorted(set(manifest.loc[~is_external & readable & (manifest["label"] == TUMOR_LABEL), "source"]))
+    if binary:
+        raise ValueError(f"sources {binary} have images labelled {TUMOR_LABEL!r} (a tumor of unknown class, e.g. a 'yes' "
+                         "folder): they cannot train a four-class model; list them in split.external to evaluate them "
+                         "as tumor vs no tumor")
     touched = set(manifest.loc[is_external & readable, "group"])
     internal = _with_internal_representatives(manifest[~is_external], touched)
     inside = internal[internal["status"] == "ok"]

@@ -276,6 +276,7 @@ class PhaseParams(_Section):
     reduce_lr_patience: int = Field(default=2, ge=1)
     min_lr: float = Field(default=1e-6, ge=0.0)
     class_weights: bool = Field(default=True, description="weight classes by inverse frequency")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="targets (1 - e) one-hot + e / classes")
 
 
 class TrainBaseParams(PhaseParams):

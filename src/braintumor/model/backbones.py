@@ -43,6 +43,7 @@ from keras import layers, ops
 from keras.applications import imagenet_utils
 
 from braintumor.core.config import CLASS_NAMES, ModelParams
+from braintumor.model import losses  # noqa: F401  registers the training loss, so saved models load with it
 from braintumor.model.weights import ResolvedWeights, resolve_weights
 
 # ImageNet channel statistics, RGB order (keras.applications.imagenet_utils): EfficientNet's Normalization check.

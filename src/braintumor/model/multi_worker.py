@@ -25,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from braintumor.model.losses import per_item_loss
+
 log = logging.getLogger("braintumor.model.multi_worker")
 
 TF_CONFIG = "TF_CONFIG"
@@ -131,19 +133,19 @@ def fit_in_step(model: keras.Model, train: tf.data.Dataset, validation: tf.data.
     its callbacks take the same decisions (stop, lower the rate), which keeps the workers in step.
     """
     optimizer = model.optimizer
-    per_item_loss = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    item_loss = per_item_loss(model.loss)
 
     def replica_train(x, y, w):
         items = tf.distribute.get_replica_context().all_reduce("SUM", tf.cast(tf.size(y), tf.float32))
         with tf.GradientTape() as tape:
             probabilities = model(x, training=True)
-            loss = tf.reduce_sum(per_item_loss(y, probabilities) * w) / items
+            loss = tf.reduce_sum(item_loss(y, probabilities) * w) / items
         optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         return tf.stack([loss * items, _correct(probabilities, y), tf.cast(tf.size(y), tf.float32)])
 
     def replica_eval(x, y):
         probabilities = model(x, training=False)
-        return tf.stack([tf.reduce_sum(per_item_loss(y, probabilities)), _correct(probabilities, y),
+        return tf.stack([tf.reduce_sum(item_loss(y, probabilities)), _correct(probabilities, y),
                          tf.cast(tf.size(y), tf.float32)])
 
     @tf.function(reduce_retracing=True)

@@ -29,6 +29,7 @@ from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, P
 from braintumor.model.inputs import make_dataset, predict_split, sample_weights
 from braintumor.split.load import SplitRows
 from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
+from braintumor.model.losses import training_loss
 from braintumor.model.multi_worker import ClusterRole, fit_in_step, local_copy, multi_worker_strategy
 from braintumor.model.weights import ResolvedWeights
 
@@ -174,10 +175,10 @@ def callbacks_for(phase: PhaseParams, name: str, images_per_epoch: int) -> list[
     ]
 
 
-def compile_for(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+def compile_for(model: keras.Model, learning_rate: float, jit_compile: bool, label_smoothing: float = 0.0) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss=training_loss(label_smoothing),
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
@@ -247,7 +248,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
     if not phase.feature_cache:
-        compile_for(model, phase.learning_rate, runtime.jit_compile)
+        compile_for(model, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
         return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                        augment=augment, seed=seed, weights=weight),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
@@ -260,7 +261,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     x_val, _ = cache_outputs(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
     cache_seconds = time.perf_counter() - started
     log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
-    compile_for(head, phase.learning_rate, runtime.jit_compile)
+    compile_for(head, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
     if runtime.cluster is None:
         train_data, val_data = (x_train, y_train, w_train), (x_val, val.labels)
     else:  # workers in step need the same seeded batches: the pipeline, not fit's array shuffling
@@ -286,7 +287,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     if parts is None:
         log.info("fine-tuning end to end (%s)", "activation cache off" if not phase.activation_cache
                  else "nothing frozen below the unfrozen layers to cache")
-        compile_for(model, phase.learning_rate, runtime.jit_compile)
+        compile_for(model, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
         result = fit(model,
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                   augment=augment, seed=seed, weights=weight),
@@ -309,7 +310,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
                  (x_train.nbytes + x_val.nbytes) / 1e6)
         y_train, w_train = labels_of(sources, train), per_item(sources, train.rows, weight)
         positions = np.arange(len(x_train))
-        compile_for(top, phase.learning_rate, runtime.jit_compile)
+        compile_for(top, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
         result = fit(top,
                      make_dataset(x_train, positions, y_train, batch_size=phase.batch_size, training=True,
                                   augment=None, seed=seed, weights=w_train),

@@ -3,7 +3,8 @@
 Params: download.use, merge (but merge.workers), preprocess.head_threshold
 Inputs: data/raw/<name>/ for each name in download.use
 Outputs: data/interim/manifest.csv, data/interim/boxes.csv (tumor boxes, raw pixels), reports/data/merge.json (metrics),
-         reports/data/quarantine.csv, reports/data/conflicts.csv
+         reports/data/quarantine.csv, reports/data/conflicts.csv,
+         reports/merge/duplicates.html (the largest groups, conflicts, pairs near each threshold, quarantine, as thumbnails)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from braintumor.core.config import PhantomSource, load_params
 from braintumor.core.logs import setup_logging
 from braintumor.data.merge import MANIFEST_COLUMNS, fetched_class_root, merge_json, merge_sources
 from braintumor.core.paths import ProjectPaths
+from braintumor.data.merge_report import candidate_id_pairs, duplicates_html
 
 
 def main() -> dict:
@@ -48,6 +50,10 @@ def main() -> dict:
     conflicts = manifest[manifest["drop_reason"] == "label_conflict"]
     atomic.write_csv(paths.data_reports / "conflicts.csv", conflicts[["group", "id", "path", "folder", "label"]])
     atomic.write_json(paths.data_reports / "merge.json", report)
+    near = params.merge.near_duplicates
+    atomic.write_text(paths.reports / "merge" / "duplicates.html", duplicates_html(
+        manifest, candidate_id_pairs(manifest, search.candidates), search.candidate_scores, paths.root,
+        {"copy": near.verify_similarity, "look-alike": near.related_similarity}))
     log.info(
         "%d files: %d kept, %d removed as duplicates, %d in %d label conflicts, %d quarantined",
         report["files"], report["kept"], report["duplicates"]["removed_as_duplicates"],

@@ -138,3 +138,24 @@ def test_first_source_rule_keeps_the_earlier_source(tmp_path):
     write(b / "glioma" / "large.png", cv2.resize(fake_slice(5), (320, 320)))
     manifest, _, _ = run(tmp_path, [("a", a), ("b", b)], keep="first_source")
     assert manifest.set_index("id").at["a/glioma/small.png", "kept"]
+
+
+def test_duplicates_report_shows_groups_conflicts_pairs_near_thresholds_and_quarantine(tmp_path):
+    from braintumor.data.merge_report import candidate_id_pairs, duplicates_html, pairs_near_threshold
+    a = tmp_path / "a"
+    base = write(a / "Training" / "glioma" / "x.png", fake_slice(1))
+    write(a / "Testing" / "glioma" / "x_copy.jpg", cv2.imread(str(base), cv2.IMREAD_GRAYSCALE), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    write(a / "Training" / "pituitary" / "x_again.png", fake_slice(1))  # the same slice under another class
+    write(a / "Training" / "meningioma" / "y.png", fake_slice(2))
+    (a / "Training" / "meningioma" / "broken.jpg").write_bytes(b"not a jpeg")
+    manifest, search, _ = run(tmp_path, [("a", a)])
+    ids = candidate_id_pairs(manifest, search.candidates)
+    assert len(ids) == len(search.candidate_scores)
+    html = duplicates_html(manifest, ids, search.candidate_scores, tmp_path, {"copy": 0.95, "look-alike": 0.93})
+    assert "a/Training/meningioma/broken.jpg" in html and "not_an_image" in html
+    assert html.count("data:image/png;base64,") >= 3 + 3  # the conflict group in both sections
+    assert "Label conflicts" in html and "a/Training/pituitary/x_again.png" in html
+    # pairs are drawn from the band on each side of a threshold, sorted by score
+    scores = np.array([0.949, 0.951, 0.955, 0.96, 0.941, 0.5])
+    above, below = pairs_near_threshold(scores, 0.95, 5, seed=0)
+    assert above.tolist() == [1, 2] and below.tolist() == [4, 0]

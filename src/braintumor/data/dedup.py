@@ -23,7 +23,7 @@ Duplicate pairs are joined into groups as connected components of the pair graph
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -300,6 +300,10 @@ class DuplicateSearch:
     near_scores: np.ndarray  # (M2,) their aligned similarity
     related_pairs: np.ndarray  # (M3, 2) pairs similar enough to keep in one split, below duplicate level
     shortlisted: int  # candidate pairs checked
+    # every verified candidate pair (not byte- or pixel-identical) and its aligned similarity: what the
+    # merge report samples around the thresholds
+    candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    candidate_scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
 
 def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams) -> DuplicateSearch:
@@ -313,6 +317,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
     exact = exact_pairs([f.pixel_hash for f in fingerprints])
     empty = np.empty((0, 2), np.int64)
     near_pairs, related_pairs, near_scores, shortlisted = empty, empty, np.empty(0, np.float32), 0
+    candidates, scores = empty, np.empty(0, np.float32)
     if near.enabled and n > 1:
         canonical = np.stack([f.canonical for f in fingerprints])
         candidates = shortlist_pairs(shortlist_descriptors(canonical), near.neighbours, near.shortlist_similarity)
@@ -326,4 +331,4 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         related_pairs = candidates[~duplicate & (scores >= near.related_similarity)]
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
-    return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted)
+    return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores)

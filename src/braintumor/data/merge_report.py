@@ -1,0 +1,150 @@
+"""``reports/merge/duplicates.html``: the merge's decisions as thumbnails, to check by eye in a minute.
+
+The largest duplicate groups, the label conflicts, a seeded sample of candidate pairs just above and
+just below each similarity threshold (the decisions most worth a look), and the quarantined files.
+One self-contained file (thumbnails inline as PNG data), rendered by Jinja2 with autoescaping.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import jinja2
+import numpy as np
+import pandas as pd
+
+from braintumor.core.imageio import UnreadableImageError, read_grayscale
+
+THUMBNAIL_SIDE = 96
+BAND = 0.01  # "just above / below a threshold": within this much similarity of it
+
+
+def largest_groups(manifest: pd.DataFrame, count: int) -> list[pd.DataFrame]:
+    """The ``count`` duplicate groups with the most readable members, largest first (ties: lower group id)."""
+    ok = manifest[(manifest["status"] == "ok") & (manifest["group_size"] > 1)]
+    sizes = ok.groupby("group").size().sort_index().sort_values(ascending=False, kind="stable")
+    return [ok[ok["group"] == g].sort_values("id") for g in sizes.index[:count]]
+
+
+def conflict_groups(manifest: pd.DataFrame, count: int) -> list[pd.DataFrame]:
+    """Up to ``count`` duplicate groups whose members carry contradicting labels (all left out of training)."""
+    conflicts = manifest[manifest["drop_reason"] == "label_conflict"]
+    return [members.sort_values("id") for _, members in list(conflicts.groupby("group"))[:count]]
+
+
+def pairs_near_threshold(scores: np.ndarray, threshold: float, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of up to ``count`` candidate pairs scoring in [t, t + BAND) and in [t - BAND, t), each
+    drawn with ``seed`` and sorted by score."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for low, high in ((threshold, threshold + BAND), (threshold - BAND, threshold)):
+        inside = np.flatnonzero((scores >= low) & (scores < high))
+        chosen = rng.choice(inside, size=min(count, len(inside)), replace=False) if len(inside) else inside
+        picked.append(chosen[np.argsort(scores[chosen], kind="stable")])
+    return picked[0], picked[1]
+
+
+def thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
+    """A data URI of the image shrunk to ``side`` px on its longest edge (grey PNG), or None if unreadable."""
+    try:
+        gray = read_grayscale(path)
+    except (UnreadableImageError, OSError):
+        return None
+    scale = side / max(gray.shape)
+    if scale < 1:
+        gray = cv2.resize(gray, (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))),
+                          interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".png", gray)
+    return "data:image/png;base64," + base64.b64encode(data.tobytes()).decode() if ok else None
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Merge: duplicates, conflicts, quarantine</title><style>
+body{font-family:system-ui,sans-serif;margin:24px;color:#1d1d1f;max-width:1300px}h2{border-bottom:1px solid #ccc;margin-top:2em}
+.row{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0 16px}figure{margin:0;width:110px;font-size:.72em;word-break:break-all}
+figure img{display:block;max-width:96px;max-height:96px}.kept{outline:3px solid #0a7d32}.note{color:#555;font-size:.9em}
+.pair{display:flex;gap:6px;align-items:center;border:1px solid #e3e3e3;padding:6px;border-radius:6px}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:.85em;text-align:left}
+</style></head><body>
+<h1>Merge: duplicates, conflicts, quarantine</h1>
+<p class="note">{{ summary }}</p>
+{%- macro image(item) %}<figure><img src="{{ item.thumb or '' }}" alt="{{ item.id }}" class="{{ 'kept' if item.kept else '' }}">
+{{ item.id }}<br>{{ item.label }}{% if item.note %}<br>{{ item.note }}{% endif %}</figure>{% endmacro %}
+<h2>Largest duplicate groups</h2>
+<p class="note">Copies of one slice (exact or near). The copy that goes on is framed in green; the others are
+removed as its duplicates, and all stay in one split.</p>
+{%- for group in groups %}<h3>group {{ group.id }}: {{ group.members|length }} files ({{ group.kind }})</h3>
+<div class="row">{% for item in group.members %}{{ image(item) }}{% endfor %}</div>{% else %}<p>None.</p>{% endfor %}
+<h2>Label conflicts</h2>
+<p class="note">Copies of one slice filed under different classes: the whole group is left out of training and evaluation.</p>
+{%- for group in conflicts %}<div class="row">{% for item in group.members %}{{ image(item) }}{% endfor %}</div>
+{%- else %}<p>None.</p>{% endfor %}
+{%- for band in bands %}
+<h2>Pairs just {{ band.side }} {{ band.name }} ({{ "%.3f"|format(band.threshold) }})</h2>
+<p class="note">{{ band.meaning }}</p>
+<div class="row">{% for pair in band.pairs %}<div class="pair">{{ image(pair.a) }}{{ image(pair.b) }}<b>{{ "%.4f"|format(pair.score) }}</b></div>
+{%- else %}<p>No candidate pair scored here.</p>{% endfor %}</div>
+{%- endfor %}
+<h2>Quarantined files ({{ quarantined|length }})</h2>
+<table><tr><th>file</th><th>reason</th></tr>{% for q in quarantined %}<tr><td>{{ q.id }}</td><td>{{ q.reason }}</td></tr>{% endfor %}</table>
+</body></html>
+"""
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    return jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(_PAGE)
+
+
+def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate_scores: np.ndarray, root: Path,
+                    thresholds: dict[str, float], *, groups: int = 12, conflicts: int = 20, pairs: int = 6,
+                    seed: int = 0, quarantined_listed: int = 200) -> str:
+    """The page.
+
+    Args:
+        manifest: the merge's manifest (ids, paths relative to ``root``, status, groups, kept, drop_reason).
+        candidate_ids: (M, 2) manifest ids of the verified candidate pairs; candidate_scores: (M,) their similarity.
+        thresholds: ``{"copy": merge.near_duplicates.verify_similarity, "look-alike": ...related_similarity}``.
+    """
+    path_of = dict(zip(manifest["id"], manifest["path"]))
+    record = manifest.set_index("id")
+
+    def item(image_id: str, note: str = "") -> dict:
+        row = record.loc[image_id]
+        return {"id": image_id, "label": row["label"], "kept": bool(row["kept"]), "note": note,
+                "thumb": thumbnail(Path(root) / path_of[image_id])}
+
+    group_items = [{"id": int(g["group"].iloc[0]), "kind": g["duplicate_kind"].iloc[0],
+                    "members": [item(i) for i in g["id"]]} for g in largest_groups(manifest, groups)]
+    conflict_items = [{"members": [item(i) for i in g["id"]]} for g in conflict_groups(manifest, conflicts)]
+    meaning = {"copy": "At or above: copies of one slice (one kept). Below: not copies.",
+               "look-alike": "At or above: different slices that look alike (neighbouring slices of one patient): "
+                             "both kept, always in one split. Below: unrelated."}
+    bands = []
+    for name, threshold in thresholds.items():
+        above, below = pairs_near_threshold(np.asarray(candidate_scores), threshold, pairs, seed)
+        for side, chosen in (("above", above), ("below", below)):
+            bands.append({"name": f"the {name} threshold", "side": side, "threshold": threshold,
+                          "meaning": meaning.get(name, ""),
+                          "pairs": [{"a": item(candidate_ids[k][0]), "b": item(candidate_ids[k][1]),
+                                     "score": float(candidate_scores[k])} for k in chosen]})
+    quarantined = manifest[manifest["status"] == "quarantined"]
+    summary = (f"{len(manifest)} files: {int(manifest['kept'].sum())} kept, "
+               f"{int(manifest['drop_reason'].str.startswith('duplicate_of:').sum())} removed as duplicates, "
+               f"{int((manifest['drop_reason'] == 'label_conflict').sum())} in label conflicts, {len(quarantined)} quarantined; "
+               f"{len(candidate_scores)} candidate pairs verified.")
+    return _template().render(summary=summary, groups=group_items, conflicts=conflict_items, bands=bands,
+                              quarantined=quarantined[["id", "reason"]].head(quarantined_listed).to_dict("records"))
+
+
+def candidate_id_pairs(manifest: pd.DataFrame, candidates: np.ndarray) -> np.ndarray:
+    """The search's candidate pairs (positions among the readable rows) as manifest ids, (M, 2)."""
+    ok_ids = manifest.loc[manifest["status"] == "ok", "id"].to_numpy()
+    return ok_ids[np.asarray(candidates, np.int64)] if len(candidates) else np.empty((0, 2), object)
+
+
+__all__: Sequence[str] = ("duplicates_html", "candidate_id_pairs", "largest_groups", "conflict_groups", "pairs_near_threshold")

@@ -398,3 +398,27 @@ def test_distinct_slices_are_not_near_duplicates_but_planted_copies_are(medium):
     print(f"distinct max {distinct_max:.3f}, rescaled min {rescaled:.3f}, rotated (aligned) min {rotated:.3f}")
     assert distinct_max < 0.9
     assert distinct_max < min(rescaled, rotated) - 0.05
+
+
+def test_augmented_copies_move_image_and_mask_together():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        mask = np.zeros((96, 96), np.uint8)
+        mask[30:60, 40:70] = 255
+        image, copy_mask = make_copy("augmented", mask.copy(), mask, rng)
+        bright = image > 127
+        union = (bright | (copy_mask > 0)).sum()
+        # the square follows the same affine in both (brightness, contrast and gamma only move grey levels)
+        assert union and (bright & (copy_mask > 0)).sum() / union > 0.8
+        assert set(np.unique(copy_mask)) <= {0, 255}
+
+
+def test_annotated_copies_mark_at_most_about_a_tenth_of_the_slice_in_grey(small):
+    root, _ = small
+    assert copies_of(root, "annotated")
+    for original, original_mask, copy, copy_mask, record in copies_of(root, "annotated"):
+        changed = np.abs(to_gray(copy).astype(int) - to_gray(original).astype(int)) > 24
+        assert 0 < changed.mean() <= 0.12, record
+        assert np.array_equal(copy_mask, original_mask)
+        if copy.ndim == 3:  # grey marks: no colour for the merge to quarantine
+            assert np.abs(copy.astype(int) - copy[..., :1].astype(int)).max() <= 2

@@ -86,6 +86,9 @@ class PhantomDuplicates(_Section):
     flipped: int = Field(default=8, ge=0)
     rescaled: int = Field(default=8, ge=0)
     conflicting_label: int = Field(default=4, ge=0)
+    # re-uploads the merge is not yet built for (see README): 0 unless asked for
+    augmented: int = Field(default=0, ge=0, description="random affine, fill, brightness, contrast, gamma, JPEG 30-95")
+    annotated: int = Field(default=0, ge=0, description="burnt-in text, arrows, rectangles, scale bars, watermarks")
 
 
 class PhantomSource(_Section):

@@ -4,7 +4,7 @@ Planted copies are made from the decoded original file, as a real re-upload woul
 masks go through exactly the same geometric transform (nearest-neighbour, so they stay 0/255).
 The kinds are the fields of :class:`PhantomDuplicates` (``exact``, ``resized``, ``reencoded``,
 ``grayscale_rgb``, ``cropped``, ``padded``, ``rotated``, ``flipped``, ``rescaled``,
-``conflicting_label``).
+``conflicting_label``, ``augmented``, ``annotated``).
 """
 
 from __future__ import annotations
@@ -115,6 +115,54 @@ def _copy_rescaled(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     return _warp_both(image, mask, cv2.getRotationMatrix2D(_centre(mask.shape), 0.0, zoom))
 
 
+_FILLS = {"constant": cv2.BORDER_CONSTANT, "nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101}
+
+
+def _copy_augmented(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """What "augmented" re-uploads hold (Keras's ImageDataGenerator and the like, saved to disk): one random
+    affine (rotation up to +-20 degrees, zoom 0.8-1.25, which cuts off up to a fifth of the head, shift up
+    to 15%, optional mirror) with constant, nearest or reflect fill, then brightness and contrast +-25%
+    and gamma 0.7-1.4. The JPEG quality (30-95) comes from :func:`copy_file_format`."""
+    height, width = mask.shape
+    matrix = cv2.getRotationMatrix2D(_centre(mask.shape), uniform(rng, -20.0, 20.0), uniform(rng, 0.8, 1.25))
+    matrix[:, 2] += rng.uniform(-0.15, 0.15, size=2) * (width, height)
+    if rng.random() < 0.5:  # mirror: x -> width - 1 - x, composed after the affine
+        matrix = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([matrix, [0.0, 0.0, 1.0]])
+    fill = _FILLS[str(rng.choice(list(_FILLS)))]
+    warped = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=fill, borderValue=0)
+    warped_mask = cv2.warpAffine(mask, matrix, (width, height), flags=cv2.INTER_NEAREST, borderMode=fill, borderValue=0)
+    values = warped.astype(np.float32) / 255.0
+    values = (values - 0.5) * uniform(rng, 0.75, 1.25) + 0.5 + uniform(rng, -0.25, 0.25)
+    values = np.clip(values, 0.0, 1.0) ** uniform(rng, 0.7, 1.4)
+    return np.round(values * 255.0).astype(np.uint8), warped_mask
+
+
+def _copy_annotated(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Burnt-in marks over up to about 10% of the slice, in greys (coloured marks would make it a colour
+    photograph to the merge): text, an arrow, a rectangle, a scale bar or a watermark, one to three of them."""
+    out = image.copy()
+    height, width = mask.shape
+    side = min(height, width)
+    for mark in rng.choice(["text", "arrow", "rectangle", "scale_bar", "watermark"], size=int(rng.integers(1, 4)), replace=False):
+        grey = int(rng.integers(180, 256))
+        colour = (grey, grey, grey) if out.ndim == 3 else grey
+        x, y = (int(v) for v in rng.integers(0, side // 2, size=2))
+        if mark == "text":
+            text = str(rng.choice(["L", "R", "T1 C+", "AX", "SE 4 IM 12", "Case 17"]))
+            cv2.putText(out, text, (x, y + side // 12), cv2.FONT_HERSHEY_SIMPLEX, side / 400, colour, max(1, side // 200))
+        elif mark == "arrow":
+            cv2.arrowedLine(out, (x, y), (x + side // 6, y + side // 6), colour, max(1, side // 150), tipLength=0.3)
+        elif mark == "rectangle":
+            cv2.rectangle(out, (x, y), (x + side // 5, y + side // 5), colour, max(1, side // 200))
+        elif mark == "scale_bar":
+            cv2.line(out, (side // 20, height - side // 20), (side // 20 + side // 5, height - side // 20), colour, max(2, side // 100))
+        else:  # a faint watermark across the middle
+            overlay = out.copy()
+            cv2.putText(overlay, "SAMPLE", (side // 8, height // 2), cv2.FONT_HERSHEY_SIMPLEX, side / 160, colour, max(1, side // 60))
+            out = cv2.addWeighted(overlay, 0.25, out, 0.75, 0)
+    return out, mask
+
+
 _CopyMaker = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 COPY_MAKERS: dict[str, _CopyMaker] = {
     "exact": _copy_pixels,
@@ -127,6 +175,8 @@ COPY_MAKERS: dict[str, _CopyMaker] = {
     "flipped": _copy_flipped,
     "rescaled": _copy_rescaled,
     "conflicting_label": _copy_pixels,
+    "augmented": _copy_augmented,
+    "annotated": _copy_annotated,
 }
 
 
@@ -156,4 +206,6 @@ def copy_file_format(kind: str, rng: np.random.Generator) -> tuple[str, int]:
         return ("png", 0) if rng.random() < 0.3 else ("jpg", int(rng.integers(60, 86)))
     if kind == "conflicting_label":
         return ("same", 0) if rng.random() < 0.5 else ("jpg", int(rng.integers(60, 86)))
+    if kind == "augmented":
+        return "jpg", int(rng.integers(30, 96))
     return "jpg", int(rng.integers(80, 96))

@@ -1,7 +1,8 @@
 """Stage evaluate: both models on the test split, with bootstrap intervals and temperature scaling.
 
 Params: evaluate, mlflow
-Inputs: models/base.keras, models/finetuned.keras (and its card: the MLflow run that registered it), data/processed/images.npy,
+Inputs: models/base.keras, models/finetuned.keras (and its card: the MLflow run that registered it), models/exports/
+    (scored beside it), data/processed/images.npy,
     data/split/split.csv, reports/data/split.json (data fingerprint), data/interim/manifest.csv (image paths),
     data/split/external.csv (external sets, split.external),
     reports/train_base/history.json, reports/finetune/history.json
@@ -50,7 +51,7 @@ def main() -> dict:
         feature_layer = feature_check_layer_name(params.evaluate.feature_check.layer, params.model.backbone)
         result = evaluate_models({name: paths.models / f"{name}.keras" for name in MODELS}, data, files, histories,
                                  params.evaluate, paths.evaluate_reports, feature_layer,
-                                 shifted, external_files)
+                                 shifted, external_files, paths.exports)
         atomic.write_json(paths.calibration_json, result.calibration)
         save_feature_checks(paths.ood_file, result.feature_checks)
         atomic.write_json(paths.metrics_json, result.metrics)

@@ -333,6 +333,22 @@ class FeatureCheckParams(_Section):
         return value
 
 
+class ExportParams(_Section):
+    """The fine-tuned model exported for deployment (braintumor.model.export)."""
+
+    formats: tuple[Literal["tflite_float16", "tflite_int8", "onnx"], ...] = ("tflite_float16", "tflite_int8", "onnx")
+    calibration_images: int = Field(default=200, ge=1, description="int8: training slices the converter calibrates on")
+    seed: int = 0
+    onnx_opset: int = Field(default=17, ge=13, le=21)
+
+    @field_validator("formats")
+    @classmethod
+    def _no_repeats(cls, formats):
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"export.formats lists a format twice: {list(formats)}")
+        return formats
+
+
 class EvaluateParams(_Section):
     """Test-split metrics of both models, bootstrap intervals, calibration (temperature scaling)."""
 
@@ -400,6 +416,7 @@ class Params(_Section):
     train_base: TrainBaseParams = TrainBaseParams()
     finetune: FinetuneParams = FinetuneParams()
     mlflow: MlflowParams = MlflowParams()
+    export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     gradcam: GradcamParams = GradcamParams()
     app: AppParams = AppParams()

@@ -152,6 +152,11 @@ class ProjectPaths:
         return self.root / "models"
 
     @property
+    def exports(self) -> Path:
+        """The exported fine-tuned models and their card (the export stage)."""
+        return self.models / "exports"
+
+    @property
     def calibration_json(self) -> Path:
         """Temperature and validation confidence quantiles of each model (written by evaluate, read by the app)."""
         return self.models / "calibration.json"

@@ -443,6 +443,52 @@ def external_section(metrics: Mapping[str, Mapping], confusions: Mapping[str, Ma
     return "\n".join(parts)
 
 
+def export_comparison(labels: np.ndarray, keras_probabilities: np.ndarray, export_probabilities: np.ndarray, *,
+                      resamples: int, seed: int, level: float = 0.95) -> dict:
+    """An exported model against the Keras model it came from, on the same test images: its accuracy and
+    macro-F1 (with intervals), the share of images where both predict the same class, and the differences
+    export - Keras with paired percentile bootstrap intervals (the same resampled images for both)."""
+    labels = np.asarray(labels, np.int64)
+    ours, theirs = _predicted(np.asarray(export_probabilities)), _predicted(np.asarray(keras_probabilities))
+    k = np.asarray(keras_probabilities).shape[1]
+    draws = np.random.default_rng(seed).integers(0, labels.size, size=(resamples, labels.size))
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    present = np.unique(labels)
+
+    def scores(predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cells = np.arange(resamples)[:, None] * k * k + labels[draws] * k + predicted[draws]
+        counts = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
+        return np.trace(counts, axis1=1, axis2=2) / labels.size, _macro_f1_from_counts(counts, present)
+
+    (acc_export, f1_export), (acc_keras, f1_keras) = scores(ours), scores(theirs)
+    accuracy = accuracy_score(labels, ours)
+    macro_f1 = f1_score(labels, ours, labels=present.tolist(), average="macro", zero_division=0)
+    return {
+        "accuracy": _round(accuracy), "accuracy_ci95": _low_high([_round(v) for v in np.percentile(acc_export, tails)]),
+        "macro_f1": _round(macro_f1), "macro_f1_ci95": _low_high([_round(v) for v in np.percentile(f1_export, tails)]),
+        "agreement_with_keras": _round(np.mean(ours == theirs)),
+        "accuracy_difference": _round(accuracy - accuracy_score(labels, theirs)),
+        "accuracy_difference_ci95": _low_high([_round(v) for v in np.percentile(acc_export - acc_keras, tails)]),
+        "macro_f1_difference": _round(macro_f1 - f1_score(labels, theirs, labels=present.tolist(), average="macro",
+                                                          zero_division=0)),
+        "macro_f1_difference_ci95": _low_high([_round(v) for v in np.percentile(f1_export - f1_keras, tails)]),
+        "max_probability_difference": _round(np.abs(np.asarray(export_probabilities) - np.asarray(keras_probabilities)).max()),
+    }
+
+
+def exports_section(exports: Mapping[str, Mapping]) -> str:
+    """Markdown: each exported model beside the Keras model on the test split."""
+    lines = ["Each export of the fine-tuned model (`models/exports/`, the `export` stage) on the same test images, "
+             "with the same flip averaging; differences are export minus Keras, with paired bootstrap intervals.\n",
+             "| export | file | accuracy | macro-F1 | agreement with Keras | accuracy difference | macro-F1 difference |",
+             "|---|---|---|---|---|---|---|"]
+    for fmt, e in exports.items():
+        lines.append(f"| {fmt} | `{e['file']}` ({e['megabytes']:.1f} MB) | {_with_interval(e, 'accuracy')} | "
+                     f"{_with_interval(e, 'macro_f1')} | {_number(e['agreement_with_keras'])} | "
+                     f"{_with_interval(e, 'accuracy_difference')} | {_with_interval(e, 'macro_f1_difference')} |")
+    return "\n".join(lines) + "\n"
+
+
 def binary_external_table(source: str, entries: list[dict], models: list[str]) -> str:
     """Markdown of a tumor / no-tumor external source: both models' binary scores with intervals."""
     first = entries[0]
@@ -496,6 +542,9 @@ def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, n
                   confusion_table(confusions[model], class_names),
                   f"Most confident errors ({min(errors_listed, len(errors[model]))} of {len(errors[model])}):\n",
                   errors_table(errors[model], errors_listed)]
+    exports = next((entry["exports"] for entry in metrics.values() if entry.get("exports")), None)
+    if exports:
+        parts += ["## Exported models\n", exports_section(exports)]
     if any(entry.get("external") for entry in metrics.values()):
         parts += ["## External validation\n", external_section(metrics, external_confusions or {}, class_names)]
     if all("ood" in entry for entry in metrics.values()):

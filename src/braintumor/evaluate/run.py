@@ -20,13 +20,16 @@ from braintumor.evaluate.calibration import apply_temperature, calibration_entry
 from braintumor.evaluate.feature_check import FeatureCheck, detection_summary, fit_feature_check
 from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
 from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, misclassified, model_metrics,
-                                         prediction_table, roc_curves, training_curves, tumor_vs_no_tumor)
+                                         export_comparison, prediction_table, roc_curves, training_curves,
+                                         tumor_vs_no_tumor)
+from braintumor.model.export import EXPORTS_CARD, load_exported, predict_with_flip
 from braintumor.model.inputs import features_and_probabilities_model, predict_features
 from braintumor.split.load import TUMOR_ID, SplitRows, TrainingData
 
 log = logging.getLogger("braintumor.evaluate")
 
 MODELS = ("base", "finetuned")  # models/<name>.keras
+EXPORTED_MODEL = "finetuned"  # the model the export stage converts
 FIGURES = {"confusion": "confusion matrix", "roc": "ROC curves", "reliability": "reliability diagram"}  # <prefix>_<model>.png
 
 # What the report lists under "Data files" (paths relative to reports/).
@@ -54,7 +57,8 @@ class Evaluation:
 def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: list[str], histories: dict[str, dict],
                     params: EvaluateParams, out: Path, feature_layer: str,
                     shifted: dict[str, "ImageFolder"] | None = None,
-                    external_files: dict[str, list[str]] | None = None) -> Evaluation:
+                    external_files: dict[str, list[str]] | None = None,
+                    exports: Path | None = None) -> Evaluation:
     """Evaluate each model, write its plots data and figures into ``out``, and build the report.
 
     Args:
@@ -65,6 +69,7 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
         feature_layer: the out-of-distribution check's layer (``feature_check_layer_name``).
         shifted: name -> images unlike the training data (:func:`load_image_folder`), to score the check on.
         external_files: the source file of each row of each external set (``data.external``).
+        exports: the export stage's folder (``models/exports``): its models are scored beside the fine-tuned one.
     """
     external_files = external_files or {}
     test = data.split["test"]
@@ -89,6 +94,8 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
                      e["n"], e["removed_overlaps"], e["accuracy"], e["accuracy_ci95"], e["macro_f1"])
         confusions[name], errors[name] = write_model_outputs(name, metrics[name], test, probabilities, files, out,
                                                              params.calibration_bins)
+        if name == EXPORTED_MODEL and exports is not None:
+            metrics[name]["exports"] = evaluate_exports(exports, data, probabilities, params)
         m = metrics[name]
         log.info("%s: test accuracy %.4f %s, macro-F1 %.4f, ECE %.4f -> %.4f at T = %.3f", name, m["accuracy"],
                  m["accuracy_ci95"], m["macro_f1"], m["ece"], m["ece_calibrated"], m["temperature"])
@@ -115,6 +122,24 @@ def registry_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
     return {"temperature": repr(calibration["temperature"]), "calibration": json.dumps(calibration),
             "test_accuracy": repr(metrics["accuracy"]), "test_macro_f1": repr(metrics["macro_f1"]),
             "evaluate_run_id": run_id}
+
+
+def evaluate_exports(folder: Path, data: TrainingData, keras_probabilities: np.ndarray, params: EvaluateParams) -> dict:
+    """Each export listed in ``folder``'s card, on the test split (with ``params.tta``), against the Keras model."""
+    card = json.loads((folder / EXPORTS_CARD).read_text())
+    test = data.split["test"]
+    images = np.asarray(data.images[test.rows])
+    scored = {}
+    for record in card["exports"]:
+        probabilities = predict_with_flip(load_exported(folder / record["file"]), images, params.tta, params.batch_size)
+        scored[record["format"]] = {"file": record["file"], "megabytes": round(record["bytes"] / 1e6, 3),
+                                    "size_share_of_keras": round(record["bytes"] / card["keras_bytes"], 4),
+                                    **export_comparison(test.labels, keras_probabilities, probabilities,
+                                                        resamples=params.bootstrap_resamples, seed=params.bootstrap_seed)}
+        e = scored[record["format"]]
+        log.info("export %s: accuracy %.4f (Keras %+.4f %s), agreement %.4f", record["file"], e["accuracy"],
+                 e["accuracy_difference"], e["accuracy_difference_ci95"], e["agreement_with_keras"])
+    return scored
 
 
 def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams, feature_layer: str,

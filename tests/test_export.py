@@ -1,0 +1,81 @@
+"""Export: TFLite float16 and int8 and ONNX files of a real (tiny) model, run with LiteRT and onnxruntime,
+and the export stage's files and the evaluate stage's comparison in the tiny pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from braintumor.core.config import ModelParams
+from braintumor.model.backbones import build_model
+from braintumor.model.export import (EXPORT_FORMATS, ExportError, export_file_name, export_model, load_exported,
+                                     predict_with_flip)
+
+from conftest import copy_built_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import keras
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelParams(backbone="mobilenetv3small", weights="none", dense_units=(16, 8), dropout=(0.2, 0.1)), 48)
+    images = np.random.default_rng(0).integers(0, 256, (24, 48, 48), dtype=np.uint8)
+    return model, images
+
+
+def test_every_format_converts_and_predicts_like_keras(tiny_model, tmp_path):
+    model, images = tiny_model
+    files = export_model(model, "finetuned", EXPORT_FORMATS, images[:8], opset=17)
+    assert sorted(files) == sorted(export_file_name("finetuned", f) for f in EXPORT_FORMATS)
+    reference = model.predict(images[..., None].astype(np.float32), verbose=0)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        exported = load_exported(tmp_path / name, threads=1)
+        assert exported.image_size == 48
+        probabilities = exported.predict(images, batch_size=5)  # a last batch of another size
+        assert probabilities.shape == reference.shape
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+        # float16 weights and ONNX compute in float32; int8 quantises activations too
+        tolerance = 0.1 if "int8" in name else 1e-2
+        assert np.abs(probabilities - reference).max() < tolerance, name
+    flipped = predict_with_flip(load_exported(tmp_path / "finetuned.onnx"), images, "flip")
+    mirrored = model.predict(images[:, :, ::-1, None].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(flipped, (reference + mirrored) / 2, atol=1e-2)
+
+
+def test_a_failing_converter_names_the_model_and_the_format(tiny_model):
+    model, images = tiny_model
+    wrong_size = images[:2, :20, :20]  # calibration slices the model cannot take
+    with pytest.raises(ExportError, match="exporting finetuned as tflite_int8 failed"):
+        export_model(model, "finetuned", ["tflite_int8"], wrong_size, opset=17)
+
+
+def test_load_exported_rejects_what_it_cannot_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro export"):
+        load_exported(tmp_path / "missing.tflite")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="expected .tflite or .onnx"):
+        load_exported(tmp_path / "model.pt")
+
+
+@pytest.mark.slow
+def test_the_pipeline_exports_and_evaluate_scores_the_exports(built_pipeline, tmp_path):
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    card = json.loads((repo / "models/exports/exports.json").read_text())
+    assert [r["format"] for r in card["exports"]] == list(EXPORT_FORMATS)
+    for record in card["exports"]:
+        data = (repo / "models/exports" / record["file"]).read_bytes()
+        assert record["bytes"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+    sizes = {r["format"]: r["bytes"] for r in card["exports"]}
+    assert sizes["tflite_int8"] < sizes["tflite_float16"] < card["keras_bytes"]
+    exports = json.loads((repo / "reports/metrics.json").read_text())["finetuned"]["exports"]
+    assert set(exports) == set(EXPORT_FORMATS)
+    for fmt, entry in exports.items():
+        assert 0 <= entry["agreement_with_keras"] <= 1
+        low, high = entry["accuracy_difference_ci95"]["low"], entry["accuracy_difference_ci95"]["high"]
+        assert low <= entry["accuracy_difference"] <= high
+    assert exports["onnx"]["agreement_with_keras"] >= 0.99 and exports["tflite_float16"]["agreement_with_keras"] >= 0.99
+    assert "## Exported models" in (repo / "reports/evaluation.md").read_text()

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo app mlflow-ui mlflow-server exp-show browser test test-fast bench dag clean-venv
+.PHONY: install demo app predict mlflow-ui mlflow-server exp-show browser test test-fast bench dag clean-venv
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: install
 # The web app on http://127.0.0.1:7860 (params.yaml's app section; flags: --model --host --port).
 app: install
 	$(BIN)/python -m braintumor.serve.app
+
+# The app's model over files and folders, into a CSV: make predict ARGS="data/some/folder --out predictions.csv"
+# (flags: --model --gradcam-dir --workers; see README, "Batch prediction").
+predict: install
+	$(BIN)/python -m braintumor.predict $(ARGS)
 
 # The MLflow UI on http://127.0.0.1:5000 over the project's store (params.yaml's mlflow.tracking_uri).
 MLFLOW_PORT ?= 5000

@@ -17,7 +17,9 @@ confidence check; without an ood.npz entry the feature check is off, and each re
 Nothing is loaded from the network.
 
 :func:`predict_upload` is what the app and the tests call: bytes (or a path) in, a
-:class:`PredictionResult` out, an :class:`braintumor.serve.uploads.UploadError` for a bad file.
+:class:`PredictionResult` out, an :class:`braintumor.serve.uploads.UploadError` for a bad file. It is
+:func:`prepare_upload` (decoding, no model) followed by :func:`classify_prepared` (the model, on a batch):
+batch prediction (:mod:`braintumor.predict`) runs the two halves side by side, so both give the same answer.
 """
 
 from __future__ import annotations
@@ -424,51 +426,107 @@ def read_upload(upload: bytes | str | os.PathLike, max_bytes: int) -> bytes:
     return path.read_bytes()
 
 
-def predict_with_gradcam(bundle: ModelBundle, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """((1, S, S) Grad-CAM, (1, C) softmax, (1, F) feature-check features) of one preprocessed slice, the way
-    the evaluate stage predicted (``calibration.tta``): with "flip", the softmax is the mean of the slice's and
-    its mirror image's, one batch of two; the heatmap and the features are the slice's own, for the class of
-    that mean."""
+def predict_with_gradcam(bundle: ModelBundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """((N, S, S) Grad-CAM, (N, C) softmax, (N, F) feature-check features) of (N, S, S) preprocessed slices, the
+    way the evaluate stage predicted (``calibration.tta``): with "flip", each softmax is the mean of the slice's
+    and its mirror image's, in one batch of 2N; the heatmaps and the features are the slices' own, for the class
+    of that mean."""
     from braintumor.evaluate.calibration import flip_averaged
     from braintumor.explain.gradcam import grad_cam_with_features
 
     if bundle.calibration.tta == "none":
-        return grad_cam_with_features(bundle.gradcam_model, image[None])
-    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, np.stack([image, image[:, ::-1]]))
-    averaged = flip_averaged(raw[:1], raw[1:])
-    if averaged.argmax() != raw[0].argmax():  # explain the class the mean predicts, not the slice's own top class
-        heatmaps, _, _ = grad_cam_with_features(bundle.gradcam_model, image[None], int(averaged.argmax()))
-    return heatmaps[:1], averaged, features[:1]
+        return grad_cam_with_features(bundle.gradcam_model, images)
+    count = len(images)
+    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, np.concatenate([images, images[:, :, ::-1]]))
+    averaged = flip_averaged(raw[:count], raw[count:])
+    heatmaps = heatmaps[:count]
+    # Explain the class the mean predicts, not the slice's own top class, where the two differ.
+    changed = np.flatnonzero(averaged.argmax(axis=1) != raw[:count].argmax(axis=1))
+    if changed.size:
+        heatmaps[changed] = grad_cam_with_features(bundle.gradcam_model, images[changed], averaged[changed].argmax(axis=1))[0]
+    return heatmaps, averaged, features[:count]
 
 
-def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, settings: ServingSettings) -> PredictionResult:
-    """Classify one uploaded file: decode, preprocess, predict with Grad-CAM, calibrate, apply the OOD rule.
+@dataclass(frozen=True)
+class PreparedUpload:
+    """One upload decoded and preprocessed, not yet seen by the model (the first half of :func:`predict_upload`).
+
+    Attributes:
+        decoded: what was decoded.
+        image: uint8 (S, S), what the model will see.
+        stats: the image statistics the out-of-distribution rule looks at.
+        seconds: wall time from bytes to here.
+    """
+
+    decoded: DecodedUpload
+    image: np.ndarray
+    stats: ImageStats
+    seconds: float
+
+
+def prepare_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, settings: ServingSettings) -> PreparedUpload:
+    """Read, decode and preprocess one upload and measure its image statistics: everything before the model.
+
+    It makes no Keras call, so batch prediction (:mod:`braintumor.predict`) runs it in threads while the model
+    works on other files.
 
     Raises:
         UploadError: the file is not an image or DICOM MR slice this app accepts (the message says why).
     """
-    from braintumor.evaluate.calibration import apply_temperature
-    from braintumor.explain.gradcam import overlay
-
     started = time.perf_counter()
     data = read_upload(upload, settings.max_upload_bytes)
     decoded, image = preprocess_upload(data, bundle.preprocess, settings.max_upload_bytes, settings.max_image_pixels)
     stats = image_stats(decoded.gray, decoded.colour_share, bundle.preprocess.head_threshold)
-    heatmaps, raw, features = predict_with_gradcam(bundle, image)
-    probabilities = apply_temperature(raw, bundle.calibration.temperature)[0]
+    return PreparedUpload(decoded, image, stats, time.perf_counter() - started)
+
+
+def classify_prepared(bundle: ModelBundle, prepared: list[PreparedUpload], settings: ServingSettings) -> list[PredictionResult]:
+    """The second half of :func:`predict_upload`, for a batch: predict with Grad-CAM, calibrate, apply the OOD rule.
+
+    Each result's ``seconds`` is its own preparation time plus an equal share of the batch's model time.
+    """
+    from braintumor.evaluate.calibration import apply_temperature
+
+    if not prepared:
+        return []
+    started = time.perf_counter()
+    heatmaps, raw, features = predict_with_gradcam(bundle, np.stack([item.image for item in prepared]))
+    probabilities = apply_temperature(raw, bundle.calibration.temperature)
+    check = bundle.feature_check
+    scores = check.scores(features) if check is not None else [None] * len(prepared)
+    share = (time.perf_counter() - started) / len(prepared)
+    return [_prediction_result(bundle, settings, item, heatmap, p, score, item.seconds + share)
+            for item, heatmap, p, score in zip(prepared, heatmaps, probabilities, scores)]
+
+
+def _prediction_result(bundle: ModelBundle, settings: ServingSettings, prepared: PreparedUpload, heatmap: np.ndarray,
+                       probabilities: np.ndarray, feature_score: float | None, seconds: float) -> PredictionResult:
+    """One slice's result from its (S, S) heatmap, (C,) calibrated probabilities and feature-check distance."""
+    from braintumor.explain.gradcam import overlay
+
     threshold = bundle.calibration.val_max_probability_quantiles.get(settings.confidence_quantile)
     check = bundle.feature_check
-    feature = (FeatureScore(float(check.scores(features)[0]), check.threshold, check.flag_share)
+    feature = (FeatureScore(float(feature_score), check.threshold, check.flag_share)
                if check is not None else None)
-    verdict = assess(stats, settings.ood, float(probabilities.max()), threshold, settings.confidence_quantile, feature)
+    verdict = assess(prepared.stats, settings.ood, float(probabilities.max()), threshold, settings.confidence_quantile, feature)
     return PredictionResult(
         label=bundle.class_names[int(probabilities.argmax())] if verdict.in_distribution else None,
         probabilities={name: float(p) for name, p in zip(bundle.class_names, probabilities)},
         verdict=verdict,
-        stats=stats,
-        preprocessed=image,
-        overlay=overlay(image, heatmaps[0], settings.overlay_alpha) if verdict.looks_like_mri else None,
-        upload=decoded.description,
-        seconds=time.perf_counter() - started,
+        stats=prepared.stats,
+        preprocessed=prepared.image,
+        overlay=overlay(prepared.image, heatmap, settings.overlay_alpha) if verdict.looks_like_mri else None,
+        upload=prepared.decoded.description,
+        seconds=seconds,
         feature_score=feature.score if feature else None,
     )
+
+
+def predict_upload(bundle: ModelBundle, upload: bytes | str | os.PathLike, settings: ServingSettings) -> PredictionResult:
+    """Classify one uploaded file: decode, preprocess, predict with Grad-CAM, calibrate, apply the OOD rule
+    (:func:`prepare_upload`, then :func:`classify_prepared` on a batch of one).
+
+    Raises:
+        UploadError: the file is not an image or DICOM MR slice this app accepts (the message says why).
+    """
+    return classify_prepared(bundle, [prepare_upload(bundle, upload, settings)], settings)[0]

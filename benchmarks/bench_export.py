@@ -1,0 +1,170 @@
+"""Benchmark of the exported models (src/braintumor/model/export.py) against the Keras model they came from.
+
+For a pipeline folder whose export stage has run (``models/finetuned.keras`` and ``models/exports/``),
+or for the Keras file alone (exported here, int8 calibrated on ``--calibration`` training slices of
+``data/processed/images.npy`` when the folder has one, else on random slices):
+
+- file size of each format, and its share of the ``.keras`` file;
+- single-image CPU latency (p50, p90 over ``--repeats`` calls after ``--warmup``), one (1, S, S) slice;
+- batch throughput (images/s) at ``--batch`` images per call;
+- peak memory (RSS growth) of a child process that loads the model and predicts one batch.
+
+    .venv/bin/python benchmarks/bench_export.py --root ~/.cache/braintumor/real-data/nickparvar [--repeats 50]
+
+Prints progress, then one JSON line. Targets (issue): int8 <= 30% of the float32 file, single-image
+latency <= 0.5x Keras; see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
+
+KERAS = "keras"
+
+
+def load_runner(kind: str, path: Path):
+    """A callable (N, S, S) uint8 -> probabilities, for Keras or an export."""
+    if kind == KERAS:
+        import keras
+
+        import braintumor.model.backbones  # noqa: F401  registers the custom layers
+
+        model = keras.saving.load_model(path, safe_mode=True)
+        return lambda images: model.predict_on_batch(images[..., None].astype(np.float32))
+    from braintumor.model.export import load_exported
+
+    exported = load_exported(path)
+    return lambda images: exported.predict(images, batch_size=len(images))
+
+
+def latency(run, image: np.ndarray, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        run(image)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(image)
+        seconds.append(time.perf_counter() - start)
+    return {"p50_ms": round(1000 * float(np.percentile(seconds, 50)), 2),
+            "p90_ms": round(1000 * float(np.percentile(seconds, 90)), 2)}
+
+
+def throughput(run, images: np.ndarray, rounds: int) -> float:
+    run(images)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        run(images)
+    return round(rounds * len(images) / (time.perf_counter() - start), 1)
+
+
+def peak_memory_mb(kind: str, path: Path, size: int, batch: int) -> float:
+    """RSS growth of a fresh process that imports, loads ``path`` and predicts one batch (MB)."""
+    code = (
+        "import resource, sys, numpy as np; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
+        "from bench_export import load_runner;"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "run = load_runner(sys.argv[3], sys.argv[4]);"
+        "run(np.zeros((int(sys.argv[6]), int(sys.argv[5]), int(sys.argv[5])), np.uint8));"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(REPO / "src"), str(REPO / "benchmarks"), kind, str(path),
+                             str(size), str(batch)], capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe of {path} failed: {result.stderr[-800:]}")
+    return round(float(result.stdout.strip().splitlines()[-1]), 1)
+
+
+def ensure_exports(root: Path, calibration: int, workdir: Path) -> Path:
+    """``root/models/exports`` if the export stage wrote it, else the exports made here into ``workdir``."""
+    folder = root / "models" / "exports"
+    if (folder / "exports.json").is_file():
+        return folder
+    import keras
+
+    import braintumor.model.backbones  # noqa: F401
+    from braintumor.model.export import EXPORT_FORMATS, EXPORTS_CARD, export_model, file_record
+
+    model = keras.saving.load_model(root / "models" / "finetuned.keras", safe_mode=True)
+    size = int(model.inputs[0].shape[1])
+    images_npy = root / "data" / "processed" / "images.npy"
+    if images_npy.is_file():
+        cached = np.load(images_npy, mmap_mode="r")
+        rows = np.sort(np.random.default_rng(0).choice(len(cached), size=min(calibration, len(cached)), replace=False))
+        sample = np.asarray(cached[rows])
+    else:
+        sample = np.random.default_rng(0).integers(0, 256, (calibration, size, size), dtype=np.uint8)
+    print(f"exporting {root / 'models/finetuned.keras'} (int8 calibrated on {len(sample)} slices)...", flush=True)
+    files = export_model(model, "finetuned", EXPORT_FORMATS, sample, opset=17)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (workdir / name).write_bytes(data)
+    card = {"keras_bytes": (root / "models" / "finetuned.keras").stat().st_size,
+            "exports": [file_record(name, data, fmt) for fmt, (name, data) in zip(EXPORT_FORMATS, files.items())]}
+    (workdir / EXPORTS_CARD).write_text(json.dumps(card))
+    return workdir
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="a pipeline folder with models/finetuned.keras")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="timed batches for the throughput")
+    parser.add_argument("--calibration", type=int, default=200)
+    args = parser.parse_args()
+    keras_file = args.root / "models" / "finetuned.keras"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = ensure_exports(args.root, args.calibration, Path(tmp))
+        card = json.loads((folder / "exports.json").read_text())
+        candidates = [(KERAS, keras_file, keras_file.stat().st_size)] + [
+            (r["format"], folder / r["file"], r["bytes"]) for r in card["exports"]]
+        busy0, mine0 = cpu_seconds()
+        results = {kind: {"file": path.name, "megabytes": round(nbytes / 1e6, 2)} for kind, path, nbytes in candidates}
+        size = _input_size(keras_file)
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (1, size, size), dtype=np.uint8)
+        batch = rng.integers(0, 256, (args.batch, size, size), dtype=np.uint8)
+        for kind, path, nbytes in candidates:
+            run = load_runner(kind, path)
+            results[kind].update(latency(run, image, args.warmup, args.repeats))
+            results[kind]["batch_images_per_second"] = throughput(run, batch, args.rounds)
+            results[kind]["peak_memory_mb"] = peak_memory_mb(kind, path, size, args.batch)
+            results[kind]["size_share_of_keras"] = round(nbytes / keras_file.stat().st_size, 4)
+            print(f"{kind:15s} {results[kind]}", flush=True)
+        busy1, mine1 = cpu_seconds()
+    base = results[KERAS]
+    for kind, entry in results.items():
+        entry["latency_share_of_keras"] = round(entry["p50_ms"] / base["p50_ms"], 3)
+        entry["throughput_vs_keras"] = round(entry["batch_images_per_second"] / base["batch_images_per_second"], 2)
+    print(json.dumps({"root": str(args.root), "image_size": size, "batch": args.batch, "results": results,
+                      "other_cpu_s": round((busy1 - busy0) - (mine1 - mine0), 1), "machine": machine()}))
+    return 0
+
+
+def _input_size(keras_file: Path) -> int:
+    import zipfile
+
+    config = json.loads(zipfile.ZipFile(keras_file).read("config.json"))
+    shape = config["config"]["layers"][0]["config"]["batch_shape"]
+    return int(shape[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,3 +79,27 @@ def test_the_pipeline_exports_and_evaluate_scores_the_exports(built_pipeline, tm
         assert low <= entry["accuracy_difference"] <= high
     assert exports["onnx"]["agreement_with_keras"] >= 0.99 and exports["tflite_float16"]["agreement_with_keras"] >= 0.99
     assert "## Exported models" in (repo / "reports/evaluation.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_app_bundle_serves_an_export_with_or_without_its_keras_model(built_pipeline, tmp_path):
+    from braintumor.core.config import load_params
+    from braintumor.serve.bundle import ServingSettings, load_bundle, predict_upload
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    params = load_params(repo / "params.yaml")
+    settings = ServingSettings.from_params(params)
+    upload = next((repo / "data/raw/phantom/images/Testing/glioma").glob("*.*"))
+    keras_result = predict_upload(load_bundle("models/finetuned.keras", repo, params.preprocess), upload, settings)
+    bundle = load_bundle("models/exports/finetuned_float16.tflite", repo, params.preprocess)
+    assert bundle.exported is not None and bundle.gradcam_model is not None
+    assert bundle.identity.model_file == "finetuned_float16.tflite (exported from finetuned.keras)"
+    result = predict_upload(bundle, upload, settings)
+    # the same calibration, OOD rule and Grad-CAM; probabilities from the float16 export, close to Keras's
+    assert result.overlay is not None and result.verdict.in_distribution == keras_result.verdict.in_distribution
+    for name, p in keras_result.probabilities.items():
+        assert abs(result.probabilities[name] - p) < 1e-2
+    (repo / "models/finetuned.keras").unlink()
+    alone = load_bundle("models/exports/finetuned_int8.tflite", repo, params.preprocess)
+    assert alone.gradcam_model is None and any("No Grad-CAM" in note for note in alone.notes)
+    result = predict_upload(alone, upload, settings)
+    assert result.overlay is None and abs(sum(result.probabilities.values()) - 1) < 1e-3

@@ -82,7 +82,8 @@ def identity_markdown(bundle: ModelBundle | None, settings: ServingSettings) -> 
         ("Training-data check", f"Mahalanobis distance at `{bundle.feature_check.layer}` above "
                                 f"{bundle.feature_check.threshold:.0f} (flags {bundle.feature_check.flag_share:.0%} of validation)"
          if bundle.feature_check else "off (no ood.npz)"),
-        ("Grad-CAM layer", f"`{bundle.gradcam_layer}`"),
+        ("Grad-CAM layer", f"`{bundle.gradcam_layer}`" if bundle.gradcam_model is not None
+         else "**none: an exported model without its Keras model beside it gives no Grad-CAM**"),
     ]
     listing = "\n".join(f"- **{key}:** {value}" for key, value in rows)
     notes = "".join(f"\n\n> **Note:** {note}" for note in bundle.notes)

@@ -113,6 +113,9 @@ class ModelBundle:
     calibration: Calibration
     notes: tuple[str, ...] = field(default=())  # what is missing or assumed, shown with every result
     feature_check: Any = None  # braintumor.evaluate.feature_check.FeatureCheck, or None: no models/ood.npz entry
+    # An exported model (braintumor.model.export) that gives the probabilities; the Keras model it came from,
+    # when it is beside it, still gives Grad-CAM and the feature check (``model`` and ``gradcam_model`` None: not).
+    exported: Any = None
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,8 @@ def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessPa
     from braintumor.model.backbones import feature_check_tensor
 
     model_path = resolve_model_file(model, root, tracking_uri)
+    if model_path.suffix in EXPORT_SUFFIXES:
+        return _load_export_bundle(model_path, fallback_preprocess, gradcam_layer)
     card = read_model_card(model_path)
     preprocess, class_names, notes = _input_contract(card, model_path, fallback_preprocess)
     calibration, calibration_notes = load_model_calibration(model_path)
@@ -384,6 +389,56 @@ def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessPa
     return ModelBundle(keras_model, gradcam_model, layer, _identity(card, model_path), preprocess, class_names,
                        preprocess.image_size, calibration, tuple(notes + calibration_notes + feature_notes),
                        feature_check)
+
+
+EXPORT_SUFFIXES = (".tflite", ".onnx")
+
+
+def exported_from(export_path: Path) -> Path:
+    """The ``.keras`` file an export was made from: named in the ``exports.json`` beside it, one folder up
+    (``models/exports/finetuned_int8.tflite`` -> ``models/finetuned.keras``)."""
+    from braintumor.model.export import EXPORTS_CARD
+
+    card = export_path.parent / EXPORTS_CARD
+    name = json.loads(card.read_text()).get("model", "finetuned.keras") if card.is_file() else "finetuned.keras"
+    return export_path.parent.parent / name
+
+
+def _load_export_bundle(export_path: Path, fallback_preprocess: PreprocessParams, gradcam_layer: str) -> ModelBundle:
+    """A bundle whose probabilities come from an export; card, calibration and feature check are the Keras
+    model's (the export is its copy), and so is Grad-CAM when the ``.keras`` file is beside it."""
+    from braintumor.model.export import load_exported
+
+    try:
+        exported = load_exported(export_path)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"cannot load the export {export_path}: {type(exc).__name__}: {exc}") from exc
+    keras_path = exported_from(export_path)
+    if keras_path.is_file():
+        bundle = load_bundle(keras_path, keras_path.parent, fallback_preprocess, gradcam_layer)
+        bundle.exported = exported
+        identity = bundle.identity
+        bundle.identity = ModelIdentity(f"{export_path.name} (exported from {keras_path.name})", identity.mlflow_run_id,
+                                        identity.trained_at, identity.git_commit, identity.dvc_experiment,
+                                        identity.backbone, identity.card_file, identity.training_data)
+        bundle.notes = (*bundle.notes, f"Probabilities from the export {export_path.name}; Grad-CAM and the check that "
+                                       f"an upload is like the training data from {keras_path.name}, the model it was exported from.")
+    else:
+        card = read_model_card(keras_path)
+        preprocess, class_names, notes = _input_contract(card, keras_path, fallback_preprocess)
+        calibration, calibration_notes = load_model_calibration(keras_path)
+        identity = _identity(card, keras_path) if card else ModelIdentity(export_path.name, None, None, None, None, None, None)
+        identity = ModelIdentity(export_path.name, identity.mlflow_run_id, identity.trained_at, identity.git_commit,
+                                 identity.dvc_experiment, identity.backbone, identity.card_file, identity.training_data)
+        bundle = ModelBundle(None, None, "", identity, preprocess, class_names, preprocess.image_size, calibration,
+                             tuple(notes + calibration_notes + [
+                                 f"No Grad-CAM: an exported model ({export_path.name}) has no gradients to give, and "
+                                 f"{keras_path.name}, the model it came from, is not beside it. The check that an upload "
+                                 "is like the training data is off for the same reason."]), None, exported)
+    if bundle.exported.image_size != bundle.preprocess.image_size:
+        raise ModelLoadError(f"{export_path.name} takes {bundle.exported.image_size} px slices, but its preprocessing "
+                             f"makes {bundle.preprocess.image_size} px: it does not belong to this model card")
+    return bundle
 
 
 # --------------------------------------------------------------------------- one upload
@@ -434,6 +489,8 @@ def predict_with_gradcam(bundle: ModelBundle, images: np.ndarray) -> tuple[np.nd
     from braintumor.evaluate.calibration import flip_averaged
     from braintumor.explain.gradcam import grad_cam_with_features
 
+    if bundle.exported is not None:
+        return _predict_exported(bundle, images)
     if bundle.calibration.tta == "none":
         return grad_cam_with_features(bundle.gradcam_model, images)
     count = len(images)
@@ -445,6 +502,19 @@ def predict_with_gradcam(bundle: ModelBundle, images: np.ndarray) -> tuple[np.nd
     if changed.size:
         heatmaps[changed] = grad_cam_with_features(bundle.gradcam_model, images[changed], averaged[changed].argmax(axis=1))[0]
     return heatmaps, averaged, features[:count]
+
+
+def _predict_exported(bundle: ModelBundle, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """The export's probabilities (flip-averaged like the evaluate stage's); Grad-CAM of the class they
+    predict and the features from the Keras model when the bundle has it, else None."""
+    from braintumor.explain.gradcam import grad_cam_with_features
+    from braintumor.model.export import predict_with_flip
+
+    probabilities = predict_with_flip(bundle.exported, images, bundle.calibration.tta, batch_size=len(images))
+    if bundle.gradcam_model is None:
+        return None, probabilities, None
+    heatmaps, _, features = grad_cam_with_features(bundle.gradcam_model, images, probabilities.argmax(axis=1))
+    return heatmaps, probabilities, features
 
 
 @dataclass(frozen=True)
@@ -493,7 +563,8 @@ def classify_prepared(bundle: ModelBundle, prepared: list[PreparedUpload], setti
     heatmaps, raw, features = predict_with_gradcam(bundle, np.stack([item.image for item in prepared]))
     probabilities = apply_temperature(raw, bundle.calibration.temperature)
     check = bundle.feature_check
-    scores = check.scores(features) if check is not None else [None] * len(prepared)
+    scores = check.scores(features) if check is not None and features is not None else [None] * len(prepared)
+    heatmaps = heatmaps if heatmaps is not None else [None] * len(prepared)  # an export without its Keras model
     share = (time.perf_counter() - started) / len(prepared)
     return [_prediction_result(bundle, settings, item, heatmap, p, score, item.seconds + share)
             for item, heatmap, p, score in zip(prepared, heatmaps, probabilities, scores)]
@@ -515,7 +586,7 @@ def _prediction_result(bundle: ModelBundle, settings: ServingSettings, prepared:
         verdict=verdict,
         stats=prepared.stats,
         preprocessed=prepared.image,
-        overlay=overlay(prepared.image, heatmap, settings.overlay_alpha) if verdict.looks_like_mri else None,
+        overlay=overlay(prepared.image, heatmap, settings.overlay_alpha) if verdict.looks_like_mri and heatmap is not None else None,
         upload=prepared.decoded.description,
         seconds=seconds,
         feature_score=feature.score if feature else None,

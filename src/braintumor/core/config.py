@@ -36,41 +36,35 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------- download
 
 
-class KaggleSource(_Section):
+class _WithBoxes(_Section):
+    """Tumor boxes of a downloaded or local source: ``yolo`` = a ``<image stem>.txt`` beside each image
+    (``class x_centre y_centre width height``, normalised), ``csv`` = one file ``boxes_csv`` below the
+    class root with columns path, x0, y0, x1, y1 (pixels); ``none``. Only ``csv`` takes ``boxes_csv``."""
+
+    boxes: Literal["none", "yolo", "csv"] = Field(default="none", description="tumor bounding boxes")
+    boxes_csv: str = ""
+
+    @model_validator(mode="after")
+    def _boxes_csv_named(self):
+        if self.boxes == "csv" and not self.boxes_csv:
+            raise ValueError("boxes: csv needs boxes_csv, the CSV's path below the folder holding the class folders")
+        if self.boxes != "csv" and self.boxes_csv:
+            raise ValueError(f"boxes_csv is only read with boxes: csv (boxes is {self.boxes!r})")
+        return self
+
+
+class KaggleSource(_WithBoxes):
     kind: Literal["kaggle"]
     slug: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/dataset on Kaggle")
     version: int | None = Field(default=None, ge=1, description="dataset version; None = latest")
     subdir: str = Field(default="", description="folder inside the download holding the class folders")
-    boxes: Literal["none", "yolo", "csv"] = Field(default="none", description="tumor bounding boxes (see check_boxes_csv)")
-    boxes_csv: str = ""
-
-    @model_validator(mode="after")
-    def _boxes_csv_named(self):
-        return check_boxes_csv(self)
 
 
-class LocalSource(_Section):
+class LocalSource(_WithBoxes):
     kind: Literal["local"]
     path: str = Field(description="existing folder, relative to the project root or absolute")
     mode: Literal["copy", "hardlink"] = "copy"
     subdir: str = ""
-    boxes: Literal["none", "yolo", "csv"] = Field(default="none", description="tumor bounding boxes (see check_boxes_csv)")
-    boxes_csv: str = ""
-
-    @model_validator(mode="after")
-    def _boxes_csv_named(self):
-        return check_boxes_csv(self)
-
-
-def check_boxes_csv(source):
-    """Tumor boxes of a downloaded or local source: ``yolo`` = a ``<image stem>.txt`` beside each image
-    (``class x_centre y_centre width height``, normalised), ``csv`` = one file ``boxes_csv`` below the
-    class root with columns path, x0, y0, x1, y1 (pixels); ``none``. Only ``csv`` takes ``boxes_csv``."""
-    if source.boxes == "csv" and not source.boxes_csv:
-        raise ValueError("boxes: csv needs boxes_csv, the CSV's path below the folder holding the class folders")
-    if source.boxes != "csv" and source.boxes_csv:
-        raise ValueError(f"boxes_csv is only read with boxes: csv (boxes is {source.boxes!r})")
-    return source
 
 
 class PhantomDuplicates(_Section):

@@ -148,14 +148,50 @@ def main() -> int:
             results[kind]["peak_memory_mb"] = peak_memory_mb(kind, path, size, args.batch)
             results[kind]["size_share_of_keras"] = round(nbytes / keras_file.stat().st_size, 4)
             print(f"{kind:15s} {results[kind]}", flush=True)
+        accuracy = test_split_accuracy(args.root, candidates)
         busy1, mine1 = cpu_seconds()
     base = results[KERAS]
     for kind, entry in results.items():
         entry["latency_share_of_keras"] = round(entry["p50_ms"] / base["p50_ms"], 3)
         entry["throughput_vs_keras"] = round(entry["batch_images_per_second"] / base["batch_images_per_second"], 2)
     print(json.dumps({"root": str(args.root), "image_size": size, "batch": args.batch, "results": results,
+                      "test_split": accuracy,
                       "other_cpu_s": round((busy1 - busy0) - (mine1 - mine0), 1), "machine": machine()}))
     return 0
+
+
+def test_split_accuracy(root: Path, candidates: list[tuple[str, Path, int]]) -> dict | None:
+    """Accuracy of Keras and each export on the folder's test split (flip-averaged, as params.yaml's
+    evaluate.tta says), and each export's agreement with Keras; None without a split."""
+    split_csv, images_npy = root / "data" / "split" / "split.csv", root / "data" / "processed" / "images.npy"
+    if not (split_csv.is_file() and images_npy.is_file()):
+        return None
+    import pandas as pd
+
+    from braintumor.core.config import CLASS_NAMES, load_params
+    from braintumor.model.export import load_exported, predict_with_flip
+
+    tta = load_params(root / "params.yaml").evaluate.tta
+    test = pd.read_csv(split_csv).query("split == 'test'").sort_values("row")
+    images = np.asarray(np.load(images_npy, mmap_mode="r")[test["row"].to_numpy()])
+    labels = test["label"].map({name: i for i, name in enumerate(CLASS_NAMES)}).to_numpy()
+    predicted = {}
+    for kind, path, _ in candidates:
+        if kind == KERAS:
+            run = load_runner(kind, path)
+            probabilities = np.concatenate([run(images[i:i + 32]) for i in range(0, len(images), 32)])
+            if tta == "flip":
+                mirrored = images[:, :, ::-1].copy()
+                probabilities = (probabilities + np.concatenate([run(mirrored[i:i + 32]) for i in range(0, len(images), 32)])) / 2
+        else:
+            probabilities = predict_with_flip(load_exported(path), images, tta)
+        predicted[kind] = probabilities.argmax(axis=1)
+    result = {"n": int(len(labels)), "tta": tta}
+    for kind, guess in predicted.items():
+        result[kind] = {"accuracy": round(float(np.mean(guess == labels)), 4),
+                        "agreement_with_keras": round(float(np.mean(guess == predicted[KERAS])), 4)}
+        print(f"test split ({len(labels)}): {kind:15s} {result[kind]}", flush=True)
+    return result
 
 
 def _input_size(keras_file: Path) -> int:

@@ -103,3 +103,24 @@ def test_the_app_bundle_serves_an_export_with_or_without_its_keras_model(built_p
     assert alone.gradcam_model is None and any("No Grad-CAM" in note for note in alone.notes)
     result = predict_upload(alone, upload, settings)
     assert result.overlay is None and abs(sum(result.probabilities.values()) - 1) < 1e-3
+
+
+@pytest.mark.slow
+def test_batch_prediction_with_an_export_alone(built_pipeline, tmp_path):
+    import pandas as pd
+    from braintumor.predict import run
+    repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
+    folder = repo / "data/raw/phantom/images/Testing/glioma"
+    out = tmp_path / "p.csv"
+    import os
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        assert run([str(folder), "--model", "models/exports/finetuned_int8.tflite", "--export-only", "--out", str(out)]) == 0
+        with pytest.raises(SystemExit):
+            run([str(folder), "--model", "models/finetuned.keras", "--export-only", "--out", str(out)])
+    finally:
+        os.chdir(cwd)
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert len(rows) == len(list(folder.iterdir())) and (rows["status"] == "ok").all()
+    assert rows["model_id"].str.startswith("finetuned_int8.tflite").all() and (rows["gradcam"] == "").all()

@@ -266,20 +266,27 @@ def parse_args(argv: list[str] | None, default_model: str) -> argparse.Namespace
                              f"models:/braintumor-classifier/3 (default: app.model, {default_model})")
     parser.add_argument("--gradcam-dir", type=Path, help="also write each file's Grad-CAM overlay as a PNG here")
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (default: 0 = one per core)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="with an exported model (.tflite, .onnx): use it alone, not the Keras model beside it: "
+                             "fastest, but no Grad-CAM and no check that a file is like the training data")
     args = parser.parse_args(argv)
+    if args.export_only and Path(args.model).suffix not in (".tflite", ".onnx"):
+        parser.error(f"--export-only needs an exported model (.tflite or .onnx), got --model {args.model}")
+    if args.export_only and args.gradcam_dir:
+        parser.error("--export-only gives no Grad-CAM: drop --gradcam-dir or --export-only")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0 (0 = one per core), got {args.workers}")
     return args
 
 
-def load_serving(model: str, root: Path, params) -> tuple[ModelBundle, ServingSettings]:
+def load_serving(model: str, root: Path, params, export_only: bool = False) -> tuple[ModelBundle, ServingSettings]:
     """(bundle, settings): the app's own loader and settings for ``model`` (see braintumor.serve.app)."""
     from braintumor.core.tracking import resolve_tracking_uri
     from braintumor.serve.bundle import ServingSettings, load_bundle
 
     settings = ServingSettings.from_params(params)
     bundle = load_bundle(model, root, params.preprocess, settings.gradcam_layer,
-                         tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri, root))
+                         tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri, root), export_only=export_only)
     return bundle, settings
 
 
@@ -303,7 +310,7 @@ def run(argv: list[str] | None = None) -> int:
         files, skipped = list_input_files(args.paths)
         if not files:
             raise FileNotFoundError(f"no files in {', '.join(args.paths)} ({skipped} hidden or system entries skipped)")
-        bundle, settings = load_serving(args.model, root, params)
+        bundle, settings = load_serving(args.model, root, params, args.export_only)
     except (OSError, ModelLoadError) as exc:  # OSError: a missing path or model (ModelNotFoundError), a folder we may not read
         sys.exit(f"error: {exc}")
     print(f"model: {model_id(bundle.identity)}; {bundle.identity.provenance()}", flush=True)

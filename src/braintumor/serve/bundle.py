@@ -346,7 +346,7 @@ def _check_model_shapes(model, model_path: Path, image_size: int, class_names: t
 
 
 def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessParams, gradcam_layer: str = "auto",
-                tracking_uri: str | None = None) -> ModelBundle:
+                tracking_uri: str | None = None, export_only: bool = False) -> ModelBundle:
     """Load a model once with its card, calibration and Grad-CAM model, and warm it up.
 
     Args:
@@ -355,6 +355,7 @@ def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessPa
         fallback_preprocess: params.yaml's preprocess section, used (and said so) only without a model card.
         gradcam_layer: ``gradcam.layer`` ("auto" = the backbone's last conv block).
         tracking_uri: the MLflow store that registry URIs are looked up in.
+        export_only: an export (.tflite, .onnx) alone, without the Keras model beside it (no Grad-CAM, no feature check).
 
     Raises:
         ModelNotFoundError: no model file. ModelLoadError: a file that is there but unusable.
@@ -364,7 +365,7 @@ def load_bundle(model: str | Path, root: Path, fallback_preprocess: PreprocessPa
 
     model_path = resolve_model_file(model, root, tracking_uri)
     if model_path.suffix in EXPORT_SUFFIXES:
-        return _load_export_bundle(model_path, fallback_preprocess, gradcam_layer)
+        return _load_export_bundle(model_path, fallback_preprocess, gradcam_layer, export_only)
     card = read_model_card(model_path)
     preprocess, class_names, notes = _input_contract(card, model_path, fallback_preprocess)
     calibration, calibration_notes = load_model_calibration(model_path)
@@ -404,7 +405,8 @@ def exported_from(export_path: Path) -> Path:
     return export_path.parent.parent / name
 
 
-def _load_export_bundle(export_path: Path, fallback_preprocess: PreprocessParams, gradcam_layer: str) -> ModelBundle:
+def _load_export_bundle(export_path: Path, fallback_preprocess: PreprocessParams, gradcam_layer: str,
+                        export_only: bool = False) -> ModelBundle:
     """A bundle whose probabilities come from an export; card, calibration and feature check are the Keras
     model's (the export is its copy), and so is Grad-CAM when the ``.keras`` file is beside it."""
     from braintumor.model.export import load_exported
@@ -414,7 +416,7 @@ def _load_export_bundle(export_path: Path, fallback_preprocess: PreprocessParams
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"cannot load the export {export_path}: {type(exc).__name__}: {exc}") from exc
     keras_path = exported_from(export_path)
-    if keras_path.is_file():
+    if keras_path.is_file() and not export_only:
         bundle = load_bundle(keras_path, keras_path.parent, fallback_preprocess, gradcam_layer)
         bundle.exported = exported
         identity = bundle.identity
@@ -433,8 +435,9 @@ def _load_export_bundle(export_path: Path, fallback_preprocess: PreprocessParams
         bundle = ModelBundle(None, None, "", identity, preprocess, class_names, preprocess.image_size, calibration,
                              tuple(notes + calibration_notes + [
                                  f"No Grad-CAM: an exported model ({export_path.name}) has no gradients to give, and "
-                                 f"{keras_path.name}, the model it came from, is not beside it. The check that an upload "
-                                 "is like the training data is off for the same reason."]), None, exported)
+                                 f"{keras_path.name}, the model it came from, is "
+                                 f"{'not used (export only)' if export_only else 'not beside it'}. The check that an "
+                                 "upload is like the training data is off for the same reason."]), None, exported)
     if bundle.exported.image_size != bundle.preprocess.image_size:
         raise ModelLoadError(f"{export_path.name} takes {bundle.exported.image_size} px slices, but its preprocessing "
                              f"makes {bundle.preprocess.image_size} px: it does not belong to this model card")

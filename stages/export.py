@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 
-import keras
 import mlflow
 import numpy as np
 
-import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
 from braintumor.core import atomic
 from braintumor.core.config import load_params
 from braintumor.core.logs import setup_logging
@@ -34,9 +32,8 @@ def main() -> dict:
     with stage_run("export", params.mlflow, paths.root, logged_params=flatten_params(cfg, "export")):
         data = load_training_data(paths)
         keras_file = paths.models / f"{MODEL}.keras"
-        model = keras.saving.load_model(keras_file, safe_mode=True)
         calibration = np.asarray(data.images[calibration_rows(data.split["train"].rows, cfg.calibration_images, cfg.seed)])
-        files = export_model(model, MODEL, cfg.formats, calibration, cfg.onnx_opset)
+        files = export_model(keras_file, MODEL, cfg.formats, calibration, cfg.onnx_opset)
         card = {"model": keras_file.name, "keras_bytes": keras_file.stat().st_size,
                 "input": "preprocessed slice, float32 (N, S, S, 1) in 0..255, as for the Keras model (see its card)",
                 "output": "class probabilities (N, K), softmax, uncalibrated (the temperature is in models/calibration.json)",

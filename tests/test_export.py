@@ -18,17 +18,19 @@ from conftest import copy_built_pipeline
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model(tmp_path_factory):
     import keras
     keras.utils.set_random_seed(0)
     model = build_model(ModelParams(backbone="mobilenetv3small", weights="none", dense_units=(16, 8), dropout=(0.2, 0.1)), 48)
     images = np.random.default_rng(0).integers(0, 256, (24, 48, 48), dtype=np.uint8)
-    return model, images
+    folder = tmp_path_factory.mktemp("model")
+    model.save(folder / "finetuned.keras")
+    return model, images, folder / "finetuned.keras"
 
 
 def test_every_format_converts_and_predicts_like_keras(tiny_model, tmp_path):
-    model, images = tiny_model
-    files = export_model(model, "finetuned", EXPORT_FORMATS, images[:8], opset=17)
+    model, images, model_file = tiny_model
+    files = export_model(model_file, "finetuned", EXPORT_FORMATS, images[:8], opset=17)
     assert sorted(files) == sorted(export_file_name("finetuned", f) for f in EXPORT_FORMATS)
     reference = model.predict(images[..., None].astype(np.float32), verbose=0)
     for name, data in files.items():
@@ -47,10 +49,12 @@ def test_every_format_converts_and_predicts_like_keras(tiny_model, tmp_path):
 
 
 def test_a_failing_converter_names_the_model_and_the_format(tiny_model):
-    model, images = tiny_model
+    _, images, model_file = tiny_model
     wrong_size = images[:2, :20, :20]  # calibration slices the model cannot take
-    with pytest.raises(ExportError, match="exporting finetuned as tflite_int8 failed"):
-        export_model(model, "finetuned", ["tflite_int8"], wrong_size, opset=17)
+    with pytest.raises(ExportError, match=r"exporting finetuned \(finetuned.keras\) as tflite_int8 failed"):
+        export_model(model_file, "finetuned", ["tflite_int8"], wrong_size, opset=17)
+    with pytest.raises(ValueError, match="unknown export formats"):
+        export_model(model_file, "finetuned", ["coreml"], images[:2], opset=17)
 
 
 def test_load_exported_rejects_what_it_cannot_run(tmp_path):

@@ -17,6 +17,7 @@ A converter that fails raises :class:`ExportError` naming the model and the form
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def tflite_int8(saved_model: Path, calibration: np.ndarray) -> bytes:
 
 
 def onnx_bytes(saved_model: Path, opset: int) -> bytes:
-    """ONNX through tf2onnx's command line (its supported entry point for SavedModels), in a child process."""
+    """ONNX through tf2onnx's command line (its supported entry point for SavedModels)."""
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "model.onnx"
         result = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
@@ -91,20 +92,43 @@ def convert(saved_model: Path, fmt: str, calibration: np.ndarray, opset: int) ->
     raise ValueError(f"unknown export format {fmt!r}; allowed: {list(EXPORT_FORMATS)}")
 
 
-def export_model(model, model_name: str, formats: Sequence[str], calibration: np.ndarray, opset: int) -> dict[str, bytes]:
-    """File name -> bytes of each export of ``model``.
+def convert_file(model_file: Path, fmt: str, calibration_npy: Path, opset: int, out: Path) -> None:
+    """One conversion, from the ``.keras`` file to ``out``: what the child process of :func:`export_model` runs."""
+    import keras
+
+    import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
+
+    model = keras.saving.load_model(model_file, safe_mode=True)
+    with tempfile.TemporaryDirectory(prefix="savedmodel-") as folder:
+        saved_model = write_saved_model(model, Path(folder) / "saved_model")
+        out.write_bytes(convert(saved_model, fmt, np.load(calibration_npy), opset))
+
+
+def export_model(model_file: Path, model_name: str, formats: Sequence[str], calibration: np.ndarray, opset: int) -> dict[str, bytes]:
+    """File name -> bytes of each export of the ``.keras`` file.
+
+    Each conversion runs in a child process: the converters print pages of C++ logging that cannot be
+    silenced in-process (the terminal shows it only when a conversion fails), and their memory is returned.
 
     Raises:
         ExportError: a converter failed; nothing is returned, so nothing half-converted is written.
     """
+    unknown = [fmt for fmt in formats if fmt not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export formats {unknown}; allowed: {list(EXPORT_FORMATS)}")
     files = {}
-    with tempfile.TemporaryDirectory(prefix="savedmodel-") as folder:
-        saved_model = write_saved_model(model, Path(folder) / "saved_model")
+    with tempfile.TemporaryDirectory(prefix="exports-") as folder:
+        calibration_npy = Path(folder) / "calibration.npy"
+        np.save(calibration_npy, np.asarray(calibration, np.uint8))
         for fmt in formats:
-            try:
-                files[export_file_name(model_name, fmt)] = convert(saved_model, fmt, calibration, opset)
-            except Exception as error:  # converters raise many types; the stage must name model and format
-                raise ExportError(f"exporting {model_name} as {fmt} failed: {type(error).__name__}: {error}") from error
+            out = Path(folder) / export_file_name(model_name, fmt)
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            result = subprocess.run([sys.executable, "-m", "braintumor.model.export", str(model_file), fmt,
+                                     str(calibration_npy), str(opset), str(out)], capture_output=True, text=True, env=env)
+            if result.returncode != 0 or not out.is_file():
+                detail = result.stderr.strip().splitlines()[-12:] or [f"exit status {result.returncode}"]
+                raise ExportError(f"exporting {model_name} ({Path(model_file).name}) as {fmt} failed: " + "\n".join(detail))
+            files[out.name] = out.read_bytes()
     return files
 
 
@@ -185,3 +209,7 @@ def predict_with_flip(model: ExportedModel, images: np.ndarray, tta: str, batch_
     if tta == "flip":
         probabilities = (probabilities + model.predict(np.ascontiguousarray(images[:, :, ::-1]), batch_size)) / 2
     return probabilities
+
+
+if __name__ == "__main__":  # the child process of export_model: model file, format, calibration .npy, opset, output
+    convert_file(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))

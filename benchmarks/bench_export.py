@@ -45,8 +45,13 @@ def load_runner(kind: str, path: Path):
 
         import braintumor.model.backbones  # noqa: F401  registers the custom layers
 
+        import tensorflow as tf
+
         model = keras.saving.load_model(path, safe_mode=True)
-        return lambda images: model.predict_on_batch(images[..., None].astype(np.float32))
+        # a traced call, as the app's Grad-CAM function runs it: predict_on_batch's per-call overhead would
+        # flatter the exports
+        call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        return lambda images: call(tf.convert_to_tensor(images[..., None], tf.float32)).numpy()
     from braintumor.model.export import load_exported
 
     exported = load_exported(path)

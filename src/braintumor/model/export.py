@@ -165,7 +165,12 @@ class ExportedModel:
             raise ValueError(f"{self.path.name}: images must be (N, S, S) uint8, got {images.shape} {images.dtype}")
         batches = [self._run(images[start:start + batch_size, ..., None].astype(np.float32))
                    for start in range(0, len(images), batch_size)]
-        return np.concatenate(batches) if batches else np.zeros((0, 0), np.float32)
+        if not batches:
+            return np.zeros((0, 0), np.float32)
+        probabilities = np.concatenate(batches).astype(np.float32)
+        # int8's softmax comes back in steps of 1/256: rows sum to 1 only within a few steps, and
+        # calibration (and any client) expects a distribution
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self.kind == "onnx":

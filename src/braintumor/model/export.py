@@ -186,8 +186,10 @@ class ExportedModel:
 
 
 def load_exported(path: Path, threads: int | None = None) -> ExportedModel:
-    """An exported model by its file suffix (``.tflite`` with LiteRT, ``.onnx`` with onnxruntime)."""
+    """An exported model by its file suffix (``.tflite`` with LiteRT, ``.onnx`` with onnxruntime), on
+    ``threads`` threads (default: one per core; LiteRT alone would take one)."""
     path = Path(path)
+    threads = threads or os.cpu_count() or 1
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} not found: run `dvc repro export`")
     if path.suffix == ".tflite":
@@ -200,8 +202,7 @@ def load_exported(path: Path, threads: int | None = None) -> ExportedModel:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: its graph-optimisation notes are not for the terminal
         return ExportedModel(path, onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), "onnx")
     raise ValueError(f"{path}: not an exported model (expected .tflite or .onnx)")

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 RATES = ("0.001", "0.00001")  # neither is params.yaml's 1e-4: each must rerun finetune
 # What a learning-rate change must rerun; everything upstream comes from the DVC run cache.
-DOWNSTREAM_OF_FINETUNE = {"finetune", "evaluate", "gradcam"}
+DOWNSTREAM_OF_FINETUNE = {"finetune", "export", "evaluate", "gradcam"}
 
 
 @pytest.fixture(scope="module")

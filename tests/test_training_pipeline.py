@@ -67,7 +67,7 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
     experiment = client.get_experiment_by_name("braintumor")
     found = client.search_runs([experiment.experiment_id])
     runs = {r.data.tags["stage"]: r for r in found if "is_group" not in r.data.tags}
-    assert set(runs) == {"train_base", "finetune", "evaluate", "gradcam"}
+    assert set(runs) == {"train_base", "finetune", "export", "evaluate", "gradcam"}
     (group,) = [r for r in found if "is_group" in r.data.tags]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {group.info.run_id}
     assert group.data.metrics["finetune.test_accuracy"] == runs["finetune"].data.metrics["test_accuracy"]

@@ -32,6 +32,7 @@ from braintumor.model.backbones import (
     ImagenetPreprocessing,
     backbone_layers,
     build_model,
+    default_gradcam_layer_name,
     freeze_backbone,
     last_conv_layer_name,
     preprocess_rgb,
@@ -85,6 +86,16 @@ def test_last_conv_layer_name_accepts_params_entry_or_name():
     assert last_conv_layer_name("resnet50") == "conv5_block3_out"
     with pytest.raises(ValueError, match="'vgg16'.*known: \\['densenet121'"):
         last_conv_layer_name("vgg16")
+
+
+def test_default_gradcam_layer_is_the_last_conv_block_except_for_xceptions_finer_map(built):
+    assert default_gradcam_layer_name("resnet50") == "conv5_block3_out"
+    assert default_gradcam_layer_name(BACKBONES["densenet121"]) == "relu"
+    assert default_gradcam_layer_name(ModelParams(backbone="xception")) == "block13_sepconv2_bn"
+    model = built("xception")
+    # Stride 16 where the last conv block is stride 32 (14 x 14 against 7 x 7 at 224 px).
+    finer = model.get_layer(default_gradcam_layer_name("xception")).output.shape[1]
+    assert finer > model.get_layer(last_conv_layer_name("xception")).output.shape[1]
 
 
 # --------------------------------------------------------------------------- input layers

@@ -34,7 +34,7 @@ import tensorflow as tf
 from keras import ops
 from scipy.stats import rankdata
 
-from braintumor.model.backbones import BACKBONES, feature_check_tensor, final_dense, last_conv_layer_name
+from braintumor.model.backbones import BACKBONES, default_gradcam_layer_name, feature_check_tensor, final_dense
 
 # The name build_model gives a model: f"{backbone}_classifier".
 _MODEL_SUFFIX = "_classifier"
@@ -46,12 +46,14 @@ _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gradcam_layer_name(model: keras.Model, layer: str = "auto") -> str:
-    """The conv layer Grad-CAM reads: ``layer`` itself, checked, or for "auto" the backbone's last conv block.
+    """The conv layer Grad-CAM reads: ``layer`` itself, checked, or for "auto" the backbone's default
+    (:func:`braintumor.model.backbones.default_gradcam_layer_name`: the last conv block, or for Xception
+    the finer block-13 map).
 
     Args:
         model: a classifier from :func:`braintumor.model.backbones.build_model` (or reloaded); with an explicit
             ``layer``, any Keras model whose layer ``layer`` has a 4-D output (B, h, w, K).
-        layer: a layer name, or "auto" (``model.last_conv_layer_name`` of the backbone the model was
+        layer: a layer name, or "auto" (``default_gradcam_layer_name`` of the backbone the model was
             built with, recognised by the model's name ``<backbone>_classifier``).
 
     Raises:
@@ -66,7 +68,7 @@ def gradcam_layer_name(model: keras.Model, layer: str = "auto") -> str:
                 f"'<backbone>_classifier', backbones {sorted(BACKBONES)}); model {model.name!r} is not one: "
                 f"give the layer name (gradcam.layer)"
             )
-        layer = last_conv_layer_name(backbone)
+        layer = default_gradcam_layer_name(backbone)
     names = [candidate.name for candidate in model.layers]
     if layer not in names:
         spatial = [c.name for c in model.layers if len(getattr(c.output, "shape", ())) == 4][-5:]

@@ -20,6 +20,7 @@ TF_CHATTER = [
     "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
     "appropriate compiler flags.",
     "WARNING: No file hash info found for '/work/rd_one/models/base.keras'. It won't be created.",
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
 ]
 KEPT = [
     "[train_base] feature cache: 4998 training and 536 validation vectors in 520.9 s",
@@ -28,6 +29,7 @@ KEPT = [
     "Traceback (most recent call last):",
     "ValueError: split.csv has no weight column",
     "WARNING: Output 'models/base.keras' of stage 'train_base' changed because it is 'not in cache'.",
+    "INFO: Created TensorFlow Lite XNNPACK delegate for GPU.",  # not the CPU one: a different set-up, shown
 ]
 
 

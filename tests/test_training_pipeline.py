@@ -60,7 +60,7 @@ def test_training_writes_loadable_models_and_metrics(trained_repo, venv_env):
     assert "train_base" in dvc(repo, venv_env, "metrics", "show")
 
 
-def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo, venv_env):
+def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo, venv_env, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{trained_repo / 'mlflow.db'}")
@@ -89,6 +89,15 @@ def test_mlflow_store_holds_both_runs_with_params_metrics_artifacts(trained_repo
                          load_params(trained_repo / "params.yaml").preprocess,
                          tracking_uri=f"sqlite:///{trained_repo / 'mlflow.db'}")
     assert bundle.identity.mlflow_run_id == version.run_id and bundle.image_size == 48
+    # the registry tells a client what goes in and out, as the model card does
+    import mlflow.artifacts
+    from mlflow.models import Model
+    logged = client.get_model_version_download_uri("braintumor-classifier", version.version)
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=logged, dst_path=str(tmp_path),
+                                                     tracking_uri=f"sqlite:///{trained_repo / 'mlflow.db'}")
+    signature = Model.load(downloaded).signature.to_dict()
+    assert json.loads(signature["inputs"]) == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 48, 48, 1]}, "name": "slices"}]
+    assert json.loads(signature["outputs"])[0]["tensor-spec"]["shape"] == [-1, 4]
     temperature = json.loads((trained_repo / "models/calibration.json").read_text())["finetuned"]["temperature"]
     assert bundle.calibration.source == "calibration.json" and bundle.calibration.temperature == pytest.approx(temperature)
     # The feature check comes along from the evaluate run that tagged the version.

@@ -36,6 +36,8 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     r"^To enable the following instructions: .*, in other operations, rebuild TensorFlow with the appropriate compiler flags\.$",
     # tf.data graphs saved by a newer Keras name an attribute this TensorFlow ignores; harmless.
     _GLOG + r"node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition",
+    # LiteRT, on every interpreter it starts: its default CPU delegate, nothing to act on.
+    r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$",
     # DVC, at the start of a first `dvc exp run` in a fresh clone: the outputs are simply not built yet.
     r"^WARNING: No file hash info found for '.*'\. It won't be created\.$",
 ))

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -541,11 +542,21 @@ def register_keras_model(model: Any, name: str, card: Mapping[str, Any]) -> str:
 
     _active_run_id("register_keras_model")
     info = mlflow.keras.log_model(model, name="model", registered_model_name=name, metadata={"card": dict(card)},
-                                  pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+                                  signature=keras_model_signature(model), pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
                                   await_registration_for=0)
     version = str(info.registered_model_version)
     logger.info("registered %s version %s (%s)", name, version, info.model_uri)
     return version
+
+
+def keras_model_signature(model: Any):
+    """What the registry shows a client: the preprocessed slices in, float32 (N, S, S, 1) in 0..255,
+    and the softmax out, float32 (N, K), as the model card says."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.input_shape[1:]), "slices")]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.output_shape[1:]), "probabilities")]))
 
 
 def tag_registered_version(name: str, run_id: str, tags: Mapping[str, str]) -> str:

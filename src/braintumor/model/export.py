@@ -71,44 +71,51 @@ def tflite_int8(saved_model: Path, calibration: np.ndarray) -> bytes:
     return converter.convert()
 
 
-def onnx_bytes(saved_model: Path, opset: int) -> bytes:
-    """ONNX through tf2onnx's command line (its supported entry point for SavedModels)."""
-    with tempfile.TemporaryDirectory() as folder:
-        output = Path(folder) / "model.onnx"
-        result = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
-                                 "--output", str(output), "--opset", str(opset)], capture_output=True, text=True)
-        if result.returncode != 0 or not output.is_file():
-            raise RuntimeError(result.stderr.strip()[-2000:] or f"tf2onnx exited with {result.returncode}")
-        return output.read_bytes()
-
-
-def convert(saved_model: Path, fmt: str, calibration: np.ndarray, opset: int) -> bytes:
+def tflite_bytes(saved_model: Path, fmt: str, calibration: np.ndarray) -> bytes:
     if fmt == "tflite_float16":
         return tflite_float16(saved_model)
     if fmt == "tflite_int8":
         return tflite_int8(saved_model, calibration)
-    if fmt == "onnx":
-        return onnx_bytes(saved_model, opset)
-    raise ValueError(f"unknown export format {fmt!r}; allowed: {list(EXPORT_FORMATS)}")
+    raise ValueError(f"{fmt!r} is not a TFLite format; allowed: tflite_float16, tflite_int8")
 
 
-def convert_file(model_file: Path, fmt: str, calibration_npy: Path, opset: int, out: Path) -> None:
-    """One conversion, from the ``.keras`` file to ``out``: what the child process of :func:`export_model` runs."""
+SAVED_MODEL_WRITTEN = "saved model written"  # the first child's one line on stdout
+
+
+def convert_keras_file(model_file: Path, saved_model: Path, calibration_npy: Path, outputs: dict[str, Path]) -> None:
+    """The ``.keras`` file as a SavedModel, then each TFLite format of ``outputs`` from it, in order. Says
+    on stdout when the SavedModel is complete, so the ONNX converter can start on it meanwhile."""
     import keras
 
     import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
 
-    model = keras.saving.load_model(model_file, safe_mode=True)
-    with tempfile.TemporaryDirectory(prefix="savedmodel-") as folder:
-        saved_model = write_saved_model(model, Path(folder) / "saved_model")
-        out.write_bytes(convert(saved_model, fmt, np.load(calibration_npy), opset))
+    write_saved_model(keras.saving.load_model(model_file, safe_mode=True), saved_model)
+    print(SAVED_MODEL_WRITTEN, flush=True)
+    calibration = np.load(calibration_npy)
+    for fmt, out in outputs.items():
+        out.write_bytes(tflite_bytes(saved_model, fmt, calibration))
+
+
+def onnx_command(saved_model: Path, opset: int, out: Path) -> list[str]:
+    """tf2onnx's own command line, its supported entry point for SavedModels."""
+    return [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model), "--output", str(out),
+            "--opset", str(opset)]
+
+
+def tail(log, status: int) -> str:
+    log.seek(0)
+    return "\n".join(log.read().strip().splitlines()[-12:] or [f"exit status {status}"])
 
 
 def export_model(model_file: Path, model_name: str, formats: Sequence[str], calibration: np.ndarray, opset: int) -> dict[str, bytes]:
     """File name -> bytes of each export of the ``.keras`` file.
 
-    Each conversion runs in a child process: the converters print pages of C++ logging that cannot be
-    silenced in-process (the terminal shows it only when a conversion fails), and their memory is returned.
+    Two child processes: one writes the SavedModel and converts it to each TFLite format, the other runs
+    tf2onnx on the SavedModel as soon as it is complete. The converters spend most of their time in
+    single-threaded graph passes, so on two cores this takes about the longer chain, not the sum (a
+    third process, for float16, made it slower on two cores: measured). Child processes, because the
+    converters print pages of C++ logging that cannot be silenced in-process (it goes to log files,
+    shown only when a conversion fails), and their memory is returned.
 
     Raises:
         ExportError: a converter failed; nothing is returned, so nothing half-converted is written.
@@ -116,20 +123,46 @@ def export_model(model_file: Path, model_name: str, formats: Sequence[str], cali
     unknown = [fmt for fmt in formats if fmt not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"unknown export formats {unknown}; allowed: {list(EXPORT_FORMATS)}")
-    files = {}
-    with tempfile.TemporaryDirectory(prefix="exports-") as folder:
-        calibration_npy = Path(folder) / "calibration.npy"
+    if not formats:
+        return {}
+    source = f"exporting {model_name} ({Path(model_file).name})"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with tempfile.TemporaryDirectory(prefix="exports-") as temp:
+        folder = Path(temp)
+        calibration_npy, saved_model = folder / "calibration.npy", folder / "saved_model"
         np.save(calibration_npy, np.asarray(calibration, np.uint8))
-        for fmt in formats:
-            out = Path(folder) / export_file_name(model_name, fmt)
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-            result = subprocess.run([sys.executable, "-m", "braintumor.model.export", str(model_file), fmt,
-                                     str(calibration_npy), str(opset), str(out)], capture_output=True, text=True, env=env)
-            if result.returncode != 0 or not out.is_file():
-                detail = result.stderr.strip().splitlines()[-12:] or [f"exit status {result.returncode}"]
-                raise ExportError(f"exporting {model_name} ({Path(model_file).name}) as {fmt} failed: " + "\n".join(detail))
-            files[out.name] = out.read_bytes()
-    return files
+        outputs = {fmt: folder / export_file_name(model_name, fmt) for fmt in formats}
+        tflite = [fmt for fmt in formats if fmt != "onnx"]
+        command = [sys.executable, "-m", "braintumor.model.export", str(model_file), str(saved_model),
+                   str(calibration_npy), *(f"{fmt}={outputs[fmt]}" for fmt in tflite)]
+        # logs go to files, not pipes: a child that fills a pipe nobody reads would stall
+        with open(folder / "tflite.log", "w+") as tflite_log, open(folder / "onnx.log", "w+") as onnx_log:
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=tflite_log, text=True, env=env) as converter:
+                written, said = False, []  # said: what it printed before the SavedModel was complete
+                for line in converter.stdout:
+                    if line.strip() == SAVED_MODEL_WRITTEN:
+                        written = True
+                        break
+                    said.append(line.rstrip())
+                onnx = (subprocess.Popen(onnx_command(saved_model, opset, outputs["onnx"]), stdout=onnx_log,
+                                         stderr=subprocess.STDOUT, text=True, env=env)
+                        if written and "onnx" in formats else None)
+                converter.stdout.read()
+            onnx_status = onnx.wait() if onnx else 0
+            if not written:
+                raise ExportError(f"{source} as a SavedModel, the converters' input, failed: "
+                                  + "\n".join([*said[-12:], tail(tflite_log, converter.returncode)]))
+            failed = {}
+            missing = [fmt for fmt in tflite if not outputs[fmt].is_file()]
+            if missing:  # converted in order: the first one missing is the one that failed
+                failed[missing[0]] = tail(tflite_log, converter.returncode)
+            elif converter.returncode != 0:
+                failed[", ".join(tflite) or "a SavedModel"] = tail(tflite_log, converter.returncode)
+            if onnx and (onnx_status != 0 or not outputs["onnx"].is_file()):
+                failed["onnx"] = tail(onnx_log, onnx_status)
+        if failed:
+            raise ExportError("\n".join(f"{source} as {fmt} failed: {detail}" for fmt, detail in failed.items()))
+        return {out.name: out.read_bytes() for out in outputs.values()}
 
 
 def file_record(name: str, data: bytes, fmt: str) -> dict:
@@ -217,5 +250,6 @@ def predict_with_flip(model: ExportedModel, images: np.ndarray, tta: str, batch_
     return probabilities
 
 
-if __name__ == "__main__":  # the child process of export_model: model file, format, calibration .npy, opset, output
-    convert_file(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
+if __name__ == "__main__":  # export_model's child: model file, SavedModel folder, calibration .npy, FORMAT=OUTPUT...
+    convert_keras_file(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
+                       {fmt: Path(out) for fmt, out in (arg.split("=", 1) for arg in sys.argv[4:])})

@@ -42,7 +42,8 @@ def main() -> dict:
         box_sets = load_box_sets(data.images, test, index, manifest, pd.read_csv(paths.boxes_csv, keep_default_na=False),
                                  params.split.external, pd.read_csv(paths.external_removed_csv, keep_default_na=False),
                                  paths.root, params.preprocess)
-        log.info("images with tumor boxes: %s", {name: len(boxed.rows) for name, (boxed, _) in box_sets.items()})
+        log.info("images with tumor boxes: %s", ", ".join(f"{len(boxed.rows)} in {name}" for name, (boxed, _) in box_sets.items())
+                 or "none (the pointing game on real boxes needs a source with `boxes`, README)")
         result = explain_models({name: paths.models / f"{name}.keras" for name in MODELS}, temperature,
                                 np.asarray(data.images[test.rows]), test, masks, params.gradcam, list(sources), box_sets)
         atomic.write_folder(paths.reports / "gradcam" / "overlays", result.pngs)

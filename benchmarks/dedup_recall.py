@@ -4,7 +4,7 @@ Generates a phantom source with many planted copies of every kind, runs the merg
 duplicate search with the thresholds in params.yaml) and prints recall per kind and false merges
 as one JSON line.
 
-    .venv/bin/python benchmarks/dedup_recall.py [--per-class 500] [--copies 60]
+    .venv/bin/python benchmarks/dedup_recall.py [--per-class 500] [--copies 60] [--kinds augmented,annotated] [--keypoints]
 """
 
 from __future__ import annotations
@@ -28,18 +28,27 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=60, help="planted copies per kind")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--kinds", default=",".join(PhantomDuplicates.model_fields),
+                        help="planted kinds, comma-separated (default: every kind)")
+    parser.add_argument("--keypoints", action="store_true", help="with the keypoint search (merge.near_duplicates.keypoints)")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
-    kinds = PhantomDuplicates.model_fields
+    near = params.merge.near_duplicates
+    if args.keypoints:
+        near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": True})})
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(PhantomDuplicates.model_fields))
+    if unknown:
+        parser.error(f"unknown kinds {unknown}; known: {list(PhantomDuplicates.model_fields)}")
     cfg = PhantomSource(kind="phantom", images_per_class=args.per_class, image_size=args.image_size, seed=args.seed,
-                        duplicates=PhantomDuplicates(**{k: args.copies for k in kinds}))
+                        duplicates=PhantomDuplicates(**{k: args.copies if k in kinds else 0 for k in PhantomDuplicates.model_fields}))
     with tempfile.TemporaryDirectory() as tmp:
         generate_phantom_source(Path(tmp), cfg)
         start = time.perf_counter()
         manifest, search, _, _ = merge_sources(
             [("phantom", Path(tmp) / "images")], params.merge.folder_to_label(), root=Path(tmp),
             head_threshold=params.preprocess.head_threshold, max_colour_share=params.merge.max_colour_share,
-            keep=params.merge.keep, near=params.merge.near_duplicates, workers=params.merge.workers,
+            keep=params.merge.keep, near=near, workers=params.merge.workers,
         )
         seconds = time.perf_counter() - start
         scores = planted_duplicate_recall(manifest, "phantom", json.loads((Path(tmp) / "planted.json").read_text()))
@@ -49,6 +58,8 @@ def main() -> None:
         "related_groups_joining_distinct_slices": related_extra,
         "verify_similarity": params.merge.near_duplicates.verify_similarity,
         "related_similarity": params.merge.near_duplicates.related_similarity,
+        "keypoints": near.keypoints.model_dump() if near.keypoints.enabled else False,
+        "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
     }))
 
 

@@ -121,6 +121,27 @@ class DownloadParams(_Section):
 # --------------------------------------------------------------------------- merge
 
 
+class KeypointParams(_Section):
+    """Keypoint search for the copies the head-box search misses: augmented and annotated re-uploads."""
+
+    enabled: bool = False
+    features: int = Field(default=300, ge=20, le=5000, description="ORB keypoints per image")
+    words: int = Field(default=512, ge=8, le=16384, description="visual words of the shortlist's vocabulary")
+    neighbours: int = Field(default=20, ge=1, le=100, description="shortlist size per image")
+    min_inliers: int = Field(default=15, ge=4, description="RANSAC inliers of the similarity transform")
+    copy_correlation: float = Field(default=0.75, ge=-1.0, le=1.0, description="after warping: a copy")
+    related_correlation: float = Field(default=0.5, ge=-1.0, le=1.0, description="after warping: a look-alike")
+
+    @model_validator(mode="after")
+    def _related_below_copy(self) -> "KeypointParams":
+        if self.related_correlation > self.copy_correlation:
+            raise ValueError(
+                f"merge.near_duplicates.keypoints.related_correlation ({self.related_correlation}) must not "
+                f"exceed copy_correlation ({self.copy_correlation})"
+            )
+        return self
+
+
 class NearDuplicateParams(_Section):
     """Near-duplicate search: a k-nearest-neighbour shortlist confirmed by an aligned comparison."""
 
@@ -131,6 +152,7 @@ class NearDuplicateParams(_Section):
     related_similarity: float = Field(default=0.93, ge=0.0, le=1.0, description="look-alike slices: same split")
     max_rotation_deg: float = Field(default=8.0, ge=0.0, le=45.0)
     rotation_step_deg: float = Field(default=2.0, gt=0.0, le=10.0)
+    keypoints: KeypointParams = KeypointParams()
 
 
     @model_validator(mode="after")

@@ -16,6 +16,9 @@ contrast, and a crop or a rotation moves every hash bit), so the method here is:
    before it is cropped and canonicalised again, exactly as a rotated copy would be. Only pairs
    above ``verify_similarity`` are duplicates.
 
+4. Optionally (``merge.near_duplicates.keypoints``), a second search on ORB keypoints for the copies
+   whose head box moved: augmented and annotated re-uploads (:mod:`braintumor.data.keypoints`).
+
 Exact duplicates (identical decoded pixels, whatever the file bytes) are found by hashing pixels.
 Duplicate pairs are joined into groups as connected components of the pair graph (scipy).
 """
@@ -31,6 +34,7 @@ import numpy as np
 from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
 from braintumor.data.head import head_bbox
+from braintumor.data.keypoints import DETAIL_SIZE, Keypoints, keypoint_shortlist, orb_keypoints, verify_keypoint_pairs
 
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation
@@ -49,6 +53,7 @@ class Fingerprint:
     channels: int
     head: np.ndarray  # (HEAD_SIZE, HEAD_SIZE) uint8: the head, centred with a margin, aspect kept
     canonical: np.ndarray  # (CANONICAL_SIZE, CANONICAL_SIZE) uint8: :func:`canonical_head` of ``head``
+    keypoints: Keypoints | None = None  # ORB keypoints, when the keypoint search is on
 
 
 def pixel_hash(image: np.ndarray) -> str:
@@ -87,10 +92,14 @@ def canonical_head(gray: np.ndarray, threshold: int, size: int = CANONICAL_SIZE)
     return cv2.equalizeHist(box)
 
 
-def fingerprint_image(image: np.ndarray, threshold: int) -> Fingerprint:
-    """Fingerprint a decoded image (any channel layout OpenCV returns)."""
-    head = head_with_margin(to_grayscale(image), threshold)
+def fingerprint_image(image: np.ndarray, threshold: int, keypoint_features: int = 0) -> Fingerprint:
+    """Fingerprint a decoded image (any channel layout OpenCV returns); with ``keypoint_features``, its
+    ORB keypoints too (:mod:`braintumor.data.keypoints`)."""
+    gray = to_grayscale(image)
+    head = head_with_margin(gray, threshold)
     channels = 1 if image.ndim == 2 else image.shape[2]
+    keypoints = (orb_keypoints(head_with_margin(gray, threshold, DETAIL_SIZE), keypoint_features)
+                 if keypoint_features else None)
     return Fingerprint(
         pixel_hash=pixel_hash(image),
         height=int(image.shape[0]),
@@ -98,6 +107,7 @@ def fingerprint_image(image: np.ndarray, threshold: int) -> Fingerprint:
         channels=int(channels),
         head=head,
         canonical=canonical_head(head, threshold),
+        keypoints=keypoints,
     )
 
 
@@ -304,6 +314,10 @@ class DuplicateSearch:
     # merge report samples around the thresholds
     candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
     candidate_scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    # the keypoint search's verified shortlist (pairs not already copies), RANSAC inliers, correlation
+    keypoint_candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    keypoint_inliers: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    keypoint_correlation: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
 
 def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams) -> DuplicateSearch:
@@ -329,6 +343,24 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         duplicate = scores >= near.verify_similarity
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
         related_pairs = candidates[~duplicate & (scores >= near.related_similarity)]
+    keypoint = near.keypoints
+    extra, inliers, correlation = empty, np.empty(0, np.int64), np.empty(0, np.float32)
+    if near.enabled and keypoint.enabled and n > 1:
+        if any(f.keypoints is None for f in fingerprints):
+            raise ValueError("merge.near_duplicates.keypoints is on, but the fingerprints carry no keypoints "
+                             "(fingerprint_image(..., keypoint_features=N))")
+        found = [f.keypoints for f in fingerprints]
+        extra = keypoint_shortlist(found, keypoint.words, keypoint.neighbours)
+        copies_so_far = group_ids(n, np.concatenate([exact, near_pairs]))
+        extra = extra[copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]]
+        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers)
+        matched = inliers >= keypoint.min_inliers
+        copy = matched & (correlation >= keypoint.copy_correlation)
+        near_pairs = np.concatenate([near_pairs, extra[copy]])
+        near_scores = np.concatenate([near_scores, correlation[copy]])
+        related_pairs = np.concatenate([related_pairs, extra[matched & ~copy & (correlation >= keypoint.related_correlation)]])
+        shortlisted += len(extra)
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
-    return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores)
+    return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores,
+                           extra, inliers, correlation)

@@ -113,13 +113,14 @@ class Inspection:
     reason: str  # "" when readable
 
 
-def inspect_file(path: Path, head_threshold: int, max_colour_share: float) -> Inspection:
+def inspect_file(path: Path, head_threshold: int, max_colour_share: float, keypoint_features: int = 0) -> Inspection:
     """Hash, decode and fingerprint one file; an unusable file gets a quarantine reason, not an error.
 
     Args:
         path: the file.
         head_threshold: grey level separating head from background (for the canonical head crop).
         max_colour_share: a larger share of coloured pixels marks a colour photograph, not an MRI slice.
+        keypoint_features: ORB keypoints to find for the keypoint search (0: off).
     """
     try:
         data = path.read_bytes()
@@ -133,16 +134,17 @@ def inspect_file(path: Path, head_threshold: int, max_colour_share: float) -> In
     share = colour_pixel_share(image)
     if share > max_colour_share:
         return Inspection(sha, len(data), None, f"not_mri_like: {share:.0%} of pixels coloured")
-    return Inspection(sha, len(data), fingerprint_image(image, head_threshold), "")
+    return Inspection(sha, len(data), fingerprint_image(image, head_threshold, keypoint_features), "")
 
 
-def _inspect_worker(args: tuple[Path, int, float]) -> Inspection:
+def _inspect_worker(args: tuple[Path, int, float, int]) -> Inspection:
     return inspect_file(*args)
 
 
-def inspect_files(paths: Sequence[Path], head_threshold: int, max_colour_share: float, workers: int) -> list[Inspection]:
+def inspect_files(paths: Sequence[Path], head_threshold: int, max_colour_share: float, workers: int,
+                  keypoint_features: int = 0) -> list[Inspection]:
     """:func:`inspect_file` over many files, in ``workers`` processes (0 = one per core)."""
-    jobs = [(p, head_threshold, max_colour_share) for p in paths]
+    jobs = [(p, head_threshold, max_colour_share, keypoint_features) for p in paths]
     workers = 1 if len(jobs) < 64 else resolve_workers(workers, len(jobs))  # a pool pays off from ~64 files
     return map_in_workers(_inspect_worker, jobs, workers, chunksize=64)
 
@@ -246,7 +248,8 @@ def merge_sources(
         annotations[name] = {f.relpath: f.path for f in listed if f.relpath in notes}
         files += [f for f in listed if f.relpath not in notes]
     labels = map_labels(files, folder_to_label)
-    inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers)
+    keypoint_features = near.keypoints.features if near.enabled and near.keypoints.enabled else 0
+    inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers, keypoint_features)
     manifest = build_manifest(files, labels, inspections, root)
     # A decodable file in an unmapped folder only happens for non-image suffixes; it has no class.
     unlabelled = (manifest["status"] == "ok") & (manifest["label"] == "")
@@ -331,6 +334,7 @@ def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[st
         "exact_pairs": int(len(search.exact)),
         "near_duplicate_pairs": int(len(search.near)),
         "related_pairs": int(len(search.related_pairs)),
+        "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
     }
     for name, records in planted.items():
         report.setdefault("planted", {})[name] = planted_duplicate_recall(manifest, name, records)

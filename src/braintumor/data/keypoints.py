@@ -1,0 +1,178 @@
+"""Copies that the head-box search misses: keypoints matched under a similarity transform.
+
+Re-uploads saved through an augmentation tool are rotated by up to 20 degrees, zoomed so that part of
+the head is cut off, shifted, flipped, with other brightness, gamma and JPEG quality; others carry
+burnt-in text, arrows or frames. The head box that :mod:`braintumor.data.dedup` normalises on moves
+with every cut and every annotation, so its shortlist and its aligned correlation miss most of them.
+Local features do not depend on the box:
+
+1. ORB keypoints (OpenCV) on the head with its margin, CLAHE-equalised, of the image and its mirror;
+2. shortlist: a bag of visual words (binary k-means vocabulary, TF-IDF, square-rooted counts) and the
+   nearest neighbours by cosine, of the image and of its mirror image;
+3. verification: ratio-test matches, a RANSAC-estimated similarity transform (rotation, scale,
+   shift), and the correlation of the two heads after warping one onto the other, over the pixels
+   both show.
+
+A pair with enough RANSAC inliers and a high correlation is a copy; with enough inliers and a lower
+correlation, a look-alike (kept, same split). Measured on the phantom's planted kinds and chosen
+there (benchmarks/dedup_recall.py, README "Merge").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+DETAIL_SIZE = 192  # side of the head-with-margin image the keypoints are found on
+_BITS = 256  # an ORB descriptor: 32 bytes
+_HEAD_GREY = 12  # pixels at or below this grey level in either head are background, not compared
+
+
+@dataclass(frozen=True)
+class Keypoints:
+    """ORB keypoints of one head image and of its mirror image."""
+
+    image: np.ndarray  # (DETAIL_SIZE, DETAIL_SIZE) uint8, the head with its margin
+    points: np.ndarray  # (K, 2) float32 x, y
+    descriptors: np.ndarray  # (K, 32) uint8
+    mirrored_points: np.ndarray
+    mirrored_descriptors: np.ndarray
+
+
+def orb_keypoints(detail: np.ndarray, features: int) -> Keypoints:
+    """Keypoints of a head image (:data:`DETAIL_SIZE` square, uint8), CLAHE-equalised first so that
+    contrast and gamma changes move few of them."""
+    orb = cv2.ORB_create(nfeatures=features, edgeThreshold=15, patchSize=31, fastThreshold=10)
+    equalised = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(detail)
+    found = []
+    for image in (equalised, np.ascontiguousarray(equalised[:, ::-1])):
+        points, descriptors = orb.detectAndCompute(image, None)
+        if descriptors is None:
+            found += [np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)]
+        else:
+            found += [np.float32([p.pt for p in points]), descriptors]
+    return Keypoints(detail, *found)
+
+
+def _kmeans_vocabulary(descriptors: np.ndarray, words: int, seed: int) -> np.ndarray:
+    """``words`` binary centroids (W, 32) of a sample of descriptors: k-means on the bits, rounded."""
+    import faiss  # imported here: only the merge needs it
+
+    rng = np.random.default_rng(seed)
+    sample = descriptors[rng.choice(len(descriptors), min(len(descriptors), 40 * words), replace=False)]
+    words = min(words, len(sample))
+    kmeans = faiss.Kmeans(_BITS, words, niter=15, seed=seed, verbose=False)
+    kmeans.train(np.unpackbits(sample, axis=1).astype(np.float32))
+    return np.packbits(kmeans.centroids > 0.5, axis=1)
+
+
+def bag_of_words(keypoints: list[Keypoints], words: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-length word histograms (N, W) of the images and of their mirror images.
+
+    Counts are square-rooted (a repeated texture does not dominate) and weighted by inverse document
+    frequency (words every head has, such as the skull's edge, say little).
+    """
+    import faiss
+
+    every = np.concatenate([k.descriptors for k in keypoints])
+    if len(every) == 0:
+        empty = np.zeros((len(keypoints), 1), np.float32)
+        return empty, empty
+    vocabulary = _kmeans_vocabulary(every, words, seed)
+    index = faiss.IndexBinaryFlat(_BITS)
+    index.add(vocabulary)
+
+    def histograms(descriptor_sets: list[np.ndarray]) -> np.ndarray:
+        counts = np.zeros((len(descriptor_sets), len(vocabulary)), np.float32)
+        for row, descriptors in enumerate(descriptor_sets):
+            if len(descriptors):
+                _, word = index.search(descriptors, 1)
+                np.add.at(counts[row], word[:, 0], 1.0)
+        return counts
+
+    plain = histograms([k.descriptors for k in keypoints])
+    mirrored = histograms([k.mirrored_descriptors for k in keypoints])
+    idf = np.log((len(keypoints) + 1) / ((plain > 0).sum(axis=0) + 1)).astype(np.float32)
+
+    def unit(counts: np.ndarray) -> np.ndarray:
+        weighted = np.sqrt(counts) * idf
+        return weighted / np.maximum(np.linalg.norm(weighted, axis=1, keepdims=True), 1e-12)
+
+    return unit(plain), unit(mirrored)
+
+
+def keypoint_shortlist(keypoints: list[Keypoints], words: int, neighbours: int, seed: int = 0) -> np.ndarray:
+    """Candidate pairs (M, 2), i < j: each image's ``neighbours`` nearest images by word histogram, as
+    it is and mirrored."""
+    import faiss
+
+    n = len(keypoints)
+    if n < 2:
+        return np.empty((0, 2), np.int64)
+    plain, mirrored = bag_of_words(keypoints, words, seed)
+    index = faiss.IndexFlatIP(plain.shape[1])
+    index.add(plain)
+    k = min(neighbours + 1, n)
+    rows, cols = [], []
+    for queries in (plain, mirrored):
+        _, nearest = index.search(np.ascontiguousarray(queries), k)
+        rows.append(np.repeat(np.arange(n), k))
+        cols.append(nearest.ravel())
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    keep = (cols >= 0) & (cols != rows)
+    low, high = np.minimum(rows[keep], cols[keep]), np.maximum(rows[keep], cols[keep])
+    keys = np.unique(low.astype(np.int64) * n + high)
+    return np.stack([keys // n, keys % n], axis=1)
+
+
+def match_keypoints(a: Keypoints, b: Keypoints, min_matches: int, ratio: float = 0.8) -> tuple[int, float]:
+    """(RANSAC inliers, correlation after warping) of the best similarity transform taking ``b``, as it
+    is or mirrored, onto ``a``; (0, -1.0) when no transform is found or fewer than ``min_matches``
+    keypoints match (RANSAC could not find that many inliers: most shortlisted pairs end here)."""
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    best = (0, -1.0)
+    if len(a.descriptors) < 2:
+        return best
+    for points, descriptors, image in ((b.points, b.descriptors, b.image),
+                                       (b.mirrored_points, b.mirrored_descriptors, np.ascontiguousarray(b.image[:, ::-1]))):
+        if len(descriptors) < 2:
+            continue
+        good = [m[0] for m in matcher.knnMatch(descriptors, a.descriptors, k=2)
+                if len(m) == 2 and m[0].distance < ratio * m[1].distance]
+        if len(good) < max(min_matches, 4):
+            continue
+        source = points[[m.queryIdx for m in good]]
+        target = a.points[[m.trainIdx for m in good]]
+        matrix, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=4.0,
+                                                      maxIters=1000, confidence=0.995, refineIters=10)
+        if matrix is None:
+            continue
+        size = (a.image.shape[1], a.image.shape[0])
+        warped = cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR, borderValue=0)
+        shown = cv2.warpAffine(np.full(image.shape, 255, np.uint8), matrix, size, flags=cv2.INTER_NEAREST) > 0
+        both = shown & (a.image > _HEAD_GREY) & (warped > _HEAD_GREY)
+        if both.sum() < 0.05 * both.size:  # too little overlap to compare
+            continue
+        candidate = (int(inliers.sum()), correlation(a.image[both], warped[both]))
+        if candidate > best:
+            best = candidate
+    return best
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two pixel sets; -1.0 when either is flat (nothing to correlate)."""
+    x, y = x.astype(np.float64) - x.mean(), y.astype(np.float64) - y.mean()
+    scale = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / scale) if scale > 0 else -1.0
+
+
+def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int) -> tuple[np.ndarray, np.ndarray]:
+    """RANSAC inliers (M,) and correlation after warping (M,) of each pair (the second image onto the
+    first, as it is and mirrored)."""
+    inliers = np.zeros(len(pairs), np.int64)
+    correlations = np.full(len(pairs), -1.0, np.float32)
+    for row, (i, j) in enumerate(pairs):
+        inliers[row], correlations[row] = match_keypoints(keypoints[i], keypoints[j], min_inliers)
+    return inliers, correlations

@@ -1,0 +1,95 @@
+"""The keypoint search finds the phantom's augmented and annotated re-uploads that the head-box search
+misses, and joins no distinct slices; its pieces on hand-made transforms."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
+from braintumor.data.dedup import fingerprint_image
+from braintumor.data.keypoints import correlation, keypoint_shortlist, match_keypoints, orb_keypoints
+from braintumor.data.merge import merge_sources, planted_duplicate_recall
+from braintumor.data.phantom.source import generate_phantom_source
+
+from conftest import REPO
+
+THRESHOLD = 12
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """A phantom source with 6 augmented and 6 annotated copies among 80 slices."""
+    root = tmp_path_factory.mktemp("phantom")
+    kinds = {kind: 0 for kind in PhantomDuplicates.model_fields} | {"augmented": 6, "annotated": 6}
+    generate_phantom_source(root, PhantomSource(kind="phantom", images_per_class=20, image_size=256, seed=3,
+                                                duplicates=PhantomDuplicates(**kinds)))
+    return root
+
+
+def merged(root, keypoints: bool) -> tuple[dict, dict]:
+    params = load_params(REPO / "params.yaml")
+    near = params.merge.near_duplicates
+    near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": keypoints})})
+    manifest, search, _, _ = merge_sources([("phantom", root / "images")], params.merge.folder_to_label(), root=root,
+                                           head_threshold=THRESHOLD, max_colour_share=params.merge.max_colour_share,
+                                           keep="largest", near=near, workers=1)
+    return planted_duplicate_recall(manifest, "phantom", json.loads((root / "planted.json").read_text())), search
+
+
+def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
+    without, _ = merged(phantom, keypoints=False)
+    with_keypoints, search = merged(phantom, keypoints=True)
+    assert with_keypoints["planted"] == {"annotated": 6, "augmented": 6}
+    assert without["recall"]["augmented"] < 1.0  # the gap this search closes
+    assert with_keypoints["recall"] == {"annotated": 1.0, "augmented": 1.0}
+    assert with_keypoints["false_merges"] == 0
+    assert len(search.keypoint_candidates) > 0 and len(search.keypoint_inliers) == len(search.keypoint_candidates)
+
+
+def slice_image(phantom) -> np.ndarray:
+    return cv2.imread(str(sorted((phantom / "images" / "Training" / "glioma").glob("*.jpg"))[0]), cv2.IMREAD_GRAYSCALE)
+
+
+def keypoints_of(image: np.ndarray):
+    return fingerprint_image(image, THRESHOLD, keypoint_features=300).keypoints
+
+
+def test_a_turned_zoomed_cut_flipped_darker_copy_matches_and_another_slice_does_not(phantom):
+    image = slice_image(phantom)
+    h, w = image.shape
+    matrix = cv2.getRotationMatrix2D((w / 2 + 10, h / 2 - 8), 17.0, 1.2)  # zoomed in: part of the head is cut off
+    copy = cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)[:, ::-1]
+    copy = np.clip(255 * (copy / 255.0) ** 1.3 * 0.85, 0, 255).astype(np.uint8)
+    copy = cv2.imdecode(cv2.imencode(".jpg", copy, [cv2.IMWRITE_JPEG_QUALITY, 40])[1], cv2.IMREAD_GRAYSCALE)
+    other = cv2.imread(str(sorted((phantom / "images" / "Training" / "meningioma").glob("*.jpg"))[3]), cv2.IMREAD_GRAYSCALE)
+    original, turned, different = keypoints_of(image), keypoints_of(copy), keypoints_of(other)
+    inliers, score = match_keypoints(original, turned, min_matches=15)
+    assert inliers >= 15 and score >= 0.75
+    inliers, score = match_keypoints(original, different, min_matches=15)
+    assert inliers < 15 or score < 0.5
+    # the shortlist puts the copy among the original's neighbours, as it is or mirrored
+    assert [0, 1] in keypoint_shortlist([original, turned, different], words=16, neighbours=1).tolist()
+
+
+def test_correlation_is_pearsons_and_flat_pixels_score_minus_one():
+    x = np.arange(50, dtype=np.uint8)
+    assert correlation(x, 2 * x + 3) == pytest.approx(1.0)
+    assert correlation(x, 200 - x) == pytest.approx(-1.0)
+    assert correlation(x, np.full(50, 7, np.uint8)) == -1.0
+
+
+def test_a_blank_image_has_no_keypoints_and_matches_nothing():
+    blank = orb_keypoints(np.zeros((192, 192), np.uint8), 300)
+    assert blank.descriptors.shape == (0, 32) and blank.mirrored_points.shape == (0, 2)
+    assert match_keypoints(blank, blank, min_matches=15) == (0, -1.0)
+
+
+def test_keypoint_params_are_checked_at_load():
+    with pytest.raises(ValidationError, match="related_correlation .* must not exceed copy_correlation"):
+        KeypointParams(copy_correlation=0.6, related_correlation=0.7)
+    assert NearDuplicateParams().keypoints.enabled is False  # off until measured on real re-uploads

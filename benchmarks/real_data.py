@@ -190,7 +190,11 @@ def copy_box_overlays(workdir: Path, folder: Path) -> None:
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)
     sheet = np.vstack([np.hstack(tiles[i:i + 4]) for i in range(0, len(tiles), 4)])
     folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / "gradcam_boxes.png"), sheet)
+    # 256 colours: the sheet is a README figure kept in git, where a file over 1 MiB does not belong
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(sheet[..., ::-1])).quantize(colors=256, dither=Image.Dither.NONE).save(
+        folder / "gradcam_boxes.png", optimize=True)
     print(f"wrote {folder / 'gradcam_boxes.png'} ({len(files)} overlays)", flush=True)
 
 

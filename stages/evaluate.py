@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 
 import mlflow
-import pandas as pd
 
 from braintumor.core import atomic
 from braintumor.core.config import load_params
@@ -27,8 +26,8 @@ from braintumor.core.logs import setup_logging
 from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import flatten_params, log_summary, stage_run, tag_registered_version
 from braintumor.evaluate.feature_check import save_feature_checks
-from braintumor.evaluate.metrics import flat_metrics, image_paths
-from braintumor.evaluate.run import MODELS, evaluate_models, load_shifted_sets, registry_tags
+from braintumor.evaluate.metrics import flat_metrics
+from braintumor.evaluate.run import MODELS, evaluate_models, evaluated_image_paths, load_shifted_sets, registry_tags
 from braintumor.model.backbones import feature_check_layer_name
 from braintumor.split.load import load_training_data
 
@@ -42,10 +41,7 @@ def main() -> dict:
     with stage_run("evaluate", params.mlflow, paths.root, logged_params=flatten_params(params.evaluate, "evaluate")) as run:
         data = load_training_data(paths)
         mlflow.set_tag("data_fingerprint", data.fingerprint)
-        manifest = pd.read_csv(paths.manifest, keep_default_na=False, usecols=["id", "path"])
-        files = image_paths(data.split["test"].rows, pd.read_csv(paths.split_csv, keep_default_na=False), manifest)
-        external_table = pd.read_csv(paths.external_csv, keep_default_na=False) if data.external else None
-        external_files = {source: image_paths(rows.rows, external_table, manifest) for source, rows in data.external.items()}
+        files, external_files = evaluated_image_paths(data, paths.split_csv, paths.external_csv, paths.manifest)
         histories = {phase: json.loads((paths.reports / phase / "history.json").read_text()) for phase in PHASES}
         shifted = load_shifted_sets(params.evaluate.feature_check.shifted_sets, paths.root, params.preprocess)
         feature_layer = feature_check_layer_name(params.evaluate.feature_check.layer, params.model.backbone)

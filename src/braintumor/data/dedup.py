@@ -359,7 +359,6 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         near_pairs = np.concatenate([near_pairs, extra[copy]])
         near_scores = np.concatenate([near_scores, correlation[copy]])
         related_pairs = np.concatenate([related_pairs, extra[matched & ~copy & (correlation >= keypoint.related_correlation)]])
-        shortlisted += len(extra)
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
     return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores,

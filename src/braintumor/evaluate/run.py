@@ -20,7 +20,7 @@ from braintumor.evaluate.calibration import apply_temperature, calibration_entry
 from braintumor.evaluate.feature_check import FeatureCheck, detection_summary, fit_feature_check
 from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
 from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, misclassified, model_metrics,
-                                         export_comparison, prediction_table, roc_curves, training_curves,
+                                         export_comparison, image_paths, prediction_table, roc_curves, training_curves,
                                          tumor_vs_no_tumor)
 from braintumor.model.export import EXPORTS_CARD, load_exported, predict_with_flip
 from braintumor.model.inputs import features_and_probabilities_model, predict_features
@@ -231,6 +231,15 @@ def load_image_folder(folder: Path, preprocess: PreprocessParams, max_bytes: int
     if not images:
         raise ValueError(f"shifted image set {folder}: no readable image among {len(unreadable)} files")
     return ImageFolder(np.stack(images), files, unreadable)
+
+
+def evaluated_image_paths(data: TrainingData, split_csv: Path, external_csv: Path, manifest_csv: Path
+                          ) -> tuple[list[str], dict[str, list[str]]]:
+    """The source file of each test image, and of each external set's images (per source)."""
+    manifest = pd.read_csv(manifest_csv, keep_default_na=False, usecols=["id", "path"])
+    test = image_paths(data.split["test"].rows, pd.read_csv(split_csv, keep_default_na=False), manifest)
+    external_table = pd.read_csv(external_csv, keep_default_na=False) if data.external else None
+    return test, {source: image_paths(rows.rows, external_table, manifest) for source, rows in data.external.items()}
 
 
 def load_shifted_sets(folders: dict[str, str], root: Path, preprocess: PreprocessParams) -> dict[str, ImageFolder]:

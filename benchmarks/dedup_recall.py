@@ -1,8 +1,9 @@
 """Recall and false merges of the duplicate search on planted phantom duplicates.
 
 Generates a phantom source with many planted copies of every kind, runs the merge (exact + near
-duplicate search with the thresholds in params.yaml) and prints recall per kind and false merges
-as one JSON line.
+duplicate search with the thresholds in params.yaml) and prints as one JSON line, per kind, the
+share of copies in their original's duplicate group and split group, for adjacent slices the share
+kept and in the original's split group, the false merges and the split groups joining two heads.
 
     .venv/bin/python benchmarks/dedup_recall.py [--per-class 500] [--copies 60] [--kinds augmented,annotated] [--keypoints]
 """
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from braintumor.core.config import PhantomDuplicates, PhantomSource, load_params
+from braintumor.core.config import NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.data.merge import merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.source import generate_phantom_source
 
@@ -31,11 +32,15 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(PhantomDuplicates.model_fields),
                         help="planted kinds, comma-separated (default: every kind)")
     parser.add_argument("--keypoints", action="store_true", help="with the keypoint search (merge.near_duplicates.keypoints)")
+    parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
+                        help="a merge.near_duplicates param for this run, e.g. -S detail_similarity=0.98")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
     near = params.merge.near_duplicates
     if args.keypoints:
         near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": True})})
+    overrides = dict(item.split("=", 1) for item in args.set)
+    near = NearDuplicateParams.model_validate({**near.model_dump(), **overrides})
     kinds = args.kinds.split(",")
     unknown = sorted(set(kinds) - set(PhantomDuplicates.model_fields))
     if unknown:
@@ -52,12 +57,13 @@ def main() -> None:
         )
         seconds = time.perf_counter() - start
         scores = planted_duplicate_recall(manifest, "phantom", json.loads((Path(tmp) / "planted.json").read_text()))
-    related_extra = int((manifest.groupby("split_group")["group"].nunique() > 1).sum())
     print(json.dumps({
         "images": int(len(manifest)), "merge_seconds": round(seconds, 1), **scores,
-        "related_groups_joining_distinct_slices": related_extra,
-        "verify_similarity": params.merge.near_duplicates.verify_similarity,
-        "related_similarity": params.merge.near_duplicates.related_similarity,
+        "verify_similarity": near.verify_similarity,
+        "related_similarity": near.related_similarity,
+        "detail_similarity": near.detail_similarity,
+        "detail_pairs_checked": int(len(search.detail_pairs)),
+        "detail_pairs_kept_apart": int(search.detail_apart.sum()),
         "keypoints": near.keypoints.model_dump() if near.keypoints.enabled else False,
         "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
     }))

@@ -53,7 +53,9 @@ def main() -> dict:
     near = params.merge.near_duplicates
     atomic.write_text(paths.reports / "merge" / "duplicates.html", duplicates_html(
         manifest, candidate_id_pairs(manifest, search.candidates), search.candidate_scores, paths.root,
-        {"copy": near.verify_similarity, "look-alike": near.related_similarity}))
+        {"copy": near.verify_similarity, "look-alike": near.related_similarity},
+        detail=(candidate_id_pairs(manifest, search.detail_pairs), search.detail_scores, near.detail_similarity)
+        if near.detail_similarity > 0 else None))
     log.info(
         "%d files: %d kept, %d removed as duplicates, %d in %d label conflicts, %d quarantined",
         report["files"], report["kept"], report["duplicates"]["removed_as_duplicates"],

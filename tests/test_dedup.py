@@ -90,3 +90,28 @@ def test_near_search_off_finds_only_exact_copies(slices):
     off = PARAMS.model_copy(update={"enabled": False})
     search = find_duplicate_groups([fingerprint_image(s, THRESHOLD) for s in slices], THRESHOLD, off)
     assert search.groups.tolist() == search.related.tolist() == [0, 0, 1, 2, 3] and search.shortlisted == 0
+
+
+@pytest.mark.parametrize("index", [0, 3])  # adjacent slices at 0.96 and 0.989 on the 64 px check
+def test_detail_check_keeps_a_neighbouring_slice_that_passes_as_a_copy_at_64_px(index):
+    from braintumor.data.phantom.copies import make_copy
+    from braintumor.data.phantom.source import render_adjacent_slice, render_slice
+
+    original, mask = render_slice(np.random.default_rng([0, index]), "meningioma", 256)
+    adjacent, _ = render_adjacent_slice(np.random.default_rng([0, index]), np.random.default_rng([1, index]),
+                                        "meningioma", 256)
+    copy, _ = make_copy("rescaled", original, mask.astype(np.uint8) * 255, np.random.default_rng([2, index]))
+    prints = [fingerprint_image(image, THRESHOLD, detail=True) for image in (original, copy, adjacent)]
+    coarse = NearDuplicateParams(shortlist_similarity=-1.0)
+    assert find_duplicate_groups(prints, THRESHOLD, coarse).groups.tolist() == [0, 0, 0]  # the gap it closes
+    search = find_duplicate_groups(prints, THRESHOLD, coarse.model_copy(update={"detail_similarity": 0.99}))
+    assert search.groups.tolist() == [0, 0, 1]  # the copy stays a copy, the neighbouring slice is kept
+    assert search.related.tolist() == [0, 0, 0]  # and goes into the same split
+    assert search.detail_apart.sum() == 2 and (search.detail_scores[~search.detail_apart] > 0.995).all()
+
+
+def test_detail_check_needs_detail_heads():
+    prints = [fingerprint_image(s, THRESHOLD) for s in (head_slice(), head_slice())]
+    prints[1] = fingerprint_image(cv2.resize(head_slice(), (120, 120)), THRESHOLD)
+    with pytest.raises(ValueError, match="detail_similarity is on, but the fingerprints carry no detail"):
+        find_duplicate_groups(prints, THRESHOLD, PARAMS.model_copy(update={"detail_similarity": 0.99}))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from braintumor.core.config import NearDuplicateParams, load_params
@@ -15,6 +16,7 @@ from braintumor.data.merge import (
     map_labels,
     merge_report,
     merge_sources,
+    planted_duplicate_recall,
 )
 
 from conftest import REPO
@@ -155,7 +157,55 @@ def test_duplicates_report_shows_groups_conflicts_pairs_near_thresholds_and_quar
     assert "a/Training/meningioma/broken.jpg" in html and "not_an_image" in html
     assert html.count("data:image/png;base64,") >= 3 + 3  # the conflict group in both sections
     assert "Label conflicts" in html and "a/Training/pituitary/x_again.png" in html
+    assert "detail threshold" not in html  # the detail check was off
+    with_detail = duplicates_html(manifest, ids, search.candidate_scores, tmp_path, {"copy": 0.95},
+                                  detail=(ids[:1], np.array([0.985]), 0.99))
+    assert "Pairs just below the detail threshold (0.990)" in with_detail
+    assert "0.9850" in with_detail and "look-alikes (neighbouring slices)" in with_detail
     # pairs are drawn from the band on each side of a threshold, sorted by score
     scores = np.array([0.949, 0.951, 0.955, 0.96, 0.941, 0.5])
     above, below = pairs_near_threshold(scores, 0.95, 5, seed=0)
     assert above.tolist() == [1, 2] and below.tolist() == [4, 0]
+
+
+def test_planted_recall_scores_copies_by_group_and_adjacent_slices_as_kept_in_the_split_group():
+    manifest = pd.DataFrame({
+        "id": [f"p/{name}" for name in ("o1", "c1", "o2", "c2", "o3", "a3", "o4", "a4", "o5")],
+        "source": "p", "status": "ok",
+        "group":       [0, 0, 1, 2, 3, 4, 5, 5, 6],  # c2 missed; a4 removed as a copy of o4
+        "split_group": [0, 0, 1, 1, 2, 2, 3, 3, 3],  # c2 still shares o2's split; o5 joined o4's head
+    })
+    planted = [
+        {"original": "o1", "copy": "c1", "kind": "rotated"},
+        {"original": "o2", "copy": "c2", "kind": "rotated"},
+        {"original": "o3", "copy": "a3", "kind": "adjacent_slice"},
+        {"original": "o4", "copy": "a4", "kind": "adjacent_slice"},
+    ]
+    scores = planted_duplicate_recall(manifest, "p", planted)
+    assert scores["recall"] == {"rotated": 0.5} and scores["split_recall"] == {"rotated": 1.0}
+    assert scores["adjacent"] == {"kept": 0.5, "same_split_group": 1.0}
+    assert scores["planted"] == {"adjacent_slice": 2, "rotated": 2}
+    assert scores["false_merges"] == 0  # an adjacent slice is its original's head, not another one
+    assert scores["split_groups_joining_heads"] == 1
+
+
+def test_merge_with_the_detail_check_keeps_a_neighbouring_slice_and_counts_it(tmp_path):
+    from braintumor.data.merge import merge_json
+    from braintumor.data.phantom.copies import make_copy
+    from braintumor.data.phantom.source import render_adjacent_slice, render_slice
+
+    original, mask = render_slice(np.random.default_rng([0, 3]), "meningioma", 256)  # its neighbour: 0.989 at 64 px
+    adjacent, _ = render_adjacent_slice(np.random.default_rng([0, 3]), np.random.default_rng([1, 3]), "meningioma", 256)
+    copy, _ = make_copy("rescaled", original, mask.astype(np.uint8) * 255, np.random.default_rng([2, 3]))
+    a = tmp_path / "a"
+    for name, image in (("original.png", original), ("adjacent.png", adjacent), ("copy.png", copy)):
+        write(a / "Training" / "meningioma" / name, image)
+    near = NEAR.model_copy(update={"detail_similarity": 0.99, "shortlist_similarity": -1.0})
+    manifest, search, _, _ = merge_sources([("a", a)], FOLDERS, root=tmp_path, head_threshold=12, max_colour_share=0.06,
+                                           keep="largest", near=near, workers=1)
+    by_name = manifest.set_index(manifest["id"].str.split("/").str[-1])
+    assert by_name.at["adjacent.png", "kept"] and by_name.at["adjacent.png", "drop_reason"] == ""
+    assert by_name.loc[["original.png", "copy.png"], "kept"].sum() == 1  # the copy is still a copy
+    assert by_name["split_group"].nunique() == 1
+    counts = merge_json(manifest, search, {}, {})["near_duplicate_search"]
+    assert counts["detail_pairs_checked"] == 3 and counts["detail_pairs_kept_apart"] == 2

@@ -422,3 +422,24 @@ def test_annotated_copies_mark_at_most_about_a_tenth_of_the_slice_in_grey(small)
         assert np.array_equal(copy_mask, original_mask)
         if copy.ndim == 3:  # grey marks: no colour for the merge to quarantine
             assert np.abs(copy.astype(int) - copy[..., :1].astype(int)).max() <= 2
+
+
+def test_an_adjacent_slice_is_the_same_head_with_new_detail_not_a_copy():
+    def pair(label: str, index: int):
+        slice_rng = lambda: np.random.default_rng([0, 3, 1, index])  # noqa: E731  the original's generator state
+        return (phantom.render_slice(slice_rng(), label, 128),
+                phantom.render_adjacent_slice(slice_rng(), np.random.default_rng([7, index]), label, 128))
+
+    for index, label in enumerate(CLASS_NAMES):
+        (image, mask), (adjacent, adjacent_mask) = pair(label, index)
+        again, _ = pair(label, index)[1]
+        np.testing.assert_array_equal(adjacent, again)  # reproducible from its seeds
+        box, adjacent_box = np.array(head_bbox(image, 12)), np.array(head_bbox(adjacent, 12))
+        assert np.abs(box - adjacent_box).max() <= 6, (label, box, adjacent_box)  # the same head, where it was
+        correlation = np.corrcoef(image.ravel().astype(float), adjacent.ravel().astype(float))[0, 1]
+        assert 0.8 < correlation < 0.99, (label, correlation)  # alike, but new sulci, texture and noise
+        if label == "no_tumor":
+            assert not mask.any() and not adjacent_mask.any()
+        else:  # the tumor continues into the neighbouring slice
+            overlap = (mask & adjacent_mask).sum() / (mask | adjacent_mask).sum()
+            assert overlap > 0.5, (label, overlap)

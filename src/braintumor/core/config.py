@@ -83,6 +83,8 @@ class PhantomDuplicates(_Section):
     # re-uploads the merge is not yet built for (see README): 0 unless asked for
     augmented: int = Field(default=0, ge=0, description="random affine, fill, brightness, contrast, gamma, JPEG 30-95")
     annotated: int = Field(default=0, ge=0, description="burnt-in text, arrows, rectangles, scale bars, watermarks")
+    # not a copy: a distinct slice of the same head, to be kept and put in the original's split
+    adjacent_slice: int = Field(default=0, ge=0, description="the neighbouring slice of the same head (a look-alike)")
 
 
 class PhantomSource(_Section):
@@ -152,6 +154,9 @@ class NearDuplicateParams(_Section):
     related_similarity: float = Field(default=0.93, ge=0.0, le=1.0, description="look-alike slices: same split")
     max_rotation_deg: float = Field(default=8.0, ge=0.0, le=45.0)
     rotation_step_deg: float = Field(default=2.0, gt=0.0, le=10.0)
+    detail_similarity: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "a copy must also score this at 96 px after ECC registration, which tells it from the neighbouring "
+        "slice of one series (then a look-alike: kept, same split); 0 = off"))
     keypoints: KeypointParams = KeypointParams()
 
 

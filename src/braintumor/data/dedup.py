@@ -16,7 +16,12 @@ contrast, and a crop or a rotation moves every hash bit), so the method here is:
    before it is cropped and canonicalised again, exactly as a rotated copy would be. Only pairs
    above ``verify_similarity`` are duplicates.
 
-4. Optionally (``merge.near_duplicates.keypoints``), a second search on ORB keypoints for the copies
+4. Optionally (``merge.near_duplicates.detail_similarity``), a detail check of every copy-level pair:
+   the two heads at 96 px, the best mirror x rotation variant registered by ECC, correlated again.
+   Neighbouring slices of one series can reach copy level at 64 px; at 96 px, registered, their
+   sulci and texture differ, and they become look-alikes (kept, same split) instead of copies.
+
+5. Optionally (``merge.near_duplicates.keypoints``), a second search on ORB keypoints for the copies
    whose head box moved: augmented and annotated re-uploads (:mod:`braintumor.data.keypoints`).
 
 Exact duplicates (identical decoded pixels, whatever the file bytes) are found by hashing pixels.
@@ -39,6 +44,10 @@ from braintumor.data.keypoints import DETAIL_SIZE, Keypoints, keypoint_shortlist
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation
 HEAD_MARGIN = 0.15
+# The detail check: copies and neighbouring slices differ in sulci and texture that 64 px blurs away.
+DETAIL_HEAD_SIZE = 128
+DETAIL_CANONICAL_SIZE = 96
+DETAIL_STEP_DEG = 2.0  # ECC registration then takes out the remaining turn
 DESCRIPTOR_GRID = 16
 DESCRIPTOR_DIMS = 32
 
@@ -54,6 +63,7 @@ class Fingerprint:
     head: np.ndarray  # (HEAD_SIZE, HEAD_SIZE) uint8: the head, centred with a margin, aspect kept
     canonical: np.ndarray  # (CANONICAL_SIZE, CANONICAL_SIZE) uint8: :func:`canonical_head` of ``head``
     keypoints: Keypoints | None = None  # ORB keypoints, when the keypoint search is on
+    detail: np.ndarray | None = None  # (DETAIL_HEAD_SIZE,) * 2 uint8: the head at higher resolution, for the detail check
 
 
 def pixel_hash(image: np.ndarray) -> str:
@@ -92,9 +102,9 @@ def canonical_head(gray: np.ndarray, threshold: int, size: int = CANONICAL_SIZE)
     return cv2.equalizeHist(box)
 
 
-def fingerprint_image(image: np.ndarray, threshold: int, keypoint_features: int = 0) -> Fingerprint:
+def fingerprint_image(image: np.ndarray, threshold: int, keypoint_features: int = 0, detail: bool = False) -> Fingerprint:
     """Fingerprint a decoded image (any channel layout OpenCV returns); with ``keypoint_features``, its
-    ORB keypoints too (:mod:`braintumor.data.keypoints`)."""
+    ORB keypoints too (:mod:`braintumor.data.keypoints`); with ``detail``, the head for the detail check."""
     gray = to_grayscale(image)
     head = head_with_margin(gray, threshold)
     channels = 1 if image.ndim == 2 else image.shape[2]
@@ -108,6 +118,7 @@ def fingerprint_image(image: np.ndarray, threshold: int, keypoint_features: int 
         head=head,
         canonical=canonical_head(head, threshold),
         keypoints=keypoints,
+        detail=head_with_margin(gray, threshold, DETAIL_HEAD_SIZE) if detail else None,
     )
 
 
@@ -220,7 +231,8 @@ def _turned_head_box(turned: np.ndarray, outline: np.ndarray, threshold: int) ->
     return y0 + by, y0 + by + bh, x0 + bx, x0 + bx + bw
 
 
-def aligned_variants(head: np.ndarray, threshold: int, max_rotation_deg: float, step_deg: float) -> np.ndarray:
+def aligned_variants(head: np.ndarray, threshold: int, max_rotation_deg: float, step_deg: float,
+                     canonical_size: int = CANONICAL_SIZE) -> np.ndarray:
     """Standardised canonical images (V, S*S) of one head: mirror x rotations in the given range.
 
     Each rotation turns the head with its margin, then crops the turned head's box and canonicalises
@@ -238,7 +250,7 @@ def aligned_variants(head: np.ndarray, threshold: int, max_rotation_deg: float, 
             rotated = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
             turned_outline = points @ matrix[:, :2].T.astype(np.float32) + matrix[:, 2].astype(np.float32)
             y0, y1, x0, x1 = _turned_head_box(rotated, turned_outline, threshold)
-            box = cv2.resize(rotated[y0:y1, x0:x1], (CANONICAL_SIZE, CANONICAL_SIZE), interpolation=cv2.INTER_AREA)
+            box = cv2.resize(rotated[y0:y1, x0:x1], (canonical_size,) * 2, interpolation=cv2.INTER_AREA)
             variants.append(_standardised(cv2.equalizeHist(box)))
     return np.stack(variants)
 
@@ -252,6 +264,8 @@ def verify_pairs(
     step_deg: float,
 ) -> np.ndarray:
     """Best normalised cross-correlation of each pair over mirror x rotation, shape (M,).
+
+    ``canonical`` holds :func:`canonical_head` of each of ``heads``, at any one size.
 
     Symmetric: each image of a pair is turned to match the other and the better score counts, since
     resampling makes "turn A onto B" and "turn B onto A" differ slightly. Every image's variants are
@@ -268,7 +282,7 @@ def verify_pairs(
     for start, end in zip(starts, ends):
         members = order[start:end]
         turned = sides[members[0], 1]
-        variants = aligned_variants(heads[turned], threshold, max_rotation_deg, step_deg)
+        variants = aligned_variants(heads[turned], threshold, max_rotation_deg, step_deg, canonical.shape[1])
         partners = np.stack([_standardised(canonical[i]) for i in sides[members, 0]])
         np.maximum.at(scores, pair_of[members], (partners @ variants.T).max(axis=1))
     return scores
@@ -301,6 +315,55 @@ def group_ids(n: int, pairs: np.ndarray) -> np.ndarray:
     return rank[inverse]
 
 
+def registered_correlation(moving: np.ndarray, fixed: np.ndarray, border: int = 4) -> float:
+    """Correlation of two same-size images after ECC refines their alignment (a small affine warp).
+
+    The head-box alignment is good to about a pixel; at 96 px that alone leaves copies at 0.98 and
+    lets neighbouring slices reach them. Registered, copies reach 0.994 and more on the phantom's
+    planted kinds, while a neighbouring slice's new sulci stay (at most 0.98). ``border`` pixels the
+    warp may have filled are left out. If ECC does not converge (flat or unrelated images), the
+    unrefined alignment is scored: for such a pair that is already the best known.
+    """
+    warp = np.eye(2, 3, dtype=np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
+    try:
+        _, warp = cv2.findTransformECC(fixed, moving, warp, cv2.MOTION_AFFINE, criteria, None, 1)
+    except cv2.error:
+        pass
+    height, width = fixed.shape
+    warped = cv2.warpAffine(moving, warp, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    inner = (slice(border, height - border), slice(border, width - border))
+    a, b = warped[inner].ravel() - warped[inner].mean(), fixed[inner].ravel() - fixed[inner].mean()
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
+def detail_scores(details: list[np.ndarray], pairs: np.ndarray, threshold: int, max_rotation_deg: float,
+                  enough: float = 1.0) -> np.ndarray:
+    """Registered correlation of each pair's heads at 96 px, shape (M,): the detail check.
+
+    One head is turned (mirror x rotation, as in :func:`verify_pairs`) onto the other's canonical
+    image, the best variant is registered with :func:`registered_correlation`; the other way round is
+    tried only when the first stays below ``enough``.
+    """
+    size = DETAIL_CANONICAL_SIZE
+    scores = np.full(len(pairs), -1.0, np.float32)
+    canonical: dict[int, np.ndarray] = {}
+
+    def one_way(turned: int, partner: int) -> float:
+        if partner not in canonical:
+            canonical[partner] = _standardised(canonical_head(details[partner], threshold, size))
+        target = canonical[partner]
+        variants = aligned_variants(details[turned], threshold, max_rotation_deg, DETAIL_STEP_DEG, size)
+        best = variants[int(np.argmax(variants @ target))]
+        return registered_correlation(best.reshape(size, size), target.reshape(size, size))
+
+    for k, (i, j) in enumerate(pairs.tolist()):
+        scores[k] = one_way(i, j)
+        if scores[k] < enough:
+            scores[k] = max(scores[k], one_way(j, i))
+    return scores
+
+
 @dataclass(frozen=True)
 class DuplicateSearch:
     groups: np.ndarray  # (N,) duplicate group per image: copies of one slice
@@ -318,6 +381,11 @@ class DuplicateSearch:
     keypoint_candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
     keypoint_inliers: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     keypoint_correlation: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    # the copy-level pairs the detail check compared and their registered correlation at 96 px; those
+    # below ``detail_similarity`` are look-alikes (related pairs), not copies
+    detail_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    detail_scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    detail_apart: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # (K,) failed it: look-alikes
 
 
 def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams) -> DuplicateSearch:
@@ -331,6 +399,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
     exact = exact_pairs([f.pixel_hash for f in fingerprints])
     empty = np.empty((0, 2), np.int64)
     near_pairs, related_pairs, near_scores, shortlisted = empty, empty, np.empty(0, np.float32), 0
+    detail_pairs, detail_checked_scores, detail_apart = empty, np.empty(0, np.float32), np.empty(0, bool)
     candidates, scores = empty, np.empty(0, np.float32)
     if near.enabled and n > 1:
         canonical = np.stack([f.canonical for f in fingerprints])
@@ -341,6 +410,10 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         heads = np.stack([f.head for f in fingerprints])
         scores = verify_pairs(heads, canonical, candidates, head_threshold, near.max_rotation_deg, near.rotation_step_deg)
         duplicate = scores >= near.verify_similarity
+        if near.detail_similarity > 0:
+            duplicate, detail_pairs, detail_checked_scores = _confirm_in_detail(
+                fingerprints, candidates, duplicate, head_threshold, near)
+            detail_apart = detail_checked_scores < near.detail_similarity
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
         related_pairs = candidates[~duplicate & (scores >= near.related_similarity)]
     keypoint = near.keypoints
@@ -362,4 +435,21 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
     return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores,
-                           extra, inliers, correlation)
+                           extra, inliers, correlation, detail_pairs, detail_checked_scores, detail_apart)
+
+
+def _confirm_in_detail(fingerprints: list[Fingerprint], candidates: np.ndarray, duplicate: np.ndarray,
+                       head_threshold: int, near: NearDuplicateParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``duplicate`` with the pairs that fail the detail check turned into look-alikes; the pairs checked and their scores.
+
+    Neighbouring slices of one series can score as copies at 64 px; at 96 px their sulci differ.
+    """
+    if any(f.detail is None for f in fingerprints):
+        raise ValueError("merge.near_duplicates.detail_similarity is on, but the fingerprints carry no detail "
+                         "head (fingerprint_image(..., detail=True))")
+    checked = np.flatnonzero(duplicate)
+    scores = detail_scores([f.detail for f in fingerprints], candidates[checked], head_threshold, near.max_rotation_deg,
+                           enough=near.detail_similarity)
+    confirmed = duplicate.copy()
+    confirmed[checked[scores < near.detail_similarity]] = False
+    return confirmed, candidates[checked], scores

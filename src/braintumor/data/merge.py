@@ -113,7 +113,8 @@ class Inspection:
     reason: str  # "" when readable
 
 
-def inspect_file(path: Path, head_threshold: int, max_colour_share: float, keypoint_features: int = 0) -> Inspection:
+def inspect_file(path: Path, head_threshold: int, max_colour_share: float, keypoint_features: int = 0,
+                 detail: bool = False) -> Inspection:
     """Hash, decode and fingerprint one file; an unusable file gets a quarantine reason, not an error.
 
     Args:
@@ -121,6 +122,7 @@ def inspect_file(path: Path, head_threshold: int, max_colour_share: float, keypo
         head_threshold: grey level separating head from background (for the canonical head crop).
         max_colour_share: a larger share of coloured pixels marks a colour photograph, not an MRI slice.
         keypoint_features: ORB keypoints to find for the keypoint search (0: off).
+        detail: keep the head at the detail check's resolution too (``near_duplicates.detail_similarity``).
     """
     try:
         data = path.read_bytes()
@@ -134,17 +136,17 @@ def inspect_file(path: Path, head_threshold: int, max_colour_share: float, keypo
     share = colour_pixel_share(image)
     if share > max_colour_share:
         return Inspection(sha, len(data), None, f"not_mri_like: {share:.0%} of pixels coloured")
-    return Inspection(sha, len(data), fingerprint_image(image, head_threshold, keypoint_features), "")
+    return Inspection(sha, len(data), fingerprint_image(image, head_threshold, keypoint_features, detail), "")
 
 
-def _inspect_worker(args: tuple[Path, int, float, int]) -> Inspection:
+def _inspect_worker(args: tuple[Path, int, float, int, bool]) -> Inspection:
     return inspect_file(*args)
 
 
 def inspect_files(paths: Sequence[Path], head_threshold: int, max_colour_share: float, workers: int,
-                  keypoint_features: int = 0) -> list[Inspection]:
+                  keypoint_features: int = 0, detail: bool = False) -> list[Inspection]:
     """:func:`inspect_file` over many files, in ``workers`` processes (0 = one per core)."""
-    jobs = [(p, head_threshold, max_colour_share, keypoint_features) for p in paths]
+    jobs = [(p, head_threshold, max_colour_share, keypoint_features, detail) for p in paths]
     workers = 1 if len(jobs) < 64 else resolve_workers(workers, len(jobs))  # a pool pays off from ~64 files
     return map_in_workers(_inspect_worker, jobs, workers, chunksize=64)
 
@@ -249,7 +251,9 @@ def merge_sources(
         files += [f for f in listed if f.relpath not in notes]
     labels = map_labels(files, folder_to_label)
     keypoint_features = near.keypoints.features if near.enabled and near.keypoints.enabled else 0
-    inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers, keypoint_features)
+    detail = near.enabled and near.detail_similarity > 0
+    inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers, keypoint_features,
+                                detail)
     manifest = build_manifest(files, labels, inspections, root)
     # A decodable file in an unmapped folder only happens for non-image suffixes; it has no class.
     unlabelled = (manifest["status"] == "ok") & (manifest["label"] == "")
@@ -335,6 +339,8 @@ def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[st
         "near_duplicate_pairs": int(len(search.near)),
         "related_pairs": int(len(search.related_pairs)),
         "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
+        "detail_pairs_checked": int(len(search.detail_pairs)),
+        "detail_pairs_kept_apart": int(search.detail_apart.sum()),
     }
     for name, records in planted.items():
         report.setdefault("planted", {})[name] = planted_duplicate_recall(manifest, name, records)
@@ -350,24 +356,45 @@ MANIFEST_COLUMNS = [
 def planted_duplicate_recall(manifest: pd.DataFrame, source: str, planted: list[dict]) -> dict:
     """Score the groups against a phantom source's planted duplicates.
 
-    Returns recall per planted kind (share of planted copies grouped with their original) and the
-    number of false merges: extra distinct slices pulled into a group (a group holding k distinct
-    originals counts k - 1).
+    Returns, per planted copy kind, the share of copies in their original's duplicate group
+    (``recall``) and in its split group (``split_recall``); for ``adjacent_slice`` (a distinct slice
+    of the same head, not a copy) the share kept as its own image (``adjacent.kept``: not in the
+    original's duplicate group) and in the original's split group (``adjacent.same_split_group``);
+    the number of false merges: extra distinct heads pulled into a duplicate group (a group holding
+    k distinct originals counts k - 1; an adjacent slice is its original's head); and the number of
+    split groups holding more than one head.
     """
     rows = manifest[(manifest["source"] == source) & (manifest["status"] == "ok")]
-    group_of = dict(zip(rows["id"].str.removeprefix(f"{source}/"), rows["group"]))
-    found: dict[str, list[bool]] = {}
+    names = rows["id"].str.removeprefix(f"{source}/")
+    group_of = dict(zip(names, rows["group"]))
+    split_group_of = dict(zip(names, rows["split_group"]))
+    same_group: dict[str, list[bool]] = {}
+    same_split: dict[str, list[bool]] = {}
     origin_of = {rel: rel for rel in group_of}
     for record in planted:
-        origin_of[record["copy"]] = record["original"]
-        same = group_of.get(record["copy"], -2) == group_of.get(record["original"], -3)
-        found.setdefault(record["kind"], []).append(bool(same))
+        copy, original = record["copy"], record["original"]
+        origin_of[copy] = original
+        same_group.setdefault(record["kind"], []).append(group_of.get(copy, -2) == group_of.get(original, -3))
+        same_split.setdefault(record["kind"], []).append(split_group_of.get(copy, -2) == split_group_of.get(original, -3))
     origins_per_group: dict[int, set[str]] = {}
     for rel, group in group_of.items():
         origins_per_group.setdefault(group, set()).add(origin_of[rel])
     false_merges = sum(len(origins) - 1 for origins in origins_per_group.values())
-    return {
-        "recall": {kind: round(float(np.mean(hits)), 4) for kind, hits in sorted(found.items())},
-        "planted": {kind: len(hits) for kind, hits in sorted(found.items())},
+    heads_per_split_group: dict[int, set[str]] = {}
+    for rel, split_group in split_group_of.items():
+        heads_per_split_group.setdefault(split_group, set()).add(origin_of[rel])
+    copies = sorted(set(same_group) - {"adjacent_slice"})
+    scores = {
+        "recall": {kind: round(float(np.mean(same_group[kind])), 4) for kind in copies},
+        "split_recall": {kind: round(float(np.mean(same_split[kind])), 4) for kind in copies},
+        "planted": {kind: len(hits) for kind, hits in sorted(same_group.items())},
         "false_merges": int(false_merges),
+        # look-alike joins of different heads: harmless for leakage, but each one is a guess that was wrong
+        "split_groups_joining_heads": int(sum(len(heads) > 1 for heads in heads_per_split_group.values())),
     }
+    if "adjacent_slice" in same_group:
+        scores["adjacent"] = {
+            "kept": round(1.0 - float(np.mean(same_group["adjacent_slice"])), 4),
+            "same_split_group": round(float(np.mean(same_split["adjacent_slice"])), 4),
+        }
+    return scores

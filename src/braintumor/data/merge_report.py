@@ -101,14 +101,16 @@ def _template() -> jinja2.Template:
 
 
 def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate_scores: np.ndarray, root: Path,
-                    thresholds: dict[str, float], *, groups: int = 12, conflicts: int = 20, pairs: int = 6,
-                    seed: int = 0, quarantined_listed: int = 200) -> str:
+                    thresholds: dict[str, float], *, detail: tuple[np.ndarray, np.ndarray, float] | None = None,
+                    groups: int = 12, conflicts: int = 20, pairs: int = 6, seed: int = 0,
+                    quarantined_listed: int = 200) -> str:
     """The page.
 
     Args:
         manifest: the merge's manifest (ids, paths relative to ``root``, status, groups, kept, drop_reason).
         candidate_ids: (M, 2) manifest ids of the verified candidate pairs; candidate_scores: (M,) their similarity.
         thresholds: ``{"copy": merge.near_duplicates.verify_similarity, "look-alike": ...related_similarity}``.
+        detail: the detail check's pairs (K, 2) as manifest ids, their scores (K,) and its threshold, when it is on.
     """
     path_of = dict(zip(manifest["id"], manifest["path"]))
     record = manifest.set_index("id")
@@ -123,15 +125,20 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
     conflict_items = [{"members": [item(i) for i in g["id"]]} for g in conflict_groups(manifest, conflicts)]
     meaning = {"copy": "At or above: copies of one slice (one kept). Below: not copies.",
                "look-alike": "At or above: different slices that look alike (neighbouring slices of one patient): "
-                             "both kept, always in one split. Below: unrelated."}
+                             "both kept, always in one split. Below: unrelated.",
+               "detail": "Copy-level pairs compared again at 96 px after registration. At or above: copies. Below: "
+                         "look-alikes (neighbouring slices): both kept, in one split."}
+    scored = [(name, threshold, candidate_ids, np.asarray(candidate_scores)) for name, threshold in thresholds.items()]
+    if detail is not None:
+        scored.append(("detail", detail[2], detail[0], np.asarray(detail[1])))
     bands = []
-    for name, threshold in thresholds.items():
-        above, below = pairs_near_threshold(np.asarray(candidate_scores), threshold, pairs, seed)
+    for name, threshold, ids, scores in scored:
+        above, below = pairs_near_threshold(scores, threshold, pairs, seed)
         for side, chosen in (("above", above), ("below", below)):
             bands.append({"name": f"the {name} threshold", "side": side, "threshold": threshold,
                           "meaning": meaning.get(name, ""),
-                          "pairs": [{"a": item(candidate_ids[k][0]), "b": item(candidate_ids[k][1]),
-                                     "score": float(candidate_scores[k])} for k in chosen]})
+                          "pairs": [{"a": item(ids[k][0]), "b": item(ids[k][1]), "score": float(scores[k])}
+                                    for k in chosen]})
     quarantined = manifest[manifest["status"] == "quarantined"]
     summary = (f"{len(manifest)} files: {int(manifest['kept'].sum())} kept, "
                f"{int(manifest['drop_reason'].str.startswith('duplicate_of:').sum())} removed as duplicates, "

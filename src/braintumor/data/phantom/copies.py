@@ -4,7 +4,8 @@ Planted copies are made from the decoded original file, as a real re-upload woul
 masks go through exactly the same geometric transform (nearest-neighbour, so they stay 0/255).
 The kinds are the fields of :class:`PhantomDuplicates` (``exact``, ``resized``, ``reencoded``,
 ``grayscale_rgb``, ``cropped``, ``padded``, ``rotated``, ``flipped``, ``rescaled``,
-``conflicting_label``, ``augmented``, ``annotated``).
+``conflicting_label``, ``augmented``, ``annotated``), except ``adjacent_slice``: not a copy but the
+neighbouring slice of the same head, rendered again by :func:`braintumor.data.phantom.source.render_copy`.
 """
 
 from __future__ import annotations

@@ -97,6 +97,52 @@ def render_slice(rng: np.random.Generator, label: str, size: int) -> tuple[np.nd
     return image, mask
 
 
+class NeighbourGenerator:
+    """Replays a slice's random draws for the neighbouring slice of the same head, a few mm away.
+
+    It wraps the slice's own generator, so every draw happens in the same order and the anatomy stays
+    the same head: slice level, number and kind of structures (``integers``, ``choice``, ``random``,
+    ``beta`` pass through unchanged). Continuous parameters (``uniform``, ``normal``: head size and
+    pose, tissue contrasts, tumor size and position) move by ``jitter`` of their range, and every
+    noise field (``standard_normal``: gyri, texture, bias, scanner noise) turns by ``angle`` radians
+    towards an independent field, so sulci and texture change the way they do between real adjacent
+    slices while the outline, the contrast and the tumor stay.
+    """
+
+    def __init__(self, rng: np.random.Generator, other: np.random.Generator, angle: float, jitter: float) -> None:
+        self._rng, self._other = rng, other
+        self._cos, self._sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        self._jitter = jitter
+
+    def __getattr__(self, name: str):
+        if name in ("integers", "choice", "random", "beta"):
+            return getattr(self._rng, name)
+        raise AttributeError(f"the phantom's anatomy draws {name!r}, which NeighbourGenerator does not replay")
+
+    def uniform(self, low: float = 0.0, high: float = 1.0, size=None):
+        value = self._rng.uniform(low, high, size)
+        moved = value + self._other.uniform(-1.0, 1.0, size) * self._jitter * (high - low)
+        return np.clip(moved, min(low, high), max(low, high))
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size=None):
+        return self._rng.normal(loc, scale, size) + self._other.normal(0.0, self._jitter * 2 * scale, size)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        field = self._rng.standard_normal(size, dtype=dtype)
+        return field * self._cos + self._other.standard_normal(size, dtype=dtype) * self._sin
+
+
+def render_adjacent_slice(
+    rng: np.random.Generator, other: np.random.Generator, label: str, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbouring slice of the slice :func:`render_slice` draws from ``rng`` (a generator in the
+    same state), with ``other`` supplying the change: a distinct image of the same head, not a copy.
+    """
+    # 0.35-0.6 rad leaves 0.83-0.94 of each noise field's variance shared with the original slice.
+    neighbour = NeighbourGenerator(rng, other, angle=float(other.uniform(0.35, 0.6)), jitter=0.03)
+    return render_slice(neighbour, label, size)  # type: ignore[arg-type]  # duck-typed generator
+
+
 def encode_original(image: np.ndarray, rng: np.random.Generator) -> bytes:
     """JPEG bytes of an original at quality 88-95, as one grey channel or as three equal channels."""
     quality = int(rng.integers(88, 96))
@@ -220,9 +266,17 @@ def render_originals(originals: list[PlannedImage], cfg: PhantomSource) -> list[
 
 
 def render_copy(
-    plan: PlannedImage, original: tuple[bytes, bytes], rng: np.random.Generator
+    plan: PlannedImage, original: tuple[bytes, bytes], rng: np.random.Generator, seed: int = 0, size: int = 0
 ) -> tuple[bytes, bytes]:
-    """(image file bytes, mask PNG bytes) of a planted copy, made from the original's files."""
+    """(image file bytes, mask PNG bytes) of a planted copy, made from the original's files.
+
+    An ``adjacent_slice`` is not made from the file: it is rendered again from the original's seed
+    (``seed`` and ``size`` are the source's), with ``rng`` moving it to the neighbouring slice.
+    """
+    if plan.kind == "adjacent_slice":
+        slice_rng = np.random.default_rng([*_seed_entropy(seed), _SLICE_STREAM, plan.original])
+        image, mask = render_adjacent_slice(slice_rng, rng, plan.label, size)
+        return encode_original(image, rng), encode_image(mask.astype(np.uint8) * 255, ".png")
     if plan.file_format == "same":
         return original
     image = cv2.imdecode(np.frombuffer(original[0], np.uint8), cv2.IMREAD_UNCHANGED)
@@ -307,7 +361,7 @@ def generate_phantom_source(dest: Path, cfg: PhantomSource) -> dict:
     files = render_originals(originals, cfg)
     for j, copy in enumerate(copies):
         rng = np.random.default_rng([*_seed_entropy(cfg.seed), _COPY_STREAM, j])
-        files.append(render_copy(copy, files[copy.original], rng))
+        files.append(render_copy(copy, files[copy.original], rng, cfg.seed, cfg.image_size))
     _make_class_folders(dest)
     for name, (image_bytes, mask_bytes) in zip(names, files):
         _write_file(dest / "images" / name, image_bytes)

@@ -6,6 +6,10 @@ share of copies in their original's duplicate group and split group, for adjacen
 kept and in the original's split group, the false merges and the split groups joining two heads.
 
     .venv/bin/python benchmarks/dedup_recall.py [--per-class 500] [--copies 60] [--kinds augmented,annotated] [--keypoints]
+
+With ``--real DIR`` the copies (any kind but ``adjacent_slice``, made by the phantom's own copy makers)
+are planted among a real dataset's images instead, e.g. ``--real ../shared/datasets/nickparvar-224
+--kinds augmented,annotated --copies 100``: per kind, the share in the original's duplicate and split group.
 """
 
 from __future__ import annotations
@@ -16,11 +20,58 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from braintumor.core.config import NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
-from braintumor.data.merge import merge_sources, planted_duplicate_recall
+from braintumor.core.imageio import encode_image
+from braintumor.data.merge import list_source_files, merge_sources, planted_duplicate_recall
+from braintumor.data.phantom.copies import copy_file_format, make_copy
 from braintumor.data.phantom.source import generate_phantom_source
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def plant_real_copies(images_root: Path, dest: Path, kinds: list[str], copies: int, seed: int) -> list[dict]:
+    """Write ``copies`` copies of each kind of distinct, seeded originals from ``images_root`` into ``dest``
+    (same class folders), made by the phantom's own copy makers; the records name manifest ids."""
+    files = [f.relpath for f in list_source_files("real", images_root)[0]]
+    rng = np.random.default_rng(seed)
+    chosen = iter(rng.permutation(len(files))[: copies * len(kinds)].tolist())
+    records = []
+    for kind in kinds:
+        for j in range(copies):
+            rel = files[next(chosen)]
+            image = cv2.imread(str(images_root / rel), cv2.IMREAD_UNCHANGED)
+            copy_rng = np.random.default_rng([seed, kinds.index(kind), j])
+            pixels, _ = make_copy(kind, image, np.zeros(image.shape[:2], np.uint8), copy_rng)
+            file_format, quality = copy_file_format(kind, copy_rng)
+            suffix = Path(rel).suffix if file_format == "same" else f".{file_format}"
+            copy_rel = (Path(rel).parent / f"{kind}_{j:04d}{suffix}").as_posix()
+            (dest / copy_rel).parent.mkdir(parents=True, exist_ok=True)
+            data = (images_root / rel).read_bytes() if file_format == "same" else encode_image(pixels, suffix, quality)
+            (dest / copy_rel).write_bytes(data)
+            records.append({"original": f"real/{rel}", "copy": f"synthetic/{copy_rel}", "kind": kind})
+    return records
+
+
+def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int, params, near) -> dict:
+    """The copies of :func:`plant_real_copies` merged with the real set: the share of each kind in its
+    original's duplicate group and split group (false merges are unknowable here: the set has its own)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        records = plant_real_copies(images_root, Path(tmp), kinds, copies, seed)
+        start = time.perf_counter()
+        manifest, search, _, _ = merge_sources(
+            [("real", images_root), ("synthetic", Path(tmp))], params.merge.folder_to_label(), root=Path("/"),
+            head_threshold=params.preprocess.head_threshold, max_colour_share=params.merge.max_colour_share,
+            keep=params.merge.keep, near=near, workers=params.merge.workers,
+        )
+        seconds = time.perf_counter() - start
+    scores = planted_duplicate_recall(manifest, None, records)
+    return {"real": str(images_root), "images": int(len(manifest)), "merge_seconds": round(seconds, 1),
+            "recall": scores["recall"], "split_recall": scores["split_recall"], "planted": scores["planted"],
+            "keypoints": near.keypoints.model_dump() if near.keypoints.enabled else False,
+            "keypoint_pairs_checked": int(len(search.keypoint_candidates))}
 
 
 def main() -> None:
@@ -32,6 +83,8 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(PhantomDuplicates.model_fields),
                         help="planted kinds, comma-separated (default: every kind)")
     parser.add_argument("--keypoints", action="store_true", help="with the keypoint search (merge.near_duplicates.keypoints)")
+    parser.add_argument("--real", metavar="DIR", help="plant the copies among a real dataset's images instead "
+                        "(class folders below DIR, e.g. ../shared/datasets/nickparvar-224)")
     parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
                         help="a merge.near_duplicates param for this run, e.g. -S detail_similarity=0.98")
     args = parser.parse_args()
@@ -45,6 +98,11 @@ def main() -> None:
     unknown = sorted(set(kinds) - set(PhantomDuplicates.model_fields))
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {list(PhantomDuplicates.model_fields)}")
+    if args.real:
+        if {"adjacent_slice", "conflicting_label"} & set(kinds):
+            parser.error("adjacent_slice (it needs a phantom head) and conflicting_label are not planted in --real mode")
+        print(json.dumps(real_data_recall(Path(args.real), kinds, args.copies, args.seed, params, near)))
+        return
     cfg = PhantomSource(kind="phantom", images_per_class=args.per_class, image_size=args.image_size, seed=args.seed,
                         duplicates=PhantomDuplicates(**{k: args.copies if k in kinds else 0 for k in PhantomDuplicates.model_fields}))
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,3 +59,26 @@ def test_every_image_set_is_scored_from_one_prediction_per_file(tmp_path):
     assert scored["testing"]["n"] == 4 and scored["clean"]["n"] == 2
     assert scored["testing"]["peer"]["accuracy"] == 0.75 and scored["testing"]["ours"]["accuracy"] == 0.5
     assert scored["clean"]["peer"]["accuracy"] == 1.0 and scored["clean"]["ours"]["accuracy"] == 0.5
+
+
+def test_dedup_recall_real_mode_plants_copies_among_a_folder_and_scores_them(tmp_path):
+    from pathlib import Path
+
+    from braintumor.core.config import PhantomDuplicates, PhantomSource, load_params
+    from braintumor.data.phantom.source import generate_phantom_source
+
+    dedup_recall = _benchmark("dedup_recall")
+    generate_phantom_source(tmp_path, PhantomSource(kind="phantom", images_per_class=8, image_size=128, seed=4,
+                                                    duplicates=PhantomDuplicates(**dict.fromkeys(PhantomDuplicates.model_fields, 0))))
+    params = load_params(REPO / "params.yaml")
+    planted = tmp_path / "planted"
+    records = dedup_recall.plant_real_copies(tmp_path / "images", planted, ["rotated", "exact"], 3, seed=0)
+    assert len(records) == 6 and len({r["original"] for r in records}) == 6  # distinct originals
+    assert all((planted / r["copy"].removeprefix("synthetic/")).is_file() for r in records)
+    exact = [r for r in records if r["kind"] == "exact"]
+    assert all((planted / r["copy"].removeprefix("synthetic/")).read_bytes()
+               == (tmp_path / "images" / r["original"].removeprefix("real/")).read_bytes() for r in exact)
+    scores = dedup_recall.real_data_recall(Path(tmp_path / "images"), ["rotated", "resized"], 3, 0, params,
+                                           params.merge.near_duplicates)
+    assert scores["images"] == 32 + 6 and scores["planted"] == {"resized": 3, "rotated": 3}
+    assert scores["recall"] == scores["split_recall"] == {"resized": 1.0, "rotated": 1.0}

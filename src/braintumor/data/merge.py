@@ -353,8 +353,9 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def planted_duplicate_recall(manifest: pd.DataFrame, source: str, planted: list[dict]) -> dict:
-    """Score the groups against a phantom source's planted duplicates.
+def planted_duplicate_recall(manifest: pd.DataFrame, source: str | None, planted: list[dict]) -> dict:
+    """Score the groups against a phantom source's planted duplicates (paths relative to ``source``'s
+    folder), or with ``source`` None against copies planted anywhere (records hold manifest ids).
 
     Returns, per planted copy kind, the share of copies in their original's duplicate group
     (``recall``) and in its split group (``split_recall``); for ``adjacent_slice`` (a distinct slice
@@ -364,8 +365,10 @@ def planted_duplicate_recall(manifest: pd.DataFrame, source: str, planted: list[
     k distinct originals counts k - 1; an adjacent slice is its original's head); and the number of
     split groups holding more than one head.
     """
-    rows = manifest[(manifest["source"] == source) & (manifest["status"] == "ok")]
-    names = rows["id"].str.removeprefix(f"{source}/")
+    rows = manifest[manifest["status"] == "ok"]
+    if source is not None:
+        rows = rows[rows["source"] == source]
+    names = rows["id"] if source is None else rows["id"].str.removeprefix(f"{source}/")
     group_of = dict(zip(names, rows["group"]))
     split_group_of = dict(zip(names, rows["split_group"]))
     same_group: dict[str, list[bool]] = {}

@@ -111,7 +111,6 @@ def test_detail_check_keeps_a_neighbouring_slice_that_passes_as_a_copy_at_64_px(
 
 
 def test_detail_check_needs_detail_heads():
-    prints = [fingerprint_image(s, THRESHOLD) for s in (head_slice(), head_slice())]
-    prints[1] = fingerprint_image(cv2.resize(head_slice(), (120, 120)), THRESHOLD)
+    prints = [fingerprint_image(head_slice(), THRESHOLD), fingerprint_image(cv2.resize(head_slice(), (120, 120)), THRESHOLD)]
     with pytest.raises(ValueError, match="detail_similarity is on, but the fingerprints carry no detail"):
         find_duplicate_groups(prints, THRESHOLD, PARAMS.model_copy(update={"detail_similarity": 0.99}))

@@ -410,10 +410,12 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         heads = np.stack([f.head for f in fingerprints])
         scores = verify_pairs(heads, canonical, candidates, head_threshold, near.max_rotation_deg, near.rotation_step_deg)
         duplicate = scores >= near.verify_similarity
-        if near.detail_similarity > 0:
-            duplicate, detail_pairs, detail_checked_scores = _confirm_in_detail(
-                fingerprints, candidates, duplicate, head_threshold, near)
+        if near.detail_similarity > 0:  # copy-level pairs that fail it become look-alikes
+            checked = np.flatnonzero(duplicate)
+            detail_pairs = candidates[checked]
+            detail_checked_scores = _detail_check(fingerprints, detail_pairs, head_threshold, near)
             detail_apart = detail_checked_scores < near.detail_similarity
+            duplicate[checked[detail_apart]] = False
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
         related_pairs = candidates[~duplicate & (scores >= near.related_similarity)]
     keypoint = near.keypoints
@@ -438,18 +440,12 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
                            extra, inliers, correlation, detail_pairs, detail_checked_scores, detail_apart)
 
 
-def _confirm_in_detail(fingerprints: list[Fingerprint], candidates: np.ndarray, duplicate: np.ndarray,
-                       head_threshold: int, near: NearDuplicateParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``duplicate`` with the pairs that fail the detail check turned into look-alikes; the pairs checked and their scores.
-
-    Neighbouring slices of one series can score as copies at 64 px; at 96 px their sulci differ.
-    """
+def _detail_check(fingerprints: list[Fingerprint], pairs: np.ndarray, head_threshold: int,
+                  near: NearDuplicateParams) -> np.ndarray:
+    """:func:`detail_scores` of copy-level ``pairs``: neighbouring slices of one series can score as copies
+    at 64 px; at 96 px, registered, their sulci differ."""
     if any(f.detail is None for f in fingerprints):
         raise ValueError("merge.near_duplicates.detail_similarity is on, but the fingerprints carry no detail "
                          "head (fingerprint_image(..., detail=True))")
-    checked = np.flatnonzero(duplicate)
-    scores = detail_scores([f.detail for f in fingerprints], candidates[checked], head_threshold, near.max_rotation_deg,
-                           enough=near.detail_similarity)
-    confirmed = duplicate.copy()
-    confirmed[checked[scores < near.detail_similarity]] = False
-    return confirmed, candidates[checked], scores
+    return detail_scores([f.detail for f in fingerprints], pairs, head_threshold, near.max_rotation_deg,
+                         enough=near.detail_similarity)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.data.dedup import fingerprint_image
-from braintumor.data.keypoints import correlation, keypoint_shortlist, match_keypoints, orb_keypoints
+from braintumor.data.keypoints import correlation, keypoint_shortlist, match_keypoints, orb_keypoints, ratio_test_matches
 from braintumor.data.merge import merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.source import generate_phantom_source
 
@@ -74,6 +74,22 @@ def test_a_turned_zoomed_cut_flipped_darker_copy_matches_and_another_slice_does_
     assert inliers < 15 or score < 0.5
     # the shortlist puts the copy among the original's neighbours, as it is or mirrored
     assert [0, 1] in keypoint_shortlist([original, turned, different], words=16, neighbours=1).tolist()
+
+
+def test_ratio_test_matches_are_opencvs_brute_force_matches():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (120, 32), dtype=np.uint8)
+    # queries near some train descriptors (a few bits flipped), and random ones that mostly fail the test
+    near = train[rng.choice(120, 40, replace=False)] ^ (rng.random((40, 32)) < 0.03).astype(np.uint8)
+    queries = [near, rng.integers(0, 256, (60, 32), dtype=np.uint8), np.zeros((0, 32), np.uint8)]
+    found = ratio_test_matches(train, queries, ratio=0.8)
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    for query, (rows, matched) in zip(queries, found):
+        expected = [(m[0].queryIdx, m[0].trainIdx) for m in (matcher.knnMatch(query, train, k=2) if len(query) else [])
+                    if m[0].distance < 0.8 * m[1].distance]
+        assert list(zip(rows.tolist(), matched.tolist())) == expected
+    assert len(found[0][0]) >= 35 and len(found[2][0]) == 0
+    assert [len(r) for r, _ in ratio_test_matches(train[:1], queries, 0.8)] == [0, 0, 0]  # one train descriptor: no ratio
 
 
 def test_correlation_is_pearsons_and_flat_pixels_score_minus_one():

@@ -183,16 +183,14 @@ def fit_and_correlate(a: Keypoints, source: np.ndarray, target: np.ndarray, imag
     return int(inliers.sum()), correlation(a.image[both], warped[both])
 
 
-def _variants(b: Keypoints) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """(points, descriptors, mirrored) of ``b`` as it is and mirrored."""
-    return [(b.points, b.descriptors, False), (b.mirrored_points, b.mirrored_descriptors, True)]
-
-
-def _best_transform(a: Keypoints, b: Keypoints, matches: list[tuple[np.ndarray, np.ndarray]],
-                    min_matches: int) -> tuple[int, float]:
-    """The better of ``b``'s two variants (plain, mirrored) given their ratio-test ``matches`` onto ``a``."""
+def match_keypoints(a: Keypoints, b: Keypoints, min_matches: int, ratio: float = 0.8) -> tuple[int, float]:
+    """(RANSAC inliers, correlation after warping) of the best similarity transform taking ``b``, as it
+    is or mirrored, onto ``a``; (0, -1.0) when no transform is found or fewer than ``min_matches``
+    keypoints match (RANSAC could not find that many inliers: most shortlisted pairs end here)."""
+    variants = ((b.points, b.descriptors, False), (b.mirrored_points, b.mirrored_descriptors, True))
+    matches = ratio_test_matches(a.descriptors, [descriptors for _, descriptors, _ in variants], ratio)
     best = (0, -1.0)
-    for (points, _, mirrored), (query, train) in zip(_variants(b), matches):
+    for (points, _, mirrored), (query, train) in zip(variants, matches):
         if len(query) < max(min_matches, 4):
             continue
         image = np.ascontiguousarray(b.image[:, ::-1]) if mirrored else b.image
@@ -200,14 +198,6 @@ def _best_transform(a: Keypoints, b: Keypoints, matches: list[tuple[np.ndarray, 
         if candidate is not None and candidate > best:
             best = candidate
     return best
-
-
-def match_keypoints(a: Keypoints, b: Keypoints, min_matches: int, ratio: float = 0.8) -> tuple[int, float]:
-    """(RANSAC inliers, correlation after warping) of the best similarity transform taking ``b``, as it
-    is or mirrored, onto ``a``; (0, -1.0) when no transform is found or fewer than ``min_matches``
-    keypoints match (RANSAC could not find that many inliers: most shortlisted pairs end here)."""
-    matches = ratio_test_matches(a.descriptors, [d for _, d, _ in _variants(b)], ratio)
-    return _best_transform(a, b, matches, min_matches)
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> float:

@@ -74,6 +74,20 @@ def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int
             "keypoint_pairs_checked": int(len(search.keypoint_candidates))}
 
 
+def with_settings(near: NearDuplicateParams, items: list[str]) -> NearDuplicateParams:
+    """``near`` with each ``key=value`` of ``items`` set and validated; a dotted key reaches into a
+    sub-section (``keypoints.words=1024``)."""
+    settings = near.model_dump()
+    for item in items:
+        key, value = item.split("=", 1)
+        *sections, name = key.split(".")
+        section = settings
+        for part in sections:
+            section = section[part]
+        section[name] = value
+    return NearDuplicateParams.model_validate(settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-class", type=int, default=500)
@@ -86,14 +100,14 @@ def main() -> None:
     parser.add_argument("--real", metavar="DIR", help="plant the copies among a real dataset's images instead "
                         "(class folders below DIR, e.g. ../shared/datasets/nickparvar-224)")
     parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
-                        help="a merge.near_duplicates param for this run, e.g. -S detail_similarity=0.98")
+                        help="a merge.near_duplicates param for this run, e.g. -S detail_similarity=0.98 "
+                        "or -S keypoints.words=1024")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
     near = params.merge.near_duplicates
     if args.keypoints:
         near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": True})})
-    overrides = dict(item.split("=", 1) for item in args.set)
-    near = NearDuplicateParams.model_validate({**near.model_dump(), **overrides})
+    near = with_settings(near, args.set)
     kinds = args.kinds.split(",")
     unknown = sorted(set(kinds) - set(PhantomDuplicates.model_fields))
     if unknown:

@@ -82,3 +82,16 @@ def test_dedup_recall_real_mode_plants_copies_among_a_folder_and_scores_them(tmp
                                            params.merge.near_duplicates)
     assert scores["images"] == 32 + 6 and scores["planted"] == {"resized": 3, "rotated": 3}
     assert scores["recall"] == scores["split_recall"] == {"resized": 1.0, "rotated": 1.0}
+
+
+def test_dedup_recall_settings_reach_into_the_keypoint_section_and_are_validated():
+    from pydantic import ValidationError
+
+    from braintumor.core.config import NearDuplicateParams
+
+    dedup_recall = _benchmark("dedup_recall")
+    near = dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.words=1024", "detail_similarity=0.98"])
+    assert near.keypoints.words == 1024 and near.detail_similarity == 0.98
+    assert near.keypoints.features == NearDuplicateParams().keypoints.features
+    with pytest.raises(ValidationError, match="wrods"):
+        dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.wrods=1024"])

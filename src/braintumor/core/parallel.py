@@ -25,14 +25,20 @@ R = TypeVar("R")
 
 
 @contextmanager
-def single_threaded_opencv() -> Iterator[None]:
-    """OpenCV on one thread inside the block (and in processes forked inside it), restored after."""
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
+def on_one_thread(get_threads: Callable[[], int], set_threads: Callable[[int], None]) -> Iterator[None]:
+    """A library's thread count (read by ``get_threads``, set by ``set_threads``) at 1 inside the block,
+    restored after."""
+    previous = get_threads()
+    set_threads(1)
     try:
         yield
     finally:
-        cv2.setNumThreads(previous)
+        set_threads(previous)
+
+
+def single_threaded_opencv():
+    """OpenCV on one thread inside the block (and in processes forked inside it), restored after."""
+    return on_one_thread(cv2.getNumThreads, cv2.setNumThreads)
 
 
 def available_cores() -> int:

@@ -20,12 +20,12 @@ there (benchmarks/dedup_recall.py, README "Merge").
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import cv2
 import numpy as np
+
+from braintumor.core.parallel import on_one_thread
 
 DETAIL_SIZE = 192  # side of the head-with-margin image the keypoints are found on
 _BITS = 256  # an ORB descriptor: 32 bytes
@@ -129,20 +129,6 @@ def keypoint_shortlist(keypoints: list[Keypoints], words: int, neighbours: int, 
     return np.stack([keys // n, keys % n], axis=1)
 
 
-@contextmanager
-def _faiss_on_one_thread() -> Iterator[None]:
-    """FAISS's OpenMP threads off inside the block: each search here is small (hundreds of descriptors),
-    and with OpenMP's threads on each one the keypoint search ran 20x slower on a busy 2-core machine."""
-    import faiss
-
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
-
-
 def ratio_test_matches(train: np.ndarray, queries: list[np.ndarray], ratio: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per query descriptor set, (query indices, train indices) of the matches that pass Lowe's ratio
     test: the query's nearest ``train`` descriptor (Hamming distance) nearer than ``ratio`` times the
@@ -155,7 +141,9 @@ def ratio_test_matches(train: np.ndarray, queries: list[np.ndarray], ratio: floa
         return [(np.empty(0, np.int64), np.empty(0, np.int64)) for _ in queries]
     index = faiss.IndexBinaryFlat(_BITS)
     index.add(np.ascontiguousarray(train))
-    with _faiss_on_one_thread():
+    # each search is small (hundreds of descriptors): with FAISS's OpenMP threads on each one, the
+    # keypoint search ran 20x slower on a busy 2-core machine
+    with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads):
         distances, nearest = index.search(np.ascontiguousarray(np.concatenate(queries)), 2)
     passed = distances[:, 0] < ratio * distances[:, 1]
     found, start = [], 0

@@ -25,6 +25,7 @@ import numpy as np
 
 from braintumor.core.config import NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.core.imageio import encode_image
+from braintumor.demo import apply_overrides
 from braintumor.data.merge import list_source_files, merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.copies import copy_file_format, make_copy
 from braintumor.data.phantom.source import generate_phantom_source
@@ -77,15 +78,7 @@ def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int
 def with_settings(near: NearDuplicateParams, items: list[str]) -> NearDuplicateParams:
     """``near`` with each ``key=value`` of ``items`` set and validated; a dotted key reaches into a
     sub-section (``keypoints.words=1024``)."""
-    settings = near.model_dump()
-    for item in items:
-        key, value = item.split("=", 1)
-        *sections, name = key.split(".")
-        section = settings
-        for part in sections:
-            section = section[part]
-        section[name] = value
-    return NearDuplicateParams.model_validate(settings)
+    return NearDuplicateParams.model_validate(apply_overrides(near.model_dump(), dict(item.split("=", 1) for item in items)))
 
 
 def main() -> None:

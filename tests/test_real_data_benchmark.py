@@ -93,5 +93,7 @@ def test_dedup_recall_settings_reach_into_the_keypoint_section_and_are_validated
     near = dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.words=1024", "detail_similarity=0.98"])
     assert near.keypoints.words == 1024 and near.detail_similarity == 0.98
     assert near.keypoints.features == NearDuplicateParams().keypoints.features
-    with pytest.raises(ValidationError, match="wrods"):
+    with pytest.raises(KeyError, match="wrods"):
         dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.wrods=1024"])
+    with pytest.raises(ValidationError, match="words"):
+        dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.words=many"])

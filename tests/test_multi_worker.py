@@ -187,7 +187,9 @@ def test_training_stages_on_two_workers(built_pipeline, tmp_path, venv_env):
     # Augmentation and the global-batch shuffle are seeded per batch, so every worker builds the same
     # batches; dropout masks are drawn per replica (no single-process equivalent), so the comparison runs
     # without dropout; the head's BatchNorm is synchronized across workers (the global batch's statistics).
-    overrides = {"model.dropout": [0.0, 0.0], "train_base.feature_cache": False}
+    # One augmented copy per image in the activation cache: each step adds its rounding, which Adam can
+    # amplify (see the tolerance below), so the comparison is kept to few steps.
+    overrides = {"model.dropout": [0.0, 0.0], "train_base.feature_cache": False, "finetune.cache_copies": 1}
     single, chief, worker = (copy_built_pipeline(built_pipeline, tmp_path / name) for name in ("single", "chief", "worker"))
     for folder in (single, chief, worker):
         set_params(folder, {**overrides, "runtime.distribution": "none" if folder is single else "multi_worker"})

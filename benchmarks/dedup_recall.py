@@ -25,10 +25,10 @@ import numpy as np
 
 from braintumor.core.config import NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.core.imageio import encode_image
-from braintumor.demo import apply_overrides
 from braintumor.data.merge import list_source_files, merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.copies import copy_file_format, make_copy
 from braintumor.data.phantom.source import generate_phantom_source
+from braintumor.demo import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
 import cv2
@@ -36,7 +36,7 @@ def on_one_thread(get_threads: Callable[[], int], set_threads: Callable[[int], N
         set_threads(previous)
 
 
-def single_threaded_opencv():
+def single_threaded_opencv() -> AbstractContextManager[None]:
     """OpenCV on one thread inside the block (and in processes forked inside it), restored after."""
     return on_one_thread(cv2.getNumThreads, cv2.setNumThreads)
 

@@ -142,7 +142,7 @@ def ratio_test_matches(train: np.ndarray, queries: list[np.ndarray], ratio: floa
     index = faiss.IndexBinaryFlat(_BITS)
     index.add(np.ascontiguousarray(train))
     # each search is small (hundreds of descriptors): with FAISS's OpenMP threads on each one, the
-    # keypoint search ran 20x slower on a busy 2-core machine
+    # keypoint search ran 14-20x slower on a busy 2-core machine
     with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads):
         distances, nearest = index.search(np.ascontiguousarray(np.concatenate(queries)), 2)
     passed = distances[:, 0] < ratio * distances[:, 1]

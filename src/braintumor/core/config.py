@@ -299,6 +299,8 @@ class PhaseParams(_Section):
     reduce_lr_factor: float = Field(default=0.2, gt=0.0, lt=1.0)
     reduce_lr_patience: int = Field(default=2, ge=1)
     min_lr: float = Field(default=1e-6, ge=0.0)
+    schedule: Literal["plateau", "cosine"] = Field(
+        default="plateau", description="plateau: reduce_lr_factor on a validation-loss plateau; cosine: decay to min_lr over epochs")
     class_weights: bool = Field(default=True, description="weight classes by inverse frequency")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="targets (1 - e) one-hot + e / classes")
 

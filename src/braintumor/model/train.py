@@ -14,6 +14,7 @@ still one ordinary Keras model (backbone + head) that the app and Grad-CAM load 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -167,15 +168,26 @@ class EpochLog(keras.callbacks.Callback):
 
 
 def callbacks_for(phase: PhaseParams, name: str, images_per_epoch: int) -> list[keras.callbacks.Callback]:
+    plateau = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=phase.reduce_lr_factor,
+                                                 patience=phase.reduce_lr_patience, min_lr=phase.min_lr, verbose=0)]
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=phase.reduce_lr_factor,
-                                          patience=phase.reduce_lr_patience, min_lr=phase.min_lr, verbose=0),
+        *(plateau if phase.schedule == "plateau" else []),  # a cosine schedule owns the rate; the callback would fight it
         EpochLog(name, images_per_epoch),
     ]
 
 
-def compile_for(model: keras.Model, learning_rate: float, jit_compile: bool, label_smoothing: float = 0.0) -> None:
+def learning_rate_for(phase: PhaseParams, images_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The phase's starting rate, or its cosine decay to ``min_lr`` over every step of ``epochs`` epochs."""
+    if phase.schedule == "plateau":
+        return phase.learning_rate
+    steps = phase.epochs * math.ceil(images_per_epoch / phase.batch_size)
+    return keras.optimizers.schedules.CosineDecay(phase.learning_rate, decay_steps=steps,
+                                                  alpha=min(phase.min_lr / phase.learning_rate, 1.0))
+
+
+def compile_for(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+                jit_compile: bool, label_smoothing: float = 0.0) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=training_loss(label_smoothing),
@@ -248,7 +260,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
     if not phase.feature_cache:
-        compile_for(model, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
+        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing)
         return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                        augment=augment, seed=seed, weights=weight),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
@@ -261,7 +273,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     x_val, _ = cache_outputs(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
     cache_seconds = time.perf_counter() - started
     log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
-    compile_for(head, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
+    compile_for(head, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
     if runtime.cluster is None:
         train_data, val_data = (x_train, y_train, w_train), (x_val, val.labels)
     else:  # workers in step need the same seeded batches: the pipeline, not fit's array shuffling
@@ -287,7 +299,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     if parts is None:
         log.info("fine-tuning end to end (%s)", "activation cache off" if not phase.activation_cache
                  else "nothing frozen below the unfrozen layers to cache")
-        compile_for(model, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
+        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing)
         result = fit(model,
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                   augment=augment, seed=seed, weights=weight),
@@ -310,7 +322,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
                  (x_train.nbytes + x_val.nbytes) / 1e6)
         y_train, w_train = labels_of(sources, train), per_item(sources, train.rows, weight)
         positions = np.arange(len(x_train))
-        compile_for(top, phase.learning_rate, runtime.jit_compile, phase.label_smoothing)
+        compile_for(top, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
         result = fit(top,
                      make_dataset(x_train, positions, y_train, batch_size=phase.batch_size, training=True,
                                   augment=None, seed=seed, weights=w_train),

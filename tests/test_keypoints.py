@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.data.dedup import fingerprint_image
-from braintumor.data.keypoints import correlation, keypoint_shortlist, match_keypoints, orb_keypoints, ratio_test_matches
+from braintumor.data.head import head_bbox
+from braintumor.data.keypoints import (DETAIL_SIZE, correlation, keypoint_image, keypoint_shortlist, match_keypoints,
+                                      orb_keypoints, ratio_test_matches)
 from braintumor.data.merge import merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.source import generate_phantom_source
 
@@ -74,6 +76,24 @@ def test_a_turned_zoomed_cut_flipped_darker_copy_matches_and_another_slice_does_
     assert inliers < 15 or score < 0.5
     # the shortlist puts the copy among the original's neighbours, as it is or mirrored
     assert [0, 1] in keypoint_shortlist([original, turned, different], words=16, neighbours=1).tolist()
+
+
+def test_a_copy_saved_much_darker_matches_although_its_head_box_shrinks(phantom):
+    image = cv2.imread(str(sorted((phantom / "images" / "Training" / "glioma").glob("*.jpg"))[10]), cv2.IMREAD_GRAYSCALE)
+    dark = np.clip(255 * (image / 255.0) ** 2.0 * 0.5, 0, 255).astype(np.uint8)
+    y0, y1, x0, x1 = head_bbox(dark, THRESHOLD)
+    h0, h1, w0, w1 = head_bbox(image, THRESHOLD)
+    assert (y1 - y0) * (x1 - x0) < 0.6 * (h1 - h0) * (w1 - w0)  # most of the darker head is below the threshold
+    # on that shrunken box the pair scored 0.63 (a look-alike); the whole slice keeps it a copy
+    assert keypoint_image(dark).shape == (DETAIL_SIZE, DETAIL_SIZE) == keypoint_image(image).shape
+    inliers, score = match_keypoints(keypoints_of(image), keypoints_of(dark), min_matches=15)
+    assert inliers >= 15 and score >= 0.75
+
+
+def test_keypoints_are_found_on_the_whole_slice_its_longer_side_fixed():
+    wide = np.zeros((100, 300), np.uint8)
+    assert keypoint_image(wide).shape == (64, DETAIL_SIZE)
+    assert keypoint_image(wide.T).shape == (DETAIL_SIZE, 64)
 
 
 def test_ratio_test_matches_are_opencvs_brute_force_matches():

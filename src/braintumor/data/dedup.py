@@ -39,7 +39,7 @@ import numpy as np
 from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import DETAIL_SIZE, Keypoints, keypoint_shortlist, orb_keypoints, verify_keypoint_pairs
+from braintumor.data.keypoints import Keypoints, keypoint_image, keypoint_shortlist, orb_keypoints, verify_keypoint_pairs
 
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation
@@ -108,7 +108,7 @@ def fingerprint_image(image: np.ndarray, threshold: int, keypoint_features: int 
     gray = to_grayscale(image)
     head = head_with_margin(gray, threshold)
     channels = 1 if image.ndim == 2 else image.shape[2]
-    keypoints = (orb_keypoints(head_with_margin(gray, threshold, DETAIL_SIZE), keypoint_features)
+    keypoints = (orb_keypoints(keypoint_image(gray), keypoint_features)
                  if keypoint_features else None)
     return Fingerprint(
         pixel_hash=pixel_hash(image),

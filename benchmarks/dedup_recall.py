@@ -10,6 +10,8 @@ kept and in the original's split group, the false merges and the split groups jo
 With ``--real DIR`` the copies (any kind but ``adjacent_slice``, made by the phantom's own copy makers)
 are planted among a real dataset's images instead, e.g. ``--real ../shared/datasets/nickparvar-224
 --kinds augmented,annotated --copies 100``: per kind, the share in the original's duplicate and split group.
+``--with DIR`` merges more real datasets along (no copies planted among them), e.g. ``--with
+../shared/datasets/sartaj`` for the merge of Nickparvar + SARTAJ, timed, with its duplicate counts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from braintumor.core.config import NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.core.imageio import encode_image
-from braintumor.data.merge import list_source_files, merge_sources, planted_duplicate_recall
+from braintumor.data.merge import list_source_files, merge_report, merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.copies import copy_file_format, make_copy
 from braintumor.data.phantom.source import generate_phantom_source
 from braintumor.demo import apply_overrides
@@ -56,14 +58,17 @@ def plant_real_copies(images_root: Path, dest: Path, kinds: list[str], copies: i
     return records
 
 
-def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int, params, near) -> dict:
-    """The copies of :func:`plant_real_copies` merged with the real set: the share of each kind in its
-    original's duplicate group and split group (false merges are unknowable here: the set has its own)."""
+def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int, params, near,
+                     also: list[Path] = ()) -> dict:
+    """The copies of :func:`plant_real_copies` merged with the real set (and the datasets in ``also``):
+    the share of each kind in its original's duplicate group and split group (false merges are
+    unknowable here: the sets have their own), and the merge's duplicate counts."""
     with tempfile.TemporaryDirectory() as tmp:
         records = plant_real_copies(images_root, Path(tmp), kinds, copies, seed)
+        sources = [("real", images_root), *((f"also{i}", Path(d)) for i, d in enumerate(also)), ("synthetic", Path(tmp))]
         start = time.perf_counter()
         manifest, search, _, _ = merge_sources(
-            [("real", images_root), ("synthetic", Path(tmp))], params.merge.folder_to_label(), root=Path("/"),
+            sources, params.merge.folder_to_label(), root=Path("/"),
             head_threshold=params.preprocess.head_threshold, max_colour_share=params.merge.max_colour_share,
             keep=params.merge.keep, near=near, workers=params.merge.workers,
         )
@@ -72,7 +77,8 @@ def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int
     return {"real": str(images_root), "images": int(len(manifest)), "merge_seconds": round(seconds, 1),
             "recall": scores["recall"], "split_recall": scores["split_recall"], "planted": scores["planted"],
             "keypoints": near.keypoints.model_dump() if near.keypoints.enabled else False,
-            "keypoint_pairs_checked": int(len(search.keypoint_candidates))}
+            "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
+            "duplicates": merge_report(manifest)["duplicates"]}
 
 
 def with_settings(near: NearDuplicateParams, items: list[str]) -> NearDuplicateParams:
@@ -92,6 +98,8 @@ def main() -> None:
     parser.add_argument("--keypoints", action="store_true", help="with the keypoint search (merge.near_duplicates.keypoints)")
     parser.add_argument("--real", metavar="DIR", help="plant the copies among a real dataset's images instead "
                         "(class folders below DIR, e.g. ../shared/datasets/nickparvar-224)")
+    parser.add_argument("--with", dest="also", action="append", default=[], metavar="DIR",
+                        help="with --real: another real dataset merged along, no copies planted (repeatable)")
     parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
                         help="a merge.near_duplicates param for this run, e.g. -S detail_similarity=0.98 "
                         "or -S keypoints.words=1024")
@@ -105,10 +113,13 @@ def main() -> None:
     unknown = sorted(set(kinds) - set(PhantomDuplicates.model_fields))
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {list(PhantomDuplicates.model_fields)}")
+    if args.also and not args.real:
+        parser.error("--with needs --real")
     if args.real:
         if {"adjacent_slice", "conflicting_label"} & set(kinds):
             parser.error("adjacent_slice (it needs a phantom head) and conflicting_label are not planted in --real mode")
-        print(json.dumps(real_data_recall(Path(args.real), kinds, args.copies, args.seed, params, near)))
+        print(json.dumps(real_data_recall(Path(args.real), kinds, args.copies, args.seed, params, near,
+                                          [Path(d) for d in args.also])))
         return
     cfg = PhantomSource(kind="phantom", images_per_class=args.per_class, image_size=args.image_size, seed=args.seed,
                         duplicates=PhantomDuplicates(**{k: args.copies if k in kinds else 0 for k in PhantomDuplicates.model_fields}))

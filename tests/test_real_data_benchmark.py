@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 
@@ -82,6 +83,13 @@ def test_dedup_recall_real_mode_plants_copies_among_a_folder_and_scores_them(tmp
                                            params.merge.near_duplicates)
     assert scores["images"] == 32 + 6 and scores["planted"] == {"resized": 3, "rotated": 3}
     assert scores["recall"] == scores["split_recall"] == {"resized": 1.0, "rotated": 1.0}
+    # another dataset merged along (here the same 32 files again): its copies are counted, none planted among them
+    shutil.copytree(tmp_path / "images", tmp_path / "again")
+    scores = dedup_recall.real_data_recall(Path(tmp_path / "images"), ["rotated"], 3, 0, params,
+                                           params.merge.near_duplicates, [tmp_path / "again"])
+    assert scores["images"] == 2 * 32 + 3 and scores["split_recall"] == {"rotated": 1.0}
+    across = scores["duplicates"]["exact_across_sources"]["groups"] + scores["duplicates"]["near_across_sources"]["groups"]
+    assert across == 32  # every file's group spans both folders (near: the 3 that also hold a rotated copy)
 
 
 def test_dedup_recall_settings_reach_into_the_keypoint_section_and_are_validated():

@@ -6,7 +6,7 @@ burnt-in text, arrows or frames. The head box that :mod:`braintumor.data.dedup` 
 with every cut and every annotation, so its shortlist and its aligned correlation miss most of them.
 Local features do not depend on the box:
 
-1. ORB keypoints (OpenCV) on the head with its margin, CLAHE-equalised, of the image and its mirror;
+1. ORB keypoints (OpenCV) on the whole slice, CLAHE-equalised, of the image and its mirror;
 2. shortlist: a bag of visual words (binary k-means vocabulary, TF-IDF, square-rooted counts) and the
    nearest neighbours by cosine, of the image and of its mirror image;
 3. verification: ratio-test matches, a RANSAC-estimated similarity transform (rotation, scale,
@@ -34,7 +34,7 @@ _HEAD_GREY = 12  # pixels at or below this grey level in either head are backgro
 
 @dataclass(frozen=True)
 class Keypoints:
-    """ORB keypoints of one head image and of its mirror image."""
+    """ORB keypoints of one slice and of its mirror image."""
 
     image: np.ndarray  # uint8, the whole slice, its longer side DETAIL_SIZE
     points: np.ndarray  # (K, 2) float32 x, y

@@ -33,10 +33,10 @@ def phantom(tmp_path_factory):
     return root
 
 
-def merged(root, keypoints: bool) -> tuple[dict, dict]:
+def merged(root, keypoints: bool, **settings) -> tuple[dict, dict]:
     params = load_params(REPO / "params.yaml")
     near = params.merge.near_duplicates
-    near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": keypoints})})
+    near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": keypoints, **settings})})
     manifest, search, _, _ = merge_sources([("phantom", root / "images")], params.merge.folder_to_label(), root=root,
                                            head_threshold=THRESHOLD, max_colour_share=params.merge.max_colour_share,
                                            keep="largest", near=near, workers=1)
@@ -51,6 +51,13 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
     assert with_keypoints["recall"] == {"annotated": 1.0, "augmented": 1.0}
     assert with_keypoints["false_merges"] == 0
     assert len(search.keypoint_candidates) > 0 and len(search.keypoint_inliers) == len(search.keypoint_candidates)
+
+
+def test_with_copy_correlation_1_its_matches_keep_both_images_in_one_split_group(phantom):
+    scores, _ = merged(phantom, keypoints=True, copy_correlation=1.0)
+    assert scores["split_recall"] == {"annotated": 1.0, "augmented": 1.0}
+    without, _ = merged(phantom, keypoints=False)
+    assert scores["recall"] == without["recall"]  # no copy group beyond the head-box search's
 
 
 def slice_image(phantom) -> np.ndarray:

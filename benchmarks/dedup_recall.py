@@ -20,6 +20,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -59,7 +60,7 @@ def plant_real_copies(images_root: Path, dest: Path, kinds: list[str], copies: i
 
 
 def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int, params, near,
-                     also: list[Path] = ()) -> dict:
+                     also: Sequence[Path] = ()) -> dict:
     """The copies of :func:`plant_real_copies` merged with the real set (and the datasets in ``also``):
     the share of each kind in its original's duplicate group and split group (false merges are
     unknowable here: the sets have their own), and the merge's duplicate counts."""

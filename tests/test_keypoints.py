@@ -101,6 +101,11 @@ def test_keypoints_are_found_on_the_whole_slice_its_longer_side_fixed():
     wide = np.zeros((100, 300), np.uint8)
     assert keypoint_image(wide).shape == (64, DETAIL_SIZE)
     assert keypoint_image(wide.T).shape == (DETAIL_SIZE, 64)
+    small = np.zeros((96, 80), np.uint8)
+    small[40:56, 30:50] = 200
+    enlarged = keypoint_image(small)
+    assert enlarged.shape == (DETAIL_SIZE, 160)
+    assert len(np.unique(enlarged)) > 2  # enlarged smoothly, not into blocks of two grey levels
 
 
 def test_ratio_test_matches_are_opencvs_brute_force_matches():

@@ -54,7 +54,8 @@ def keypoint_image(gray: np.ndarray) -> np.ndarray:
     """
     scale = DETAIL_SIZE / max(gray.shape)
     size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
-    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    # INTER_AREA enlarges like nearest-neighbour: blocky edges would become keypoints of their own
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def orb_keypoints(detail: np.ndarray, features: int) -> Keypoints:

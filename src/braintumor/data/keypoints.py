@@ -29,7 +29,7 @@ from braintumor.core.parallel import on_one_thread
 
 DETAIL_SIZE = 192  # longer side of the whole slice the keypoints are found on
 _BITS = 256  # an ORB descriptor: 32 bytes
-_HEAD_GREY = 12  # pixels at or below this grey level in either head are background, not compared
+_HEAD_GREY = 12  # pixels at or below this grey level in either slice are background, not compared
 
 
 @dataclass(frozen=True)

@@ -206,9 +206,13 @@ def main() -> int:
     parser.add_argument("--name", default="real", help="prefix of the DVC experiment names")
     parser.add_argument("--peers-venv", type=Path, default=Path.home() / ".cache" / "braintumor" / "peers-venv")
     parser.add_argument("--skip-clean", action="store_true", help="only the leak-free run (no clean-Testing training, no peers)")
+    parser.add_argument("--skip-leak-free", action="store_true",
+                        help="only the clean-Testing training and the peers (no leak-free run, so no --external or --boxes)")
     parser.add_argument("--external", default="", help=f"external sets, comma-separated: {', '.join(EXTERNAL)}")
     parser.add_argument("--boxes", default="", help=f"a set with tumor boxes (external, localisation): {', '.join(BOXES)}")
     args = parser.parse_args()
+    if args.skip_leak_free and (args.skip_clean or args.external or args.boxes):
+        parser.error("--skip-leak-free leaves only the clean-Testing run: it cannot go with --skip-clean, --external or --boxes")
     started = time.perf_counter()
     names = [n.strip() for n in args.sources.split(",") if n.strip()]
     external = [n.strip() for n in args.external.split(",") if n.strip()]
@@ -226,10 +230,12 @@ def main() -> int:
     tag = "-".join(names)
     result: dict = {"sources": names, "overrides": {k: v for k, v in overrides.items() if ".path" not in k},
                     "commit": commit, "workdir": str(workdir)}
-    result["leak_free"] = pipeline(workdir, overrides, f"{args.name}-{tag}-leak-free")
-    print(f"leak-free: base {result['leak_free']['base']['accuracy']:.3f}, fine-tuned "
-          f"{result['leak_free']['finetuned']['accuracy']:.3f} {result['leak_free']['finetuned']['accuracy_ci']}", flush=True)
-    result.update(held_out_results(workdir, external, boxes))
+    if not args.skip_leak_free:
+        result["leak_free"] = pipeline(workdir, overrides, f"{args.name}-{tag}-leak-free")
+        print(f"leak-free: base {result['leak_free']['base']['accuracy']:.3f}, fine-tuned "
+              f"{result['leak_free']['finetuned']['accuracy']:.3f} {result['leak_free']['finetuned']['accuracy_ci']}",
+              flush=True)
+        result.update(held_out_results(workdir, external, boxes))
     for name, entry in result.get("external", {}).items():
         print(f"external {name}: n={entry['n']} ({entry['removed_overlaps']} removed as overlaps), fine-tuned accuracy "
               f"{entry['accuracy']:.3f} {entry['accuracy_ci']}, macro-F1 {entry['macro_f1']:.3f}", flush=True)

@@ -30,9 +30,13 @@ DOWNSTREAM_OF_FINETUNE = {"finetune", "export", "evaluate", "gradcam"}
 @pytest.fixture(scope="module")
 def experiments(built_pipeline, tmp_path_factory, venv_env) -> tuple[Path, list]:
     """A clone whose baseline `dvc repro` has run (conftest.built_pipeline), plus a queued grid of two
-    learning rates run by `dvc queue start`; returns the clone and `dvc exp show --json`."""
+    learning rates run by `dvc queue start`; returns the clone and `dvc exp show --json`.
+
+    The grid's runs convert no exports (`export.formats=[]`; test_export covers them): the export stage
+    still reruns, as it must, but without its converters, which would take half a minute per run."""
     repo = copy_built_pipeline(built_pipeline, tmp_path_factory.mktemp("workflow"))
-    dvc(repo, venv_env, "exp", "run", "--queue", "-S", f"finetune.learning_rate={','.join(RATES)}")
+    dvc(repo, venv_env, "exp", "run", "--queue", "-S", f"finetune.learning_rate={','.join(RATES)}",
+        "-S", "export.formats=[]")
     run_queue(repo, venv_env, timeout=900)
     shown = json.loads(dvc(repo, venv_env, "exp", "show", "--json"))
     return repo, shown

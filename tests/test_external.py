@@ -94,8 +94,9 @@ def external(built_pipeline, tmp_path_factory, venv_env) -> dict:
     params["download"]["sources"]["hospital"] = {"kind": "local", "path": str(tmp / "hospital"), "boxes": "yolo"}
     params["download"]["sources"]["clinic"] = {"kind": "local", "path": str(tmp / "clinic")}
     write_yaml(repo / "params.yaml", params)
+    # No exports: they are not what this tests (test_export does), and their converters take half a minute.
     set_params(repo, {"download.use": ["phantom", "hospital", "clinic"], "split.external": ["hospital", "clinic"],
-                      "gradcam.box_examples": 5})
+                      "gradcam.box_examples": 5, "export.formats": []})
     output = dvc(repo, venv_env, "repro", "evaluate", "gradcam")
     assert {"download@hospital", "download@clinic", "merge", "split", "evaluate", "gradcam"} <= ran_stages(output)
     return {"repo": repo, "copies": copies, "twin": twin, "labelled": labelled}

@@ -152,6 +152,15 @@ def write_shifted_set(folder: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict:
+    """A tiny trained model as the stages leave it (test_app.make_trained), shared by the app and
+    batch-prediction tests: they only read it."""
+    from test_app import make_trained
+
+    return make_trained(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture(scope="session")
 def built_pipeline(tmp_path_factory, venv_env) -> Path:
     """A clean clone with the tiny configuration committed and every stage run once by `dvc repro`.
 

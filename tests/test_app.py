@@ -77,15 +77,14 @@ def train_tiny_model(train: np.ndarray, labels: np.ndarray):
     return model
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """models/finetuned.keras with its card and calibration.json, as the training and evaluate stages write them."""
+def make_trained(root: Path) -> dict:
+    """models/finetuned.keras under ``root`` with its card and calibration.json, as the training and evaluate
+    stages write them (conftest's session fixture ``trained``: the app and batch-prediction tests share it)."""
     from braintumor.evaluate.calibration import apply_temperature, calibration_entry
     from braintumor.evaluate.feature_check import fit_feature_check, save_feature_checks
     from braintumor.model.backbones import BACKBONES
     from braintumor.model.inputs import features_and_probabilities_model
 
-    root = tmp_path_factory.mktemp("app")
     train_paths = phantom_files(root / "train", 48, seed=1)
     val_paths = phantom_files(root / "val", 16, seed=2)
     model = train_tiny_model(pipeline_arrays(train_paths), np.arange(48) % 4)

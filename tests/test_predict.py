@@ -20,7 +20,7 @@ import pytest
 
 from braintumor.core.config import CLASS_NAMES, load_params
 from conftest import REPO
-from test_app import PREPROCESS, RUN_ID, copy_model, phantom_files, trained  # noqa: F401  trained: the tiny model
+from test_app import PREPROCESS, RUN_ID, copy_model, phantom_files
 from test_uploads import make_dicom
 
 P_COLUMNS = [f"p_{name}" for name in CLASS_NAMES]

@@ -57,8 +57,10 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "chromium is missing: sudo apt-get install chromium (the browser test skips without it)"; fi; }
 
+# Two worker processes: most of the suite is single-threaded subprocess work (TensorFlow start-up, DVC,
+# converters), so two cores run it in about half the time.
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -154,20 +155,42 @@ def write_shifted_set(folder: Path) -> None:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict:
     """A tiny trained model as the stages leave it (test_app.make_trained), shared by the app and
-    batch-prediction tests: they only read it."""
+    batch-prediction tests (they only read it); built once per worker, as it takes seconds."""
     from test_app import make_trained
 
     return make_trained(tmp_path_factory.mktemp("app"))
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test run, also when `make test` runs it on several workers
+    (pytest-xdist): each worker has its own session, so the first to get here builds under a lock in the
+    folder the workers share, and the others wait for it and reuse what it built."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            if folder.exists():  # a build that failed in another worker: start again
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def built_pipeline(tmp_path_factory, venv_env) -> Path:
     """A clean clone with the tiny configuration committed and every stage run once by `dvc repro`.
 
-    Built once per session; modules that need trained models take their own copy
+    Built once per test run (:func:`build_once`); modules that need trained models take their own copy
     (:func:`copy_built_pipeline`), so what one module runs never changes what another sees.
     """
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    return build_once(tmp_path_factory, "pipeline", lambda folder: _build_pipeline(folder, venv_env))
+
+
+def _build_pipeline(folder: Path, venv_env: dict) -> None:
+    repo = copy_repo(folder)
     write_shifted_set(repo / SHIFTED_FOLDER)
     set_params(repo, {**TINY_PIPELINE, "evaluate.feature_check.shifted_sets": {"checkers": SHIFTED_FOLDER}})
     subprocess.run(["git", "add", SHIFTED_FOLDER], cwd=repo, check=True)
@@ -175,7 +198,6 @@ def built_pipeline(tmp_path_factory, venv_env) -> Path:
                     "tiny pipeline"], cwd=repo, check=True)
     output = dvc(repo, venv_env, "repro")
     assert {"train_base", "finetune", "evaluate", "gradcam"} <= ran_stages(output), output[-3000:]
-    return repo
 
 
 def copy_built_pipeline(built: Path, dest: Path) -> Path:

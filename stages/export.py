@@ -44,6 +44,9 @@ def main() -> dict:
         log_summary({f"{r['format']}.megabytes": r["bytes"] / 1e6 for r in card["exports"]}
                     | {f"{r['format']}.size_share": r["bytes"] / card["keras_bytes"] for r in card["exports"]})
         mlflow.log_artifacts(str(paths.exports), "exports")
+        if not card["exports"]:
+            log.info("export.formats is []: nothing exported")
+            return card
         log.info("exported %s: %s", keras_file.name, ", ".join(f"{r['file']} {r['bytes'] / 1e6:.1f} MB "
                                                                f"({100 * r['bytes'] / card['keras_bytes']:.0f}% of the .keras file)"
                                                                for r in card["exports"]))

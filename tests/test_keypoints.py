@@ -14,6 +14,7 @@ from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomD
 from braintumor.data.dedup import fingerprint_image
 from braintumor.data.head import head_bbox
 from braintumor.data.keypoints import (DETAIL_SIZE, correlation, keypoint_image, keypoint_shortlist, match_keypoints,
+                                       verify_keypoint_pairs,
                                       orb_keypoints, ratio_test_matches)
 from braintumor.data.merge import merge_sources, planted_duplicate_recall
 from braintumor.data.phantom.source import generate_phantom_source
@@ -58,6 +59,19 @@ def test_with_copy_correlation_1_its_matches_keep_both_images_in_one_split_group
     assert scores["split_recall"] == {"annotated": 1.0, "augmented": 1.0}
     without, _ = merged(phantom, keypoints=False)
     assert scores["recall"] == without["recall"]  # no copy group beyond the head-box search's
+
+
+def test_verification_in_two_threads_gives_what_one_gives(phantom):
+    files = sorted((phantom / "images").rglob("*.jpg"))
+    found = [keypoints_of(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)) for f in files]
+    pairs = keypoint_shortlist(found, words=64, neighbours=10)
+    assert len(pairs) > 2 * 256  # several chunks, handed out to both threads
+    one = verify_keypoint_pairs(found, pairs, min_inliers=15, workers=1)
+    two = verify_keypoint_pairs(found, pairs, min_inliers=15, workers=2)
+    assert (one[0] >= 15).sum() >= 6  # the planted copies verify: the comparison is not of empty results
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+    assert [len(a) for a in verify_keypoint_pairs(found, pairs[:0], min_inliers=15, workers=2)] == [0, 0]
 
 
 def slice_image(phantom) -> np.ndarray:

@@ -175,7 +175,7 @@ class MergeParams(_Section):
     keep: Literal["largest", "first_source"] = "largest"
     max_colour_share: float = Field(default=0.06, ge=0.0, le=1.0, description="more coloured pixels: not an MRI slice")
     near_duplicates: NearDuplicateParams = NearDuplicateParams()
-    workers: int = Field(default=0, ge=0, description="processes for decoding and hashing; 0 = one per core")
+    workers: int = Field(default=0, ge=0, description="processes for decoding and hashing, threads for the keypoint verification; 0 = one per core")
 
     @model_validator(mode="after")
     def _labels_are_known_and_folders_unique(self) -> "MergeParams":

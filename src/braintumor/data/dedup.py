@@ -388,8 +388,10 @@ class DuplicateSearch:
     detail_apart: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # (K,) failed it: look-alikes
 
 
-def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams) -> DuplicateSearch:
+def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams,
+                          workers: int = 1) -> DuplicateSearch:
     """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups.
+    ``workers``: threads for the keypoint verification.
 
     Two levels: pairs scoring ``near.verify_similarity`` or more are copies of one slice (one is
     kept); pairs between ``near.related_similarity`` and that are different but look-alike slices,
@@ -428,7 +430,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         extra = keypoint_shortlist(found, keypoint.words, keypoint.neighbours)
         copies_so_far = group_ids(n, np.concatenate([exact, near_pairs]))
         extra = extra[copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]]
-        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers)
+        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, workers)
         matched = inliers >= keypoint.min_inliers
         copy = matched & (correlation >= keypoint.copy_correlation)
         near_pairs = np.concatenate([near_pairs, extra[copy]])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from braintumor.core.parallel import on_one_thread
+from braintumor.core.parallel import map_in_workers, on_one_thread, single_threaded_opencv
 
 DETAIL_SIZE = 192  # longer side of the whole slice the keypoints are found on
 _BITS = 256  # an ORB descriptor: 32 bytes
@@ -210,11 +210,21 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / scale) if scale > 0 else -1.0
 
 
-def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int) -> tuple[np.ndarray, np.ndarray]:
+def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int,
+                          workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """RANSAC inliers (M,) and correlation after warping (M,) of each pair (the second image onto the
-    first, as it is and mirrored)."""
-    inliers = np.zeros(len(pairs), np.int64)
-    correlations = np.full(len(pairs), -1.0, np.float32)
-    for row, (i, j) in enumerate(pairs):
-        inliers[row], correlations[row] = match_keypoints(keypoints[i], keypoints[j], min_inliers)
+    first, as it is and mirrored), in ``workers`` threads: FAISS's search and OpenCV's RANSAC and warp
+    release the GIL, and threads share the keypoints without copying them. Each thread runs FAISS and
+    OpenCV on one thread of their own, so ``workers`` threads use ``workers`` cores."""
+    import faiss
+
+    def verify(chunk: np.ndarray) -> list[tuple[int, float]]:
+        return [match_keypoints(keypoints[i], keypoints[j], min_inliers) for i, j in chunk]
+
+    # chunks of a few hundred pairs: the threads stay busy to the end, with little hand-out overhead
+    chunks = np.array_split(np.asarray(pairs).reshape(-1, 2), max(1, len(pairs) // 256))
+    with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads), single_threaded_opencv():
+        found = [result for chunk in map_in_workers(verify, chunks, workers, kind="thread") for result in chunk]
+    inliers = np.array([count for count, _ in found], np.int64).reshape(len(pairs))
+    correlations = np.array([score for _, score in found], np.float32).reshape(len(pairs))
     return inliers, correlations

@@ -260,7 +260,7 @@ def merge_sources(
     manifest.loc[unlabelled, ["status", "reason"]] = ["quarantined", "no_class_folder"]
     ok_rows = np.flatnonzero(manifest["status"].to_numpy() == "ok")
     fingerprints = [inspections[i].fingerprint for i in ok_rows]
-    search = find_duplicate_groups(fingerprints, head_threshold, near)
+    search = find_duplicate_groups(fingerprints, head_threshold, near, resolve_workers(workers, len(fingerprints)))
     manifest = attach_groups(manifest, search, ok_rows)
     manifest = choose_representatives(manifest, keep, [name for name, _ in sources])
     return manifest, search, skipped, source_boxes(manifest, boxes, annotations, dict(sources))

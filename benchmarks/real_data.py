@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/real_data.py --sources nickparvar          # or nickparvar,sartaj
     .venv/bin/python benchmarks/real_data.py --sources nickparvar --external sartaj_testing --boxes figshare --skip-clean
+    .venv/bin/python benchmarks/real_data.py --sources nickparvar --skip-leak-free   # step 3 and the peers only
 
 1. A clone of this repository's HEAD in ``--workdir`` (reused on a rerun, so DVC skips what is
    already built; uncommitted changes are not in it).

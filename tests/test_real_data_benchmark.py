@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +107,10 @@ def test_dedup_recall_settings_reach_into_the_keypoint_section_and_are_validated
         dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.wrods=1024"])
     with pytest.raises(ValidationError, match="words"):
         dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.words=many"])
+
+
+def test_skip_leak_free_refuses_what_needs_the_leak_free_run():
+    for extra in (["--skip-clean"], ["--external", "sartaj_testing"], ["--boxes", "figshare"]):
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks/real_data.py"), "--skip-leak-free", *extra],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "--skip-leak-free leaves only the clean-Testing run" in result.stderr, extra

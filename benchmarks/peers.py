@@ -86,7 +86,9 @@ def peer_predictions(python: Path, paths: list[str]) -> dict[str, list[str]]:
 
 
 def our_predictions(model: str, root: Path, paths: list[str]) -> list[str]:
-    """Our model's predicted class for every path, through the app's own decoding and preprocessing."""
+    """Our model's predicted class for every path, through the app's own decoding and preprocessing, and
+    its test-time augmentation (``calibration.tta``: "flip" averages each slice with its mirror image)."""
+    from braintumor.evaluate.calibration import flip_averaged
     from braintumor.serve.bundle import ServingSettings, load_bundle, read_upload
     from braintumor.serve.uploads import preprocess_upload
 
@@ -95,7 +97,14 @@ def our_predictions(model: str, root: Path, paths: list[str]) -> list[str]:
     limits = ServingSettings.from_params(params)
     images = np.stack([preprocess_upload(read_upload(p, limits.max_upload_bytes), bundle.preprocess,
                                          limits.max_upload_bytes, limits.max_image_pixels)[1] for p in paths])
-    probabilities = bundle.model.predict(images[..., None].astype("float32"), batch_size=32, verbose=0)
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return bundle.model.predict(batch[..., None].astype("float32"), batch_size=32, verbose=0)
+
+    probabilities = predict(images)
+    if bundle.calibration.tta == "flip":
+        probabilities = flip_averaged(probabilities, predict(np.ascontiguousarray(images[:, :, ::-1])))
+    elif bundle.calibration.tta != "none":
+        raise ValueError(f"{model}: unknown test-time augmentation {bundle.calibration.tta!r}")
     return [bundle.class_names[i] for i in probabilities.argmax(axis=1)]
 
 

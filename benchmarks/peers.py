@@ -86,10 +86,9 @@ def peer_predictions(python: Path, paths: list[str]) -> dict[str, list[str]]:
 
 
 def our_predictions(model: str, root: Path, paths: list[str]) -> list[str]:
-    """Our model's predicted class for every path, through the app's own decoding and preprocessing, and
-    its test-time augmentation (``calibration.tta``: "flip" averages each slice with its mirror image)."""
-    from braintumor.evaluate.calibration import flip_averaged
-    from braintumor.serve.bundle import ServingSettings, load_bundle, read_upload
+    """Our model's predicted class for every path, the app's way: its decoding, preprocessing and
+    prediction (``predict_with_gradcam``, which applies the calibration's test-time augmentation)."""
+    from braintumor.serve.bundle import ServingSettings, load_bundle, predict_with_gradcam, read_upload
     from braintumor.serve.uploads import preprocess_upload
 
     params = load_params(root / "params.yaml")
@@ -97,14 +96,8 @@ def our_predictions(model: str, root: Path, paths: list[str]) -> list[str]:
     limits = ServingSettings.from_params(params)
     images = np.stack([preprocess_upload(read_upload(p, limits.max_upload_bytes), bundle.preprocess,
                                          limits.max_upload_bytes, limits.max_image_pixels)[1] for p in paths])
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return bundle.model.predict(batch[..., None].astype("float32"), batch_size=32, verbose=0)
-
-    probabilities = predict(images)
-    if bundle.calibration.tta == "flip":
-        probabilities = flip_averaged(probabilities, predict(np.ascontiguousarray(images[:, :, ::-1])))
-    elif bundle.calibration.tta != "none":
-        raise ValueError(f"{model}: unknown test-time augmentation {bundle.calibration.tta!r}")
+    probabilities = np.concatenate([predict_with_gradcam(bundle, images[start:start + 32])[1]
+                                    for start in range(0, len(images), 32)])
     return [bundle.class_names[i] for i in probabilities.argmax(axis=1)]
 
 

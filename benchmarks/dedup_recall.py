@@ -76,6 +76,7 @@ def real_data_recall(images_root: Path, kinds: list[str], copies: int, seed: int
         seconds = time.perf_counter() - start
     scores = planted_duplicate_recall(manifest, None, records)
     return {"real": str(images_root), "images": int(len(manifest)), "merge_seconds": round(seconds, 1),
+            "seconds_by_part": search.seconds,
             "recall": scores["recall"], "split_recall": scores["split_recall"], "planted": scores["planted"],
             "keypoints": near.keypoints.model_dump() if near.keypoints.enabled else False,
             "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
@@ -135,7 +136,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = planted_duplicate_recall(manifest, "phantom", json.loads((Path(tmp) / "planted.json").read_text()))
     print(json.dumps({
-        "images": int(len(manifest)), "merge_seconds": round(seconds, 1), **scores,
+        "images": int(len(manifest)), "merge_seconds": round(seconds, 1), "seconds_by_part": search.seconds, **scores,
         "verify_similarity": near.verify_similarity,
         "related_similarity": near.related_similarity,
         "detail_similarity": near.detail_similarity,

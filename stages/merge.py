@@ -56,6 +56,7 @@ def main() -> dict:
         {"copy": near.verify_similarity, "look-alike": near.related_similarity},
         detail=(candidate_id_pairs(manifest, search.detail_pairs), search.detail_scores, near.detail_similarity)
         if near.detail_similarity > 0 else None))
+    log.info("where the time went: %s", ", ".join(f"{part} {seconds:.1f} s" for part, seconds in search.seconds.items()))
     log.info(
         "%d files: %d kept, %d removed as duplicates, %d in %d label conflicts, %d quarantined",
         report["files"], report["kept"], report["duplicates"]["removed_as_duplicates"],

@@ -52,6 +52,10 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
     assert with_keypoints["recall"] == {"annotated": 1.0, "augmented": 1.0}
     assert with_keypoints["false_merges"] == 0
     assert len(search.keypoint_candidates) > 0 and len(search.keypoint_inliers) == len(search.keypoint_candidates)
+    # where the time went, part by part, the decoding first (the merge stage logs it)
+    assert list(search.seconds) == ["inspect", "head_box_shortlist", "head_box_verification", "keypoint_shortlist",
+                                    "keypoint_verification"]
+    assert all(seconds >= 0 for seconds in search.seconds.values())
 
 
 def test_with_copy_correlation_1_its_matches_keep_both_images_in_one_split_group(phantom):

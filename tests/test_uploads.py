@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.core.imageio import read_grayscale
+from braintumor.core.imageio import colour_pixel_share, read_grayscale
 from braintumor.serve.uploads import REASONS, UploadError, decode_upload, is_dicom
 
 MB = 2**20
@@ -74,6 +74,13 @@ def test_colour_share_counts_coloured_pixels_only():
     colour[:3, :] = (0, 0, 255)  # 30 of 100 pixels red
     assert decode_upload(encode(colour, ".png"), **LIMITS).colour_share == pytest.approx(0.3)
     assert decode_upload(encode(cv2.merge([grey] * 3), ".png"), **LIMITS).colour_share == 0.0
+
+
+def test_colour_share_counts_channel_spreads_above_the_limit_in_any_channel_order():
+    pixels = np.array([[[10, 34, 20], [10, 35, 20], [250, 10, 10], [7, 7, 200]]], np.uint8)  # spread 24, 25, 240, 193
+    assert colour_pixel_share(pixels) == 0.75  # 24 is not above the limit; no uint8 wrap-around
+    assert colour_pixel_share(np.dstack([pixels, np.full((1, 4), 255, np.uint8)])) == 0.75  # alpha ignored
+    assert colour_pixel_share(pixels[:, :, 0]) == 0.0 and colour_pixel_share(pixels[:, :, :1]) == 0.0
 
 
 # --------------------------------------------------------------------------- bad files

@@ -126,8 +126,11 @@ def colour_pixel_share(image: np.ndarray, min_difference: int = 24) -> float:
     """
     if image.ndim == 2 or image.shape[2] < 3:
         return 0.0
-    bgr = image[:, :, :3].astype(np.int16)
-    return float((bgr.max(axis=2) - bgr.min(axis=2) > min_difference).mean())
+    # Channel by channel, not a reduction over the last axis: NumPy reduces a 3-long axis element by
+    # element, and that was half of the merge's decoding time (large SARTAJ slices).
+    b, g, r = image[:, :, 0], image[:, :, 1], image[:, :, 2]
+    spread = np.maximum(np.maximum(b, g), r) - np.minimum(np.minimum(b, g), r)  # >= 0: no uint8 wrap-around
+    return float(np.count_nonzero(spread > min_difference) / spread.size)
 
 
 def require_gray(gray: np.ndarray) -> None:

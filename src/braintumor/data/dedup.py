@@ -31,6 +31,7 @@ Duplicate pairs are joined into groups as connected components of the pair graph
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 import cv2
@@ -386,18 +387,33 @@ class DuplicateSearch:
     detail_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
     detail_scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     detail_apart: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # (K,) failed it: look-alikes
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the search that ran
+
+
+class _PartClock:
+    """Wall seconds between laps, by part name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = round(now - self._last, 2)
+        self._last = now
 
 
 def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams,
                           workers: int = 1) -> DuplicateSearch:
     """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups.
-    ``workers``: threads for the keypoint verification.
+    ``workers``: threads for the keypoint verification. ``seconds`` of the result says where the time went.
 
     Two levels: pairs scoring ``near.verify_similarity`` or more are copies of one slice (one is
     kept); pairs between ``near.related_similarity`` and that are different but look-alike slices,
     typically neighbouring slices of one patient's series, which are all kept but share a split.
     """
     n = len(fingerprints)
+    clock = _PartClock()
     exact = exact_pairs([f.pixel_hash for f in fingerprints])
     empty = np.empty((0, 2), np.int64)
     near_pairs, related_pairs, near_scores, shortlisted = empty, empty, np.empty(0, np.float32), 0
@@ -410,12 +426,15 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         hashes = np.array([f.pixel_hash for f in fingerprints])
         candidates = candidates[hashes[candidates[:, 0]] != hashes[candidates[:, 1]]]
         heads = np.stack([f.head for f in fingerprints])
+        clock.lap("head_box_shortlist")
         scores = verify_pairs(heads, canonical, candidates, head_threshold, near.max_rotation_deg, near.rotation_step_deg)
+        clock.lap("head_box_verification")
         duplicate = scores >= near.verify_similarity
         if near.detail_similarity > 0:  # copy-level pairs that fail it become look-alikes
             checked = np.flatnonzero(duplicate)
             detail_pairs = candidates[checked]
             detail_checked_scores = _detail_check(fingerprints, detail_pairs, head_threshold, near)
+            clock.lap("detail_check")
             detail_apart = detail_checked_scores < near.detail_similarity
             duplicate[checked[detail_apart]] = False
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
@@ -428,9 +447,11 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
                              "(fingerprint_image(..., keypoint_features=N))")
         found = [f.keypoints for f in fingerprints]
         extra = keypoint_shortlist(found, keypoint.words, keypoint.neighbours)
+        clock.lap("keypoint_shortlist")
         copies_so_far = group_ids(n, np.concatenate([exact, near_pairs]))
         extra = extra[copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]]
         inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, workers)
+        clock.lap("keypoint_verification")
         matched = inliers >= keypoint.min_inliers
         copy = matched & (correlation >= keypoint.copy_correlation)
         near_pairs = np.concatenate([near_pairs, extra[copy]])
@@ -439,7 +460,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
     return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores,
-                           extra, inliers, correlation, detail_pairs, detail_checked_scores, detail_apart)
+                           extra, inliers, correlation, detail_pairs, detail_checked_scores, detail_apart, clock.seconds)
 
 
 def _detail_check(fingerprints: list[Fingerprint], pairs: np.ndarray, head_threshold: int,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
@@ -252,6 +253,7 @@ def merge_sources(
     labels = map_labels(files, folder_to_label)
     keypoint_features = near.keypoints.features if near.enabled and near.keypoints.enabled else 0
     detail = near.enabled and near.detail_similarity > 0
+    started = time.perf_counter()
     inspections = inspect_files([f.path for f in files], head_threshold, max_colour_share, workers, keypoint_features,
                                 detail)
     manifest = build_manifest(files, labels, inspections, root)
@@ -260,7 +262,9 @@ def merge_sources(
     manifest.loc[unlabelled, ["status", "reason"]] = ["quarantined", "no_class_folder"]
     ok_rows = np.flatnonzero(manifest["status"].to_numpy() == "ok")
     fingerprints = [inspections[i].fingerprint for i in ok_rows]
+    inspected = round(time.perf_counter() - started, 2)
     search = find_duplicate_groups(fingerprints, head_threshold, near, resolve_workers(workers, len(fingerprints)))
+    search = replace(search, seconds={"inspect": inspected, **search.seconds})
     manifest = attach_groups(manifest, search, ok_rows)
     manifest = choose_representatives(manifest, keep, [name for name, _ in sources])
     return manifest, search, skipped, source_boxes(manifest, boxes, annotations, dict(sources))

@@ -446,11 +446,12 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
             raise ValueError("merge.near_duplicates.keypoints is on, but the fingerprints carry no keypoints "
                              "(fingerprint_image(..., keypoint_features=N))")
         found = [f.keypoints for f in fingerprints]
-        extra = keypoint_shortlist(found, keypoint.words, keypoint.neighbours)
+        extra, mirrored = keypoint_shortlist(found, keypoint.words, keypoint.neighbours)
         clock.lap("keypoint_shortlist")
         copies_so_far = group_ids(n, np.concatenate([exact, near_pairs]))
-        extra = extra[copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]]
-        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, workers)
+        unjoined = copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]
+        extra, mirrored = extra[unjoined], mirrored[unjoined]
+        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, workers, mirrored)
         clock.lap("keypoint_verification")
         matched = inliers >= keypoint.min_inliers
         copy = matched & (correlation >= keypoint.copy_correlation)

@@ -208,10 +208,10 @@ def match_keypoints(a: Keypoints, b: Keypoints, min_matches: int, ratio: float =
                      if mirrored is None or v[2] == mirrored)
     matches = ratio_test_matches(a.descriptors, [descriptors for _, descriptors, _ in variants], ratio)
     best = (0, -1.0)
-    for (points, _, mirrored), (query, train) in zip(variants, matches):
+    for (points, _, flipped), (query, train) in zip(variants, matches):
         if len(query) < max(min_matches, 4):
             continue
-        image = np.ascontiguousarray(b.image[:, ::-1]) if mirrored else b.image
+        image = np.ascontiguousarray(b.image[:, ::-1]) if flipped else b.image
         candidate = fit_and_correlate(a, points[query], a.points[train], image)
         if candidate is not None and candidate > best:
             best = candidate
@@ -228,9 +228,10 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
 def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int,
                           workers: int = 1, mirrored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RANSAC inliers (M,) and correlation after warping (M,) of each pair (the second image onto the
-    first, as it is and mirrored, or only the way ``mirrored`` (M,) says), in ``workers`` threads: FAISS's search and OpenCV's RANSAC and warp
-    release the GIL, and threads share the keypoints without copying them. Each thread runs FAISS and
-    OpenCV on one thread of their own, so ``workers`` threads use ``workers`` cores."""
+    first, as it is and mirrored, or only the way ``mirrored`` (M,) says), in ``workers`` threads:
+    FAISS's search and OpenCV's RANSAC and warp release the GIL, and threads share the keypoints
+    without copying them. Each thread runs FAISS and OpenCV on one thread of their own, so ``workers``
+    threads use ``workers`` cores."""
     import faiss
 
     def verify(chunk: np.ndarray) -> list[tuple[int, float]]:

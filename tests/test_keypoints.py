@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.data.dedup import fingerprint_image
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import (DETAIL_SIZE, correlation, keypoint_image, keypoint_shortlist, match_keypoints,
+from braintumor.data.keypoints import (DETAIL_SIZE, correlation, keypoint_image, keypoint_shortlist, likelier_mirrored,
+                                       match_keypoints,
                                        verify_keypoint_pairs,
                                       orb_keypoints, ratio_test_matches)
 from braintumor.data.merge import merge_sources, planted_duplicate_recall
@@ -68,14 +69,15 @@ def test_with_copy_correlation_1_its_matches_keep_both_images_in_one_split_group
 def test_verification_in_two_threads_gives_what_one_gives(phantom):
     files = sorted((phantom / "images").rglob("*.jpg"))
     found = [keypoints_of(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)) for f in files]
-    pairs, _ = keypoint_shortlist(found, words=64, neighbours=10)
+    pairs, mirrored = keypoint_shortlist(found, words=64, neighbours=10)
     assert len(pairs) > 2 * 256  # several chunks, handed out to both threads
-    one = verify_keypoint_pairs(found, pairs, min_inliers=15, workers=1)
-    two = verify_keypoint_pairs(found, pairs, min_inliers=15, workers=2)
+    one = verify_keypoint_pairs(found, pairs, min_inliers=15, mirrored=mirrored, workers=1)
+    two = verify_keypoint_pairs(found, pairs, min_inliers=15, mirrored=mirrored, workers=2)
     assert (one[0] >= 15).sum() >= 6  # the planted copies verify: the comparison is not of empty results
     np.testing.assert_array_equal(one[0], two[0])
     np.testing.assert_array_equal(one[1], two[1])
-    assert [len(a) for a in verify_keypoint_pairs(found, pairs[:0], min_inliers=15, workers=2)] == [0, 0]
+    empty = verify_keypoint_pairs(found, pairs[:0], min_inliers=15, mirrored=mirrored[:0], workers=2)
+    assert [len(a) for a in empty] == [0, 0]
 
 
 def slice_image(phantom) -> np.ndarray:
@@ -147,6 +149,14 @@ def test_ratio_test_matches_are_opencvs_brute_force_matches():
         assert list(zip(rows.tolist(), matched.tolist())) == expected
     assert len(found[0][0]) >= 35 and len(found[2][0]) == 0
     assert [len(r) for r, _ in ratio_test_matches(train[:1], queries, 0.8)] == [0, 0, 0]  # one train descriptor: no ratio
+
+
+def test_a_pair_is_likelier_mirrored_when_the_mirror_histogram_is_nearer():
+    plain = np.float32([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]])
+    mirrored = np.float32([[0, 1, 0], [0, 0.6, 0.8], [1, 0, 0]])
+    pairs = np.array([[0, 1], [0, 2], [1, 2]] * 3000)  # several blocks of 4,096
+    # 0-1: 0.8 as it is, 0.0 mirrored; 0-2: 0 against 1; 1-2: 0 against 0.8
+    assert likelier_mirrored(plain, mirrored, pairs).tolist() == [False, True, True] * 3000
 
 
 def test_correlation_is_pearsons_and_flat_pixels_score_minus_one():

@@ -451,7 +451,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         copies_so_far = group_ids(n, np.concatenate([exact, near_pairs]))
         unjoined = copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]
         extra, mirrored = extra[unjoined], mirrored[unjoined]
-        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, workers, mirrored)
+        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, mirrored, workers)
         clock.lap("keypoint_verification")
         matched = inliers >= keypoint.min_inliers
         copy = matched & (correlation >= keypoint.copy_correlation)

@@ -121,7 +121,8 @@ def bag_of_words(keypoints: list[Keypoints], words: int, seed: int = 0) -> tuple
     return unit(plain), unit(mirrored)
 
 
-def keypoint_shortlist(keypoints: list[Keypoints], words: int, neighbours: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def keypoint_shortlist(keypoints: list[Keypoints], words: int, neighbours: int,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs (M, 2), i < j: each image's ``neighbours`` nearest images by word histogram, as
     it is and mirrored; and for each pair whether the second image looks likelier mirrored (its mirror
     image's histogram nearer the first's than its own), the one way :func:`match_keypoints` then tries."""
@@ -144,15 +145,19 @@ def keypoint_shortlist(keypoints: list[Keypoints], words: int, neighbours: int, 
     low, high = np.minimum(rows[keep], cols[keep]), np.maximum(rows[keep], cols[keep])
     keys = np.unique(low.astype(np.int64) * n + high)
     pairs = np.stack([keys // n, keys % n], axis=1)
-    return pairs, _pair_products(plain, mirrored, pairs) > _pair_products(plain, plain, pairs)
+    return pairs, likelier_mirrored(plain, mirrored, pairs)
 
 
-def _pair_products(first: np.ndarray, second: np.ndarray, pairs: np.ndarray, block: int = 4096) -> np.ndarray:
-    """``first[i] . second[j]`` for each pair (i, j), in blocks (all pairs at once would copy gigabytes)."""
-    out = np.empty(len(pairs), np.float32)
+def likelier_mirrored(plain: np.ndarray, mirrored: np.ndarray, pairs: np.ndarray, block: int = 4096) -> np.ndarray:
+    """(M,) bool: for each pair (i, j), whether j's mirror image's histogram is nearer i's than j's own
+    (``plain[i] . mirrored[j] > plain[i] . plain[j]``). In blocks: the rows of all pairs at once would
+    be gigabytes."""
+    out = np.empty(len(pairs), bool)
     for start in range(0, len(pairs), block):
-        i, j = pairs[start : start + block, 0], pairs[start : start + block, 1]
-        out[start : start + block] = np.einsum("ij,ij->i", first[i], second[j])
+        first = plain[pairs[start : start + block, 0]]  # gathered once for both products
+        second = pairs[start : start + block, 1]
+        out[start : start + block] = (np.einsum("ij,ij->i", first, mirrored[second])
+                                      > np.einsum("ij,ij->i", first, plain[second]))
     return out
 
 
@@ -226,21 +231,21 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int,
-                          workers: int = 1, mirrored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          mirrored: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """RANSAC inliers (M,) and correlation after warping (M,) of each pair (the second image onto the
-    first, as it is and mirrored, or only the way ``mirrored`` (M,) says), in ``workers`` threads:
-    FAISS's search and OpenCV's RANSAC and warp release the GIL, and threads share the keypoints
+    first, mirrored or as it is as ``mirrored`` (M,) says: :func:`keypoint_shortlist`), in ``workers``
+    threads: FAISS's search and OpenCV's RANSAC and warp release the GIL, and threads share the keypoints
     without copying them. Each thread runs FAISS and OpenCV on one thread of their own, so ``workers``
     threads use ``workers`` cores."""
     import faiss
 
     def verify(chunk: np.ndarray) -> list[tuple[int, float]]:
-        return [match_keypoints(keypoints[i], keypoints[j], min_inliers, mirrored=None if way < 0 else bool(way))
-                for i, j, way in chunk.tolist()]
+        return [match_keypoints(keypoints[i], keypoints[j], min_inliers, mirrored=bool(flip))
+                for i, j, flip in chunk.tolist()]
 
-    ways = np.full(len(pairs), -1, np.int64) if mirrored is None else np.asarray(mirrored, np.int64)
     # chunks of a few hundred pairs: the threads stay busy to the end, with little hand-out overhead
-    chunks = np.array_split(np.column_stack([np.asarray(pairs).reshape(-1, 2), ways]), max(1, len(pairs) // 256))
+    rows = np.column_stack([np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, np.int64).reshape(-1)])
+    chunks = np.array_split(rows, max(1, len(pairs) // 256))
     with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads), single_threaded_opencv():
         found = [result for chunk in map_in_workers(verify, chunks, workers, kind="thread") for result in chunk]
     inliers = np.array([count for count, _ in found], np.int64).reshape(len(pairs))

@@ -13,7 +13,8 @@ import pytest
 
 from braintumor.core.config import FinetuneParams, ModelParams, RuntimeParams
 from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
-from braintumor.model.train import cache_outputs, configure_runtime, finetune_phase, split_at_frozen
+from braintumor.model.activations import cache_outputs, split_at_frozen
+from braintumor.model.train import configure_runtime, finetune_phase
 from braintumor.split.load import SplitRows
 
 pytestmark = [
@@ -58,7 +59,7 @@ def test_cache_outputs_writes_a_float16_memmap_with_augmented_copies(tmp_path):
     from braintumor.core.config import AugmentParams
 
     out, sources = cache_outputs(bottom, images, rows, batch_size=2, augment=AugmentParams(), copies=2, seed=0,
-                                 dtype="float16", folder=tmp_path)
+                                 dtype="float16", path=tmp_path / "outputs.npy")
     assert isinstance(out, np.memmap) and out.dtype == np.float16 and (tmp_path / "outputs.npy").is_file()
     assert out.shape == (9, *bottom.output.shape[1:]) and sources.tolist() == [5, 0, 3] * 3
     exact = np.asarray(bottom(images[rows][..., None].astype("float32"), training=False))
@@ -152,3 +153,95 @@ def test_copies_weighted_one_over_group_size_take_the_same_steps_as_one_image_pe
     unweighted = _dense_steps(copies, copy_labels, np.ones(len(copies)))
     assert not np.allclose(unweighted[0], one[0], atol=1e-4)
     assert not np.allclose(unweighted[-1], one[-1], rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- the activations stage's cache, shared
+
+
+def _tiny_split(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, SplitRows]]:
+    images = rng.integers(0, 256, (11, SIZE, SIZE), dtype=np.uint8)
+    labels = np.arange(11, dtype=np.int32) % 4
+    return images, {"train": SplitRows(np.array([7, 1, 4, 9, 0, 6]), labels[[7, 1, 4, 9, 0, 6]]),
+                    "val": SplitRows(np.array([2, 10, 5]), labels[[2, 10, 5]])}
+
+
+def _frozen_model(weights_seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(weights_seed)
+    model = build_model(TINY, SIZE)
+    freeze_backbone(model)
+    return model
+
+
+def test_the_heads_features_derived_from_the_activation_cache_are_the_backbones_own(tmp_path):
+    """train_base's feature cache from the activations stage's maps: the same vectors (copy 0 the image,
+    copy 1 the same augmented copy) as running the whole frozen backbone over the images."""
+    from braintumor.core.config import AugmentParams, TrainBaseParams
+    from braintumor.model.activations import build_activation_cache, read_activation_cache
+    from braintumor.model.train import head_features
+
+    images, split = _tiny_split(np.random.default_rng(3))
+    finetune = FinetuneParams(unfreeze=UNFREEZE, cache_copies=2, cache_dtype="float32")
+    manifest = build_activation_cache(_frozen_model(), images, split, finetune=finetune, augment=AugmentParams(), seed=4,
+                                      folder=tmp_path / "activations")
+    assert manifest["copies"] == 2 and manifest["train_maps"] == 18 and manifest["val_maps"] == 3
+    cache = read_activation_cache(tmp_path / "activations")
+    assert isinstance(cache.train, np.memmap) and cache.sources.tolist() == [7, 1, 4, 9, 0, 6] * 3
+    phase = TrainBaseParams(feature_cache_copies=1)
+    model = _frozen_model()  # a fresh build of the same weights, as train_base's
+    derived, sources, val, how = head_features(model, images, split, phase, AugmentParams(), 4, cache)
+    own, own_sources, own_val, own_how = head_features(model, images, split, phase, AugmentParams(), 4, None)
+    assert how.startswith("from the activation cache") and own_how == "from the images"
+    assert derived.shape == own.shape and len(own) == 12 and sources.tolist() == own_sources.tolist()
+    scale = float(np.abs(own).max())  # a random backbone's features are tiny (1e-5): compare relative to them
+    np.testing.assert_allclose(derived / scale, own / scale, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(val / scale, own_val / scale, rtol=0, atol=1e-5)
+    assert np.abs(own[:6] - own[6:]).max() > 0.1 * scale  # copy 1 is augmented: the comparison covers the seeds
+    # More copies than the cache holds: the backbone runs over the images, and the log says why.
+    *_, more = head_features(model, images, split, TrainBaseParams(feature_cache_copies=3), AugmentParams(), 4, cache)
+    assert more == "from the images (train_base.feature_cache_copies 3 > the activation cache's 2 copies)"
+
+
+def test_an_activation_cache_built_for_another_model_or_split_is_refused_by_name(tmp_path):
+    from braintumor.core.config import AugmentParams
+    from braintumor.model.activations import (build_activation_cache, check_cache_matches, finetuning_cut,
+                                              read_activation_cache)
+
+    images, split = _tiny_split(np.random.default_rng(5))
+    finetune = FinetuneParams(unfreeze=UNFREEZE, cache_copies=0)
+    build_activation_cache(_frozen_model(), images, split, finetune=finetune, augment=AugmentParams(), seed=0,
+                           folder=tmp_path / "activations")
+    cache = read_activation_cache(tmp_path / "activations")
+    model = _frozen_model()
+    cut, _ = finetuning_cut(model, finetune)
+    check_cache_matches(cache, model, cut, images, split)  # its own model and split: accepted
+    other_split = {**split, "train": SplitRows(split["train"].rows[::-1], split["train"].labels[::-1])}
+    with pytest.raises(ValueError, match="other training or validation images than data/split/split.csv"):
+        check_cache_matches(cache, model, cut, images, other_split)
+    deeper, _ = finetuning_cut(_frozen_model(), FinetuneParams(unfreeze="block14_sepconv1"))
+    with pytest.raises(ValueError, match=r"it was cut after layer \d+ \(add.*\), this model after layer \d+ .*"
+                                         r"Rebuild it: `dvc repro activations`"):
+        check_cache_matches(cache, model, deeper, images, split)
+    other_weights = _frozen_model(weights_seed=1)  # another random initialisation: its maps differ
+    finetuning_cut(other_weights, finetune)
+    with pytest.raises(ValueError, match="its maps differ from this model's frozen layers .* weights changed"):
+        check_cache_matches(cache, other_weights, cut, images, split)
+    with pytest.raises(FileNotFoundError, match=r"no activation cache in .*missing.*`dvc repro activations`"):
+        read_activation_cache(tmp_path / "missing")
+
+
+def test_with_the_whole_backbone_unfrozen_the_cache_says_why_it_is_empty_and_finetuning_runs_end_to_end(tmp_path):
+    from braintumor.core.config import AugmentParams
+    from braintumor.model.activations import build_activation_cache, read_activation_cache
+
+    images, split = _tiny_split(np.random.default_rng(6))
+    for finetune, reason in ((FinetuneParams(unfreeze="all"), "nothing frozen below finetune.unfreeze ('all')"),
+                             (FinetuneParams(unfreeze=UNFREEZE, activation_cache=False), "finetune.activation_cache is off")):
+        manifest = build_activation_cache(_frozen_model(), images, split, finetune=finetune, augment=AugmentParams(),
+                                          seed=0, folder=tmp_path / "activations")
+        assert manifest == {"cut": None, "reason": reason}
+        assert sorted(p.name for p in (tmp_path / "activations").iterdir()) == ["manifest.json"]
+    cache = read_activation_cache(tmp_path / "activations")
+    result = finetune_phase(_frozen_model(), images, split, FinetuneParams(unfreeze=UNFREEZE, activation_cache=False,
+                                                                           epochs=1, batch_size=8),
+                            None, configure_runtime(RuntimeParams()), seed=0, activations=cache)
+    assert "activation_cache_layer" not in result and result["epochs_run"] == 1

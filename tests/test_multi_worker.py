@@ -193,6 +193,9 @@ def test_training_stages_on_two_workers(built_pipeline, tmp_path, venv_env):
     single, chief, worker = (copy_built_pipeline(built_pipeline, tmp_path / name) for name in ("single", "chief", "worker"))
     for folder in (single, chief, worker):
         set_params(folder, {**overrides, "runtime.distribution": "none" if folder is single else "multi_worker"})
+        # The activation cache for these params, on each node's own copy of the data (one process each).
+        run = _run_stage(folder, "activations", venv_env)
+        assert run.wait(timeout=600) == 0, run.stdout.read()[-3000:]
     for stage in ("train_base", "finetune"):
         run = _run_stage(single, stage, venv_env)
         assert run.wait(timeout=600) == 0, run.stdout.read()[-3000:]

@@ -130,6 +130,11 @@ class ProjectPaths:
         return self.root / "data" / "split" / "split.csv"
 
     @property
+    def activations(self) -> Path:
+        """The activations stage's cache of the backbone's frozen bottom (braintumor.model.activations)."""
+        return self.root / "data" / "activations"
+
+    @property
     def external_csv(self) -> Path:
         """The external sources' images new to the others (``split.external``), evaluated on their own."""
         return self.root / "data" / "split" / "external.csv"

@@ -1,12 +1,13 @@
-"""Training: runtime set-up, the feature and activation caches, fitting with callbacks.
+"""Training: runtime set-up, the base and fine-tuning phases on cached features and activations, fitting.
 
 The base phase trains only the head on top of a frozen backbone run in inference mode. Since the
-frozen backbone maps an image to the same features every epoch, :func:`cache_outputs` runs it once
-per image (and once per augmented copy) and the head is trained on the cached features.
+frozen backbone maps an image to the same features every epoch, they are computed once per image
+(and once per augmented copy) and the head is trained on the cached features.
 
 Fine-tuning does the same one level down: the backbone below the unfreeze point is frozen too, so
-its output (an activation map, e.g. (14, 14, 728) for Xception's exit flow at 224 px) is cached once,
-as float16 in a memory-mapped file, and the epochs run only the unfrozen top and the head on it.
+its output (an activation map, e.g. (14, 14, 728) for Xception's exit flow at 224 px) is cached once
+by the activations stage (:mod:`braintumor.model.activations`), and the epochs run only the unfrozen
+top and the head on it. The base phase's features come from the same maps when they hold its copies.
 In both cases the trained sub-model shares the full model's layer objects, so the saved model is
 still one ordinary Keras model (backbone + head) that the app and Grad-CAM load unchanged.
 """
@@ -25,10 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from braintumor.core import atomic
-from braintumor.model.augment import augment_images
 from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
 from braintumor.model.inputs import make_dataset, predict_split, sample_weights
 from braintumor.split.load import SplitRows
+from braintumor.model.activations import (CACHE_BATCH, ActivationCache, build_activation_cache, cache_outputs,
+                                          check_cache_matches, features_from_activations, finetuning_cut,
+                                          read_activation_cache, split_at, split_at_frozen)
 from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
 from braintumor.model.losses import training_loss
 from braintumor.model.multi_worker import ClusterRole, fit_in_step, local_copy, multi_worker_strategy
@@ -82,69 +85,6 @@ def configure_runtime(params: RuntimeParams) -> Runtime:
         mirrored = params.distribution == "mirrored" or (params.distribution == "auto" and gpus > 1)
         strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
     return Runtime(strategy, _resolve(params.xla, gpus > 0), precision, gpus, cluster)
-
-
-def split_at_frozen(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
-    """(bottom, top): the frozen layers below the first trainable one, and a model of the rest.
-
-    The cut is the latest single tensor that alone feeds every layer above it (in a residual
-    network, a block's output, not a tensor inside the block). ``top`` reuses the model's layer
-    objects, so training it trains the model. None when nothing frozen sits below the first
-    trainable layer (the whole backbone unfrozen): there is nothing to cache.
-    """
-    layers = model.layers
-    first = next(i for i, layer in enumerate(layers) if layer.trainable_weights)
-    # Below the last frozen layer with weights there is only input plumbing (grey to RGB, scaling):
-    # caching it would save nothing.
-    lowest = next((i for i in range(first) if layers[i].weights), None)
-    if lowest is None:
-        return None
-    for cut in range(first - 1, lowest - 1, -1):
-        tensor = layers[cut].output
-        if isinstance(tensor, (list, tuple)):
-            continue
-        try:
-            top = keras.Model(tensor, model.outputs, name="unfrozen_top")
-        except ValueError:  # a branch above the cut needs a tensor from below it
-            continue
-        return keras.Model(model.inputs, tensor, name="frozen_bottom"), top
-    return None
-
-
-def cache_outputs(
-    model: keras.Model,
-    images: np.ndarray,
-    rows: np.ndarray,
-    *,
-    batch_size: int,
-    augment: AugmentParams | None,
-    copies: int,
-    seed: int,
-    dtype: str = "float32",
-    folder: Path | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A frozen model's outputs (R * (1 + copies), ...) for the images in ``rows``, and the row each came from.
-
-    Copy 0 is the image itself; copies 1..K are augmented with seeds derived from (seed, copy, batch),
-    so the cache is reproducible. With ``folder`` the outputs go to a memory-mapped ``.npy`` there
-    (an activation cache can be gigabytes); otherwise they are kept in memory.
-    """
-    copies = copies if augment is not None else 0
-    shape = (len(rows) * (1 + copies), *model.output.shape[1:])
-    out = (np.lib.format.open_memmap(Path(folder) / "outputs.npy", mode="w+", dtype=dtype, shape=shape)
-           if folder is not None else np.empty(shape, dtype))
-    sources = np.empty(len(out), np.int64)
-    filled = 0
-    for copy in range(1 + copies):
-        for start in range(0, len(rows), batch_size):
-            batch_rows = rows[start : start + batch_size]
-            x = tf.convert_to_tensor(images[batch_rows][..., None], tf.float32)  # (B, S, S, 1), 0..255
-            if copy > 0:
-                x = augment_images(x, augment, tf.constant([seed, copy * 1_000_003 + start], tf.int64))
-            out[filled : filled + len(batch_rows)] = np.asarray(model(x, training=False))
-            sources[filled : filled + len(batch_rows)] = batch_rows
-            filled += len(batch_rows)
-    return out, sources
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -254,9 +194,38 @@ def labels_of(sources: np.ndarray, split: SplitRows) -> np.ndarray:
     return per_item(sources, split.rows, split.labels).astype(np.int32)
 
 
+def head_features(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: TrainBaseParams,
+                  augment: AugmentParams, seed: int, activations: ActivationCache | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(training features, the row each came from, validation features, how they were made): the frozen
+    backbone's pooled features of every training image and its ``feature_cache_copies`` augmented copies.
+
+    From the activation cache when it holds those copies (the same seeds, so the same copies): only the
+    frozen layers above its cut run. Otherwise the whole backbone runs over the images.
+    """
+    train, val = split["train"], split["val"]
+    copies = phase.feature_cache_copies if augment is not None else 0
+    if activations is not None and activations.cut is not None and activations.copies >= copies:
+        check_cache_matches(activations, model, activations.cut, images, split)
+        count = len(train.rows) * (1 + copies)
+        return (features_from_activations(model, activations.cut, activations.train[:count]),
+                np.asarray(activations.sources[:count]), features_from_activations(model, activations.cut, activations.val),
+                f"from the activation cache at {activations.layer}")
+    if activations is None or activations.cut is None:
+        how = "from the images" + (f" (no activation cache: {activations.reason})" if activations is not None else "")
+    else:
+        how = (f"from the images (train_base.feature_cache_copies {copies} > the activation cache's "
+               f"{activations.copies} copies)")
+    features, _ = split_at_frozen(model)  # frozen backbone: cut at the pooled features
+    x_train, sources = cache_outputs(features, images, train.rows, batch_size=CACHE_BATCH, augment=augment,
+                                     copies=copies, seed=seed)
+    x_val, _ = cache_outputs(features, images, val.rows, batch_size=CACHE_BATCH, augment=None, copies=0, seed=seed)
+    return x_train, sources, x_val, how
+
+
 def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: TrainBaseParams,
-                     augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
-    """Train the head on a frozen backbone: on cached features, or end to end through tf.data."""
+                     augment: AugmentParams, runtime: Runtime, seed: int, activations: ActivationCache | None = None) -> dict:
+    """Train the head on a frozen backbone: on cached features (:func:`head_features`), or end to end through tf.data."""
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
     if not phase.feature_cache:
@@ -265,14 +234,13 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
                                        augment=augment, seed=seed, weights=weight),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
                    phase, "train_base", len(train.rows), runtime)
-    features, head = split_at_frozen(model)  # frozen backbone: cut at the pooled features
     started = time.perf_counter()
-    x_train, sources = cache_outputs(features, images, train.rows, batch_size=phase.batch_size, augment=augment,
-                                     copies=phase.feature_cache_copies, seed=seed)
+    x_train, sources, x_val, how = head_features(model, images, split, phase, augment, seed, activations)
     y_train, w_train = labels_of(sources, train), per_item(sources, train.rows, weight)
-    x_val, _ = cache_outputs(features, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0, seed=seed)
     cache_seconds = time.perf_counter() - started
-    log.info("feature cache: %d training and %d validation vectors in %.1f s", len(x_train), len(x_val), cache_seconds)
+    log.info("feature cache: %d training and %d validation vectors %s in %.1f s", len(x_train), len(x_val), how,
+             cache_seconds)
+    _, head = split_at_frozen(model)
     compile_for(head, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
     if runtime.cluster is None:
         train_data, val_data = (x_train, y_train, w_train), (x_val, val.labels)
@@ -288,17 +256,28 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
 
 
 def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], phase: FinetuneParams,
-                   augment: AugmentParams, runtime: Runtime, seed: int) -> dict:
+                   augment: AugmentParams, runtime: Runtime, seed: int, activations: ActivationCache | None = None) -> dict:
     """Unfreeze the top of the backbone (BatchNorm stays frozen), recompile, train: on the activation
     cache when ``phase.activation_cache`` and something frozen lies below the unfrozen layers, else
-    end to end through the image pipeline."""
+    end to end through the image pipeline.
+
+    ``activations``: the activations stage's cache, checked against this model and split; without it
+    the cache is built here, in a temporary folder.
+    """
+    cut, reason = finetuning_cut(model, phase)
+    if activations is None and cut is not None:
+        with tempfile.TemporaryDirectory(prefix="activations-") as folder:
+            build_activation_cache(model, images, split, finetune=phase, augment=augment, seed=seed,
+                                   folder=Path(folder) / "cache")
+            return finetune_phase(model, images, split, phase, augment, runtime, seed,
+                                  read_activation_cache(Path(folder) / "cache"))
+    if activations is not None:
+        check_cache_matches(activations, model, cut, images, split)
     counts = unfreeze_top(model, phase.unfreeze)
-    parts = split_at_frozen(model) if phase.activation_cache else None
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
-    if parts is None:
-        log.info("fine-tuning end to end (%s)", "activation cache off" if not phase.activation_cache
-                 else "nothing frozen below the unfrozen layers to cache")
+    if cut is None:
+        log.info("fine-tuning end to end (%s)", reason)
         compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing)
         result = fit(model,
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
@@ -306,53 +285,43 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
                      make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
                      phase, "finetune", len(train.rows), runtime)
         return {**result, "unfrozen": counts}
-    bottom, top = parts
-    with tempfile.TemporaryDirectory(prefix="activations-") as folder:
-        started = time.perf_counter()
-        (Path(folder) / "train").mkdir()
-        (Path(folder) / "val").mkdir()
-        x_train, sources = cache_outputs(bottom, images, train.rows, batch_size=phase.batch_size, augment=augment,
-                                         copies=phase.cache_copies, seed=seed, dtype=phase.cache_dtype,
-                                         folder=Path(folder) / "train")
-        x_val, _ = cache_outputs(bottom, images, val.rows, batch_size=phase.batch_size, augment=None, copies=0,
-                                 seed=seed, dtype=phase.cache_dtype, folder=Path(folder) / "val")
-        seconds = time.perf_counter() - started
-        log.info("activation cache: %d training and %d validation maps %s at %s in %.1f s (%.0f MB)",
-                 len(x_train), len(x_val), tuple(x_train.shape[1:]), bottom.layers[-1].name, seconds,
-                 (x_train.nbytes + x_val.nbytes) / 1e6)
-        y_train, w_train = labels_of(sources, train), per_item(sources, train.rows, weight)
-        positions = np.arange(len(x_train))
-        compile_for(top, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
-        result = fit(top,
-                     make_dataset(x_train, positions, y_train, batch_size=phase.batch_size, training=True,
-                                  augment=None, seed=seed, weights=w_train),
-                     make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
-                                  training=False, augment=None, seed=seed),
-                     phase, "finetune", len(x_train), runtime)
-        del x_train, x_val  # close the memmaps before their folder goes
-    return {**result, "unfrozen": counts, "activation_cache_seconds": round(seconds, 2),
-            "activation_cache_layer": bottom.layers[-1].name}
+    _, top = split_at(model, cut)
+    x_train, x_val = activations.train, activations.val
+    log.info("fine-tuning from the activation cache: %d training and %d validation maps %s at %s",
+             len(x_train), len(x_val), tuple(x_train.shape[1:]), activations.layer)
+    y_train, w_train = labels_of(activations.sources, train), per_item(activations.sources, train.rows, weight)
+    compile_for(top, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
+    result = fit(top,
+                 make_dataset(x_train, np.arange(len(x_train)), y_train, batch_size=phase.batch_size, training=True,
+                              augment=None, seed=seed, weights=w_train),
+                 make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
+                              training=False, augment=None, seed=seed),
+                 phase, "finetune", len(x_train), runtime)
+    return {**result, "unfrozen": counts, "activation_cache_layer": activations.layer}
 
 
 def train_base_model(params, images: np.ndarray, split: dict[str, SplitRows], runtime: Runtime,
-                     weights: ResolvedWeights, root: Path) -> tuple[keras.Model, dict]:
+                     weights: ResolvedWeights, root: Path, activations: ActivationCache | None = None
+                     ) -> tuple[keras.Model, dict]:
     """The train_base stage's training: the model built under the runtime's strategy, its backbone
     frozen, the head trained. Every worker of a cluster runs it; returns (model, result)."""
     with runtime.strategy.scope():
         model = build_model(params.model, params.preprocess.image_size, root=root, weights=weights,
                             synchronized_batchnorm=runtime.cluster is not None)
         freeze_backbone(model)
-        result = train_base_phase(model, images, split, params.train_base, params.augment, runtime, params.runtime.seed)
+        result = train_base_phase(model, images, split, params.train_base, params.augment, runtime, params.runtime.seed,
+                                  activations)
     return runtime.standalone(model), result
 
 
 def finetune_model(params, base_model: Path, images: np.ndarray, split: dict[str, SplitRows],
-                   runtime: Runtime) -> tuple[keras.Model, dict]:
+                   runtime: Runtime, activations: ActivationCache | None = None) -> tuple[keras.Model, dict]:
     """The finetune stage's training: the base model loaded under the runtime's strategy, its top
     unfrozen and trained. Every worker of a cluster runs it; returns (model, result)."""
     with runtime.strategy.scope():
         model = keras.saving.load_model(base_model, safe_mode=True)
-        result = finetune_phase(model, images, split, params.finetune, params.augment, runtime, params.runtime.seed)
+        result = finetune_phase(model, images, split, params.finetune, params.augment, runtime, params.runtime.seed,
+                                activations)
     return runtime.standalone(model), result
 
 

@@ -145,7 +145,10 @@ def run_results(workdir: Path) -> dict:
     for stage in ("train_base", "finetune"):
         summary = read_json(workdir / "reports" / stage / "metrics.json")
         result[f"{stage}_summary"] = {k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run",
-                                                               "train_images_per_second") if k in summary}
+                                                               "train_images_per_second", "feature_cache_seconds")
+                                      if k in summary}
+    activations = read_json(workdir / "reports" / "activations" / "metrics.json")
+    result["activations_summary"] = {k: activations[k] for k in ("train_maps", "megabytes", "seconds") if k in activations}
     if "clean_test" in split:
         result["split"]["clean_test"] = split["clean_test"]
     return result

@@ -102,8 +102,15 @@ def test_the_app_bundle_serves_an_export_with_or_without_its_keras_model(built_p
     assert bundle.exported is not None and bundle.gradcam_model is not None
     assert bundle.identity.model_file == "finetuned_float16.tflite (exported from finetuned.keras)"
     result = predict_upload(bundle, upload, settings)
-    # the same calibration, OOD rule and Grad-CAM; probabilities from the float16 export, close to Keras's
-    assert result.overlay is not None and result.verdict.in_distribution == keras_result.verdict.in_distribution
+    # the same calibration, OOD rule and Grad-CAM; probabilities from the float16 export, close to Keras's.
+    # The tiny, barely trained model gives about 0.25 to every class, at the confidence threshold itself,
+    # where float16's rounding may land either side: every check runs, and they agree apart from that tie.
+    assert result.overlay is not None
+    for ran in (result.verdict, keras_result.verdict):
+        assert ran.confidence_checked and ran.features_checked
+    beside_confidence = [{flag.check for flag in r.verdict.flags} - {"low_confidence"} for r in (result, keras_result)]
+    assert beside_confidence[0] == beside_confidence[1]
+    assert result.feature_score == pytest.approx(keras_result.feature_score, rel=1e-3)
     for name, p in keras_result.probabilities.items():
         assert abs(result.probabilities[name] - p) < 1e-2
     (repo / "models/finetuned.keras").unlink()

@@ -35,7 +35,8 @@ from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
 from braintumor.core.config import ModelParams  # noqa: E402
 from braintumor.model.backbones import build_model, unfreeze_top  # noqa: E402
 from braintumor.model.inputs import make_dataset  # noqa: E402
-from braintumor.model.train import cache_outputs, compile_for, split_at_frozen  # noqa: E402
+from braintumor.model.activations import cache_outputs, split_at_frozen  # noqa: E402
+from braintumor.model.train import compile_for  # noqa: E402
 
 BATCH = 32
 
@@ -69,7 +70,7 @@ def measure(size: int, images: int, epochs: int, unfreeze: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         activations, _ = cache_outputs(bottom, pixels, np.arange(images), batch_size=BATCH, augment=None, copies=0,
-                                       seed=0, dtype="float16", folder=Path(folder))
+                                       seed=0, dtype="float16", path=Path(folder) / "outputs.npy")
         cache_s = time.perf_counter() - start
         cached = epoch_seconds(top, activations, labels, epochs)
         del activations

@@ -72,7 +72,9 @@ def split_at(model: keras.Model, cut: int) -> tuple[keras.Model, keras.Model]:
     """(bottom, top): ``model`` cut after ``model.layers[cut]``. ``top`` reuses the model's layer
     objects, so training it trains the model."""
     tensor = model.layers[cut].output
-    return keras.Model(model.inputs, tensor, name="frozen_bottom"), keras.Model(tensor, model.outputs, name="unfrozen_top")
+    # One input as a tensor, not a one-item list: called on a batch, a list-input model warns about the structure.
+    image = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(image, tensor, name="frozen_bottom"), keras.Model(tensor, model.outputs, name="unfrozen_top")
 
 
 def split_at_frozen(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:

@@ -5,7 +5,8 @@ Inputs: models/base.keras, models/finetuned.keras (and its card: the MLflow run 
     (scored beside it), data/processed/images.npy,
     data/split/split.csv, reports/data/split.json (data fingerprint), data/interim/manifest.csv (image paths),
     data/split/external.csv (external sets, split.external),
-    reports/train_base/history.json, reports/finetune/history.json
+    reports/train_base/history.json, reports/finetune/history.json,
+    data/activations/ (the out-of-distribution check's training features, when they are its maps)
     evaluate.feature_check.shifted_sets (folders of images unlike the training data, optional)
 Outputs: reports/metrics.json (DVC metrics, both models side by side), models/calibration.json
     (temperature and validation confidence quantiles per model, read by the app), models/ood.npz
@@ -28,6 +29,7 @@ from braintumor.core.tracking import flatten_params, log_summary, stage_run, tag
 from braintumor.evaluate.feature_check import save_feature_checks
 from braintumor.evaluate.metrics import flat_metrics
 from braintumor.evaluate.run import MODELS, evaluate_models, evaluated_image_paths, load_shifted_sets, registry_tags
+from braintumor.model.activations import read_activation_cache
 from braintumor.model.backbones import feature_check_layer_name
 from braintumor.split.load import load_training_data
 
@@ -47,7 +49,7 @@ def main() -> dict:
         feature_layer = feature_check_layer_name(params.evaluate.feature_check.layer, params.model.backbone)
         result = evaluate_models({name: paths.models / f"{name}.keras" for name in MODELS}, data, files, histories,
                                  params.evaluate, paths.evaluate_reports, feature_layer,
-                                 shifted, external_files, paths.exports)
+                                 shifted, external_files, paths.exports, read_activation_cache(paths.activations))
         atomic.write_json(paths.calibration_json, result.calibration)
         save_feature_checks(paths.ood_file, result.feature_checks)
         atomic.write_json(paths.metrics_json, result.metrics)

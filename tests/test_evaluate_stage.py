@@ -186,3 +186,35 @@ def test_mlflow_run_holds_metrics_params_and_artifacts(evaluated_repo):
 
 def test_rerun_is_a_no_op(evaluated_repo, venv_env):
     assert ran_stages(dvc(evaluated_repo, venv_env, "repro", "evaluate")) == set()
+
+
+def test_the_feature_checks_training_features_come_from_the_activation_cache_where_it_was_cut(evaluated_repo,
+                                                                                               tmp_path, venv_env):
+    """With the check reading the input of the first fine-tuned layer (the cache's cut), evaluate averages
+    the cached maps instead of running each model over the training split; the class means are those
+    of the model's own features (the cache is float16: to its rounding)."""
+    import keras
+
+    import braintumor.model.backbones  # noqa: F401  registers the custom layers
+    from braintumor.core.paths import ProjectPaths
+    from braintumor.evaluate.feature_check import load_feature_checks
+    from braintumor.model.inputs import features_and_probabilities_model, predict_features
+    from braintumor.split.load import load_training_data
+    from conftest import set_params
+
+    repo = copy_built_pipeline(evaluated_repo, tmp_path / "repo")
+    # expanded_conv_10_expand reads expanded_conv_9_add, the cut. A float32 cache: this random MobileNet's
+    # activations (about 1e-10) underflow float16, and the check's Gaussians would be singular.
+    set_params(repo, {"evaluate.feature_check.layer": "expanded_conv_10_expand", "finetune.cache_dtype": "float32",
+                      "export.formats": []})
+    output = dvc(repo, venv_env, "repro", "evaluate")
+    assert {"activations", "evaluate"} <= ran_stages(output), output[-3000:]
+    for name in MODELS:
+        assert f"{name}: the feature check's training features from the activation cache" in output, output[-3000:]
+    data = load_training_data(ProjectPaths(repo))
+    train = data.split["train"]
+    for name, check in load_feature_checks(repo / "models/ood.npz").items():
+        model = features_and_probabilities_model(keras.saving.load_model(repo / f"models/{name}.keras"), check.layer)
+        own, _ = predict_features(model, data.images, train, 32)
+        means = np.stack([own[train.labels == k].mean(axis=0) for k in range(len(CLASS_NAMES))])
+        np.testing.assert_allclose(check.means, means, rtol=0, atol=2e-3 * np.abs(means).max())

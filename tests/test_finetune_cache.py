@@ -245,3 +245,26 @@ def test_with_the_whole_backbone_unfrozen_the_cache_says_why_it_is_empty_and_fin
                                                                            epochs=1, batch_size=8),
                             None, configure_runtime(RuntimeParams()), seed=0, activations=cache)
     assert "activation_cache_layer" not in result and result["epochs_run"] == 1
+
+
+def test_the_feature_checks_training_features_are_read_from_the_cache_only_where_it_was_cut(tmp_path):
+    """evaluate's out-of-distribution check reads the input of Xception's block13_sepconv1_act averaged over
+    space: with the exit flow fine-tuned, that input is the cache's cut, so the cached maps (copy 0) give
+    the same features as the model; for a layer elsewhere there is nothing to read (None)."""
+    from braintumor.core.config import AugmentParams
+    from braintumor.model.activations import build_activation_cache, cached_layer_input_means, read_activation_cache
+    from braintumor.model.backbones import feature_check_tensor
+
+    images, split = _tiny_split(np.random.default_rng(7))
+    build_activation_cache(_frozen_model(), images, split, finetune=FinetuneParams(unfreeze=UNFREEZE, cache_copies=1,
+                                                                                   cache_dtype="float32"),
+                           augment=AugmentParams(), seed=0, folder=tmp_path / "activations")
+    cache = read_activation_cache(tmp_path / "activations")
+    model = _frozen_model()
+    cached = cached_layer_input_means(cache, model, "block13_sepconv1_act", images, split)
+    own = keras.Model(model.inputs[0], feature_check_tensor(model, "block13_sepconv1_act"))(
+        np.asarray(images[split["train"].rows][..., None], np.float32))
+    own = np.asarray(own)
+    assert cached.shape == own.shape == (6, 728)
+    np.testing.assert_allclose(cached / np.abs(own).max(), own / np.abs(own).max(), rtol=0, atol=1e-5)
+    assert cached_layer_input_means(cache, model, "block14_sepconv1_act", images, split) is None

@@ -22,6 +22,7 @@ from braintumor.evaluate.figures import confusion_figure, reliability_figure, ro
 from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, misclassified, model_metrics,
                                          export_comparison, image_paths, prediction_table, roc_curves, training_curves,
                                          tumor_vs_no_tumor)
+from braintumor.model.activations import ActivationCache, cached_layer_input_means
 from braintumor.model.export import EXPORTS_CARD, load_exported, predict_with_flip
 from braintumor.model.inputs import features_and_probabilities_model, predict_features
 from braintumor.split.load import TUMOR_ID, SplitRows, TrainingData
@@ -58,7 +59,7 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
                     params: EvaluateParams, out: Path, feature_layer: str,
                     shifted: dict[str, "ImageFolder"] | None = None,
                     external_files: dict[str, list[str]] | None = None,
-                    exports: Path | None = None) -> Evaluation:
+                    exports: Path | None = None, activations: ActivationCache | None = None) -> Evaluation:
     """Evaluate each model, write its plots data and figures into ``out``, and build the report.
 
     Args:
@@ -70,13 +71,14 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
         shifted: name -> images unlike the training data (:func:`load_image_folder`), to score the check on.
         external_files: the source file of each row of each external set (``data.external``).
         exports: the export stage's folder (``models/exports``): its models are scored beside the fine-tuned one.
+        activations: the activations stage's cache (:func:`evaluate_model` reads the check's training features from it).
     """
     external_files = external_files or {}
     test = data.split["test"]
     metrics, calibration, checks, confusions, errors, external_confusions = {}, {}, {}, {}, {}, {}
     for name, model_file in model_files.items():
         metrics[name], calibration[name], probabilities, check, external = evaluate_model(
-            model_file, data, params, feature_layer, shifted or {})
+            model_file, data, params, feature_layer, shifted or {}, activations)
         checks[name] = check
         for source, source_probabilities in external.items():
             rows = data.external[source]
@@ -143,18 +145,28 @@ def evaluate_exports(folder: Path, data: TrainingData, keras_probabilities: np.n
 
 
 def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams, feature_layer: str,
-                   shifted: dict[str, "ImageFolder"]) -> tuple[dict, dict, np.ndarray, FeatureCheck]:
+                   shifted: dict[str, "ImageFolder"], activations: ActivationCache | None = None
+                   ) -> tuple[dict, dict, np.ndarray, FeatureCheck]:
     """Predict the splits (with ``params.tta``); fit the temperature on validation, the feature check on
     training and validation.
+
+    The training split is only needed for the check's features: when they are the activation cache's
+    maps (the check reads the tensor the cache was cut at, below every fine-tuned layer), they are
+    averaged from there instead of running the model, with flip averaging, over every training image.
 
     Returns:
         The metrics.json entry (with the check's flag rates and AUROCs under ``ood``), the
         calibration.json entry, the test probabilities (n, k) and the fitted check.
     """
-    model = features_and_probabilities_model(keras.saving.load_model(model_file, safe_mode=True), feature_layer,
-                                             params.tta)
+    loaded = keras.saving.load_model(model_file, safe_mode=True)
+    cached = (None if activations is None
+              else cached_layer_input_means(activations, loaded, feature_layer, data.images, data.split))
+    log.info("%s: the feature check's training features %s", Path(model_file).stem,
+             "from the activation cache" if cached is not None else "from the model")
+    model = features_and_probabilities_model(loaded, feature_layer, params.tta)
     features = {split: predict_features(model, data.images, data.split[split], params.batch_size)
-                for split in ("train", "val", "test")}
+                for split in (("val", "test") if cached is not None else ("train", "val", "test"))}
+    train_features = cached if cached is not None else features["train"][0]
     shifted_features = {name: predict_features(model, folder.images, all_rows(len(folder.images)), params.batch_size)[0]
                         for name, folder in shifted.items()}
     # prediction reads no label; a binary source's TUMOR_ID (-1) is not one the input pipeline accepts
@@ -167,7 +179,7 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
     entry = model_metrics(data.split["test"].labels, test, CLASS_NAMES, temperature=temperature,
                           bootstrap_resamples=params.bootstrap_resamples, bootstrap_seed=params.bootstrap_seed,
                           calibration_bins=params.calibration_bins)
-    check = fit_feature_check(feature_layer, features["train"][0], data.split["train"].labels, val_features,
+    check = fit_feature_check(feature_layer, train_features, data.split["train"].labels, val_features,
                               len(CLASS_NAMES), params.feature_check.flag_share)
     entry["ood"] = feature_check_summary(check, test_features, shifted_features)
     for name, folder in shifted.items():

@@ -244,3 +244,23 @@ def features_from_activations(model: keras.Model, cut: int, maps: np.ndarray, ba
         out[start : start + batch_size] = np.asarray(rest(np.asarray(maps[start : start + batch_size], np.float32),
                                                           training=False))
     return out
+
+
+def cached_layer_input_means(cache: ActivationCache, model: keras.Model, layer_name: str, images: np.ndarray,
+                             split: dict[str, SplitRows], batch_size: int = 256) -> np.ndarray | None:
+    """(R, C): each training image's input of ``layer_name`` averaged over space, read from the cache (copy 0)
+    when that input is the cache's cut in ``model`` (the out-of-distribution check's features, e.g.
+    Xception's middle-flow output, without running the model); None when it is not.
+
+    Raises ValueError (:func:`check_cache_matches`) if the cut is that input but the cache was made for
+    other rows or other frozen weights.
+    """
+    if cache.cut is None or model.layers[cache.cut].output is not model.get_layer(layer_name).input:
+        return None
+    check_cache_matches(cache, model, cache.cut, images, split)
+    count = len(split["train"].rows)
+    out = np.empty((count, cache.train.shape[-1]), np.float32)
+    for start in range(0, count, batch_size):
+        out[start : start + batch_size] = np.asarray(cache.train[start : min(start + batch_size, count)],
+                                                     np.float32).mean(axis=(1, 2))
+    return out

@@ -1,8 +1,8 @@
 """Stage activations: the backbone's frozen bottom (below finetune.unfreeze) run once over the training
 images, their augmented copies and the validation images; train_base and finetune both read the maps.
 
-Params: model.backbone, model.weights, augment, runtime.seed, runtime.deterministic, finetune.unfreeze,
-        finetune.activation_cache, finetune.cache_copies, finetune.cache_dtype
+Params: model.backbone, model.weights, augment, runtime.seed, runtime.deterministic, preprocess.image_size,
+        finetune.unfreeze, finetune.activation_cache, finetune.cache_copies, finetune.cache_dtype
 Inputs: data/processed/images.npy, data/split/split.csv
 Outputs: data/activations/ (manifest.json; train.npy, train_sources.npy and val.npy when there is a frozen bottom),
          reports/activations/metrics.json (metrics: maps, size, seconds)

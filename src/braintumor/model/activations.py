@@ -179,7 +179,7 @@ def build_activation_cache(model: keras.Model, images: np.ndarray, split: dict[s
             x_val.flush()
             np.save(staging / "train_sources.npy", sources)
             manifest = {"cut": cut, "layer": model.layers[cut].name, "shape": list(x_train.shape[1:]),
-                        "dtype": finetune.cache_dtype, "copies": (len(x_train) // max(len(train.rows), 1)) - 1,
+                        "dtype": finetune.cache_dtype, "copies": finetune.cache_copies if augment is not None else 0,
                         "train_maps": len(x_train), "val_maps": len(x_val),
                         "train_digest": rows_digest(train.rows), "val_digest": rows_digest(val.rows),
                         "megabytes": round((x_train.nbytes + x_val.nbytes) / 1e6, 1)}

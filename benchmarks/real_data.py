@@ -11,7 +11,7 @@
 3. The same configuration trained again with ``split.strategy: source_folders_clean``: Nickparvar's
    Training folder (plus the other sources, minus anything related to a test image) for training,
    its Testing folder minus every image with a copy or look-alike in Training as test. Up to the
-   evaluate stage (no Grad-CAM report).
+   evaluate stage (no Grad-CAM report, no exports: those come from step 2).
 4. The published PyPI models (``benchmarks/peers.py``) and that model on the same clean images, and
    on the whole Testing folder (which the peers' and our training folders overlap).
 
@@ -250,7 +250,8 @@ def main() -> int:
               flush=True)
         copy_box_overlays(workdir, REPO / "docs" / "real-data")
     if not args.skip_clean:
-        clean = pipeline(workdir, {**overrides, "split.strategy": "source_folders_clean"},
+        # No exports: this run reports the Keras models against the peers; the leak-free run scores the exports.
+        clean = pipeline(workdir, {**overrides, "split.strategy": "source_folders_clean", "export.formats": []},
                          f"{args.name}-{tag}-clean-testing", targets=("evaluate",))
         clean_peers, testing = compare_with_peers(workdir, args.peers_venv)
         result["clean_testing"] = {"n": clean["split"]["clean_test"]["test"], **clean, **clean_peers}

@@ -212,12 +212,12 @@ def test_an_activation_cache_built_for_another_model_or_split_is_refused_by_name
                            folder=tmp_path / "activations")
     cache = read_activation_cache(tmp_path / "activations")
     model = _frozen_model()
-    cut, _ = finetuning_cut(model, finetune)
+    cut = finetuning_cut(model, finetune).cut
     check_cache_matches(cache, model, cut, images, split)  # its own model and split: accepted
     other_split = {**split, "train": SplitRows(split["train"].rows[::-1], split["train"].labels[::-1])}
     with pytest.raises(ValueError, match="other training or validation images than data/split/split.csv"):
         check_cache_matches(cache, model, cut, images, other_split)
-    deeper, _ = finetuning_cut(_frozen_model(), FinetuneParams(unfreeze="block14_sepconv1"))
+    deeper = finetuning_cut(_frozen_model(), FinetuneParams(unfreeze="block14_sepconv1")).cut
     with pytest.raises(ValueError, match=r"it was cut after layer \d+ \(add.*\), this model after layer \d+ .*"
                                          r"Rebuild it: `dvc repro activations`"):
         check_cache_matches(cache, model, deeper, images, split)

@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -145,14 +146,21 @@ def rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()[:16]
 
 
-def finetuning_cut(model: keras.Model, finetune: FinetuneParams) -> tuple[int | None, str]:
-    """(cut, reason): where fine-tuning with ``finetune`` cuts ``model`` (its top is unfrozen as
-    ``finetune.unfreeze`` says), or None and why there is nothing to cache."""
-    unfreeze_top(model, finetune.unfreeze)
+class FinetuningCut(NamedTuple):
+    cut: int | None  # index in model.layers, None when nothing frozen is left to cache
+    reason: str  # why there is no cut, "" when there is one
+    unfrozen: dict[str, int]  # unfreeze_top's counts
+
+
+def finetuning_cut(model: keras.Model, finetune: FinetuneParams) -> FinetuningCut:
+    """Unfreeze ``model``'s top as ``finetune.unfreeze`` says (BatchNorm stays frozen) and say where
+    fine-tuning cuts it: the cut, or None and why there is nothing to cache, and the unfrozen counts."""
+    unfrozen = unfreeze_top(model, finetune.unfreeze)
     if not finetune.activation_cache:
-        return None, "finetune.activation_cache is off"
+        return FinetuningCut(None, "finetune.activation_cache is off", unfrozen)
     cut = frozen_cut(model)
-    return cut, "" if cut is not None else f"nothing frozen below finetune.unfreeze ({finetune.unfreeze!r})"
+    reason = "" if cut is not None else f"nothing frozen below finetune.unfreeze ({finetune.unfreeze!r})"
+    return FinetuningCut(cut, reason, unfrozen)
 
 
 def build_activation_cache(model: keras.Model, images: np.ndarray, split: dict[str, SplitRows], *,
@@ -163,7 +171,7 @@ def build_activation_cache(model: keras.Model, images: np.ndarray, split: dict[s
     The folder's content depends only on its inputs (no times in it), so DVC sees a rebuild with the
     same inputs as unchanged and the stages after it are not rerun.
     """
-    cut, reason = finetuning_cut(model, finetune)
+    cut, reason, _ = finetuning_cut(model, finetune)
     train, val = split["train"], split["val"]
     with atomic.atomic_folder(Path(folder)) as staging:
         if cut is None:
@@ -237,8 +245,7 @@ def check_cache_matches(cache: ActivationCache, model: keras.Model, cut: int | N
 def features_from_activations(model: keras.Model, cut: int, maps: np.ndarray, batch_size: int = CACHE_BATCH) -> np.ndarray:
     """The pooled backbone features (the head's input) of cached maps: the frozen layers from the cut
     to the pooling run on them, in float32. ``model``'s backbone must be frozen (the base phase)."""
-    pooled, _ = split_at_frozen(model)
-    rest = keras.Model(model.layers[cut].output, pooled.output, name="frozen_rest")
+    rest = keras.Model(model.layers[cut].output, model.layers[frozen_cut(model)].output, name="frozen_rest")
     out = np.empty((len(maps), *rest.output.shape[1:]), np.float32)
     for start in range(0, len(maps), batch_size):
         out[start : start + batch_size] = np.asarray(rest(np.asarray(maps[start : start + batch_size], np.float32),

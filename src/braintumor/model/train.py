@@ -32,7 +32,7 @@ from braintumor.split.load import SplitRows
 from braintumor.model.activations import (CACHE_BATCH, ActivationCache, build_activation_cache, cache_outputs,
                                           check_cache_matches, features_from_activations, finetuning_cut,
                                           read_activation_cache, split_at, split_at_frozen)
-from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
+from braintumor.model.backbones import build_model, freeze_backbone
 from braintumor.model.losses import training_loss
 from braintumor.model.multi_worker import ClusterRole, fit_in_step, local_copy, multi_worker_strategy
 from braintumor.model.weights import ResolvedWeights
@@ -264,7 +264,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     ``activations``: the activations stage's cache, checked against this model and split; without it
     the cache is built here, in a temporary folder.
     """
-    cut, reason = finetuning_cut(model, phase)
+    cut, reason, counts = finetuning_cut(model, phase)
     if activations is None and cut is not None:
         with tempfile.TemporaryDirectory(prefix="activations-") as folder:
             build_activation_cache(model, images, split, finetune=phase, augment=augment, seed=seed,
@@ -273,7 +273,6 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
                                   read_activation_cache(Path(folder) / "cache"))
     if activations is not None:
         check_cache_matches(activations, model, cut, images, split)
-    counts = unfreeze_top(model, phase.unfreeze)
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
     if cut is None:

@@ -47,7 +47,7 @@ def merged(root, keypoints: bool, **settings) -> tuple[dict, dict]:
 
 def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
     without, _ = merged(phantom, keypoints=False)
-    with_keypoints, search = merged(phantom, keypoints=True)
+    with_keypoints, search = merged(phantom, keypoints=True, copy_correlation=0.75)  # its matches make copies too
     assert with_keypoints["planted"] == {"annotated": 6, "augmented": 6}
     assert without["recall"]["augmented"] < 1.0  # the gap this search closes
     assert with_keypoints["recall"] == {"annotated": 1.0, "augmented": 1.0}
@@ -59,8 +59,8 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
     assert all(seconds >= 0 for seconds in search.seconds.values())
 
 
-def test_with_copy_correlation_1_its_matches_keep_both_images_in_one_split_group(phantom):
-    scores, _ = merged(phantom, keypoints=True, copy_correlation=1.0)
+def test_by_default_its_matches_keep_both_images_in_one_split_group(phantom):
+    scores, _ = merged(phantom, keypoints=True)  # params.yaml: copy_correlation 1.0
     assert scores["split_recall"] == {"annotated": 1.0, "augmented": 1.0}
     without, _ = merged(phantom, keypoints=False)
     assert scores["recall"] == without["recall"]  # no copy group beyond the head-box search's
@@ -175,4 +175,5 @@ def test_a_blank_image_has_no_keypoints_and_matches_nothing():
 def test_keypoint_params_are_checked_at_load():
     with pytest.raises(ValidationError, match="related_correlation .* must not exceed copy_correlation"):
         KeypointParams(copy_correlation=0.6, related_correlation=0.7)
-    assert NearDuplicateParams().keypoints.enabled is False  # off until measured on real re-uploads
+    defaults = NearDuplicateParams().keypoints  # on, linking matches into one split without removing either image
+    assert defaults.enabled is True and defaults.copy_correlation == 1.0 and defaults.related_correlation == 0.7

@@ -126,13 +126,13 @@ class DownloadParams(_Section):
 class KeypointParams(_Section):
     """Keypoint search for the copies the head-box search misses: augmented and annotated re-uploads."""
 
-    enabled: bool = False
+    enabled: bool = True
     features: int = Field(default=300, ge=20, le=5000, description="ORB keypoints per image")
     words: int = Field(default=4096, ge=8, le=16384, description="visual words of the shortlist's vocabulary")
     neighbours: int = Field(default=20, ge=1, le=100, description="shortlist size per image")
     min_inliers: int = Field(default=15, ge=4, description="RANSAC inliers of the similarity transform")
-    copy_correlation: float = Field(default=0.75, ge=-1.0, le=1.0, description="after warping: a copy")
-    related_correlation: float = Field(default=0.5, ge=-1.0, le=1.0, description="after warping: a look-alike")
+    copy_correlation: float = Field(default=1.0, ge=-1.0, le=1.0, description="after warping: a copy (1.0: none)")
+    related_correlation: float = Field(default=0.7, ge=-1.0, le=1.0, description="after warping: a look-alike")
 
     @model_validator(mode="after")
     def _related_below_copy(self) -> "KeypointParams":

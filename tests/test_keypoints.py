@@ -177,3 +177,12 @@ def test_keypoint_params_are_checked_at_load():
         KeypointParams(copy_correlation=0.6, related_correlation=0.7)
     defaults = NearDuplicateParams().keypoints  # on, linking matches into one split without removing either image
     assert defaults.enabled is True and defaults.copy_correlation == 1.0 and defaults.related_correlation == 0.7
+
+
+def test_a_small_vocabulary_sample_prints_no_faiss_warning(capfd):
+    from braintumor.data.keypoints import _kmeans_vocabulary
+
+    descriptors = np.random.default_rng(0).integers(0, 256, (120, 32), dtype=np.uint8)  # under 39 per word
+    vocabulary = _kmeans_vocabulary(descriptors, 100, seed=0)
+    assert vocabulary.shape == (100, 32) and vocabulary.dtype == np.uint8
+    assert capfd.readouterr().err == ""  # FAISS writes "WARNING clustering 120 points to 100 centroids" to fd 2

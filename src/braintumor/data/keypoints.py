@@ -81,7 +81,9 @@ def _kmeans_vocabulary(descriptors: np.ndarray, words: int, seed: int) -> np.nda
     rng = np.random.default_rng(seed)
     sample = descriptors[rng.choice(len(descriptors), min(len(descriptors), 40 * words), replace=False)]
     words = min(words, len(sample))
-    kmeans = faiss.Kmeans(_BITS, words, niter=15, seed=seed, verbose=False)
+    # min_points_per_centroid 1: a small dataset (a few hundred slices) has fewer than FAISS's 39 sampled
+    # descriptors per word; it then prints a warning to the terminal, which would change nothing here.
+    kmeans = faiss.Kmeans(_BITS, words, niter=15, seed=seed, verbose=False, min_points_per_centroid=1)
     kmeans.train(np.unpackbits(sample, axis=1).astype(np.float32))
     return np.packbits(kmeans.centroids > 0.5, axis=1)
 

@@ -11,13 +11,16 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.core.config import NearDuplicateParams
+from braintumor.core.config import KeypointParams, NearDuplicateParams
 from braintumor.data.dedup import exact_pairs, find_duplicate_groups, fingerprint_image, group_ids, verify_pairs
 
 THRESHOLD = 12  # preprocess.head_threshold's default
 # Everything reaches verification (no shortlist cut: five images have no meaningful dataset mean), and
 # the related level sits between the adjacent slice (~0.93) and the different one (~0.67).
-PARAMS = NearDuplicateParams(shortlist_similarity=-1.0, verify_similarity=0.95, related_similarity=0.90)
+# The head-box search alone (the keypoint search has its own tests in test_keypoints.py).
+HEAD_BOX_ONLY = KeypointParams(enabled=False)
+PARAMS = NearDuplicateParams(shortlist_similarity=-1.0, verify_similarity=0.95, related_similarity=0.90,
+                             keypoints=HEAD_BOX_ONLY)
 
 
 def head_slice(ventricle_shift: int = 0) -> np.ndarray:
@@ -102,7 +105,7 @@ def test_detail_check_keeps_a_neighbouring_slice_that_passes_as_a_copy_at_64_px(
                                         "meningioma", 256)
     copy, _ = make_copy("rescaled", original, mask.astype(np.uint8) * 255, np.random.default_rng([2, index]))
     prints = [fingerprint_image(image, THRESHOLD, detail=True) for image in (original, copy, adjacent)]
-    coarse = NearDuplicateParams(shortlist_similarity=-1.0)
+    coarse = NearDuplicateParams(shortlist_similarity=-1.0, keypoints=HEAD_BOX_ONLY)
     assert find_duplicate_groups(prints, THRESHOLD, coarse).groups.tolist() == [0, 0, 0]  # the gap it closes
     search = find_duplicate_groups(prints, THRESHOLD, coarse.model_copy(update={"detail_similarity": 0.99}))
     assert search.groups.tolist() == [0, 0, 1]  # the copy stays a copy, the neighbouring slice is kept

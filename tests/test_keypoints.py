@@ -186,3 +186,16 @@ def test_a_small_vocabulary_sample_prints_no_faiss_warning(capfd):
     vocabulary = _kmeans_vocabulary(descriptors, 100, seed=0)
     assert vocabulary.shape == (100, 32) and vocabulary.dtype == np.uint8
     assert capfd.readouterr().err == ""  # FAISS writes "WARNING clustering 120 points to 100 centroids" to fd 2
+
+
+def test_faiss_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from braintumor.data.keypoints import load_faiss; load_faiss(); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)  # noqa: E731
+    assert run(env).stdout.strip() == "PASSIVE"
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.strip() == "ACTIVE"

@@ -40,7 +40,8 @@ import numpy as np
 from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import Keypoints, keypoint_image, keypoint_shortlist, orb_keypoints, verify_keypoint_pairs
+from braintumor.data.keypoints import (Keypoints, keypoint_image, keypoint_shortlist, load_faiss, orb_keypoints,
+                                       verify_keypoint_pairs)
 
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation
@@ -166,7 +167,7 @@ def nearest_neighbours(descriptors: np.ndarray, k: int, seed: int = 0) -> tuple[
     Copies sit very close to their original, so they share a cell: 100% of 5,000 planted copies were
     still shortlisted at 100,000 rows (benchmarks/bench_dedup.py).
     """
-    import faiss  # imported here: only the merge stage and its benchmark need it
+    faiss = load_faiss()
 
     n, dims = descriptors.shape
     if n <= EXACT_SEARCH_LIMIT:

@@ -15,8 +15,9 @@ Local features do not depend on the box:
    Nickparvar + SARTAJ this halved the verification, 94 -> 56 s, and lost no planted copy).
 
 A pair with enough RANSAC inliers and a high correlation is a copy; with enough inliers and a lower
-correlation, a look-alike (kept, same split). Measured on the phantom's planted kinds and chosen
-there (benchmarks/dedup_recall.py, README "Merge").
+correlation, a look-alike (kept, same split). params.yaml makes every match a look-alike (copy level
+1.0, look-alike level 0.7): as copies its matches removed real neighbouring slices, and lower look-alike
+levels chained slices of different classes (benchmarks/dedup_recall.py and keypoint_links.py, README "Merge").
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def load_faiss():
     import faiss
 
     return faiss
+
 
 DETAIL_SIZE = 192  # longer side of the whole slice the keypoints are found on
 _BITS = 256  # an ORB descriptor: 32 bytes

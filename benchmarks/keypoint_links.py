@@ -29,7 +29,7 @@ import pandas as pd
 
 from braintumor.core.config import load_params
 from braintumor.data.dedup import DuplicateSearch, group_ids
-from braintumor.data.merge import merge_sources
+from braintumor.data.merge import merge_sources, planted_duplicate_recall
 from dedup_recall import REPO, plant_real_copies, with_settings
 
 KINDS = ["augmented", "annotated"]
@@ -46,8 +46,10 @@ def head_box_links(search: DuplicateSearch, keypoints) -> tuple[np.ndarray, np.n
     return search.near[: len(search.near) - copies], search.related_pairs[: len(search.related_pairs) - related]
 
 
-def setting_scores(search, head_copies, head_related, labels, planted, min_inliers, copy_at, related_at) -> dict:
+def setting_scores(search, head_copies, head_related, ok: pd.DataFrame, records: list[dict], min_inliers, copy_at,
+                   related_at) -> dict:
     """The groups one setting makes from the scored links, scored; ``min_inliers`` None: keypoints off."""
+    labels = ok["label"].to_numpy()
     n, pairs = len(labels), search.keypoint_candidates
     matched = (search.keypoint_inliers >= (min_inliers or 0)) & (min_inliers is not None)
     copy = matched & (search.keypoint_correlation >= copy_at)
@@ -59,10 +61,9 @@ def setting_scores(search, head_copies, head_related, labels, planted, min_inlie
     mixed = [g for g in np.flatnonzero(sizes > 1) if len(set(labels[split_groups == g])) > 1]
     scores = {"min_inliers": min_inliers, "copy_correlation": copy_at, "related_correlation": related_at,
               "links_across_classes": int((across & (copy | related)).sum())}
+    planted = planted_duplicate_recall(ok.assign(group=groups, split_group=split_groups), None, records)
     for kind in KINDS:
-        pairs_of_kind = [(c, o) for c, o, k in planted if k == kind]
-        scores[kind] = [round(float(np.mean([groups[c] == groups[o] for c, o in pairs_of_kind])), 3),
-                        round(float(np.mean([split_groups[c] == split_groups[o] for c, o in pairs_of_kind])), 3)]
+        scores[kind] = [planted["recall"][kind], planted["split_recall"][kind]]
     return {**scores, "split_groups_mixing_classes": len(mixed), "slices_in_them": int(sizes[mixed].sum()),
             "largest_split_group": int(sizes.max())}
 
@@ -104,14 +105,12 @@ def main() -> None:
             head_threshold=params.preprocess.head_threshold, max_colour_share=params.merge.max_colour_share,
             keep=params.merge.keep, near=near, workers=params.merge.workers)
         print(json.dumps({"merge_seconds": round(time.perf_counter() - started, 1), "seconds_by_part": search.seconds}))
-    ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
-    ids, labels = ok["id"].tolist(), ok["label"].to_numpy()
-    index = {name: i for i, name in enumerate(ids)}
-    planted = [(index[r["copy"]], index[r["original"]], r["kind"]) for r in records]
+    ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)  # the search's rows, in its order
+    ids = ok["id"].tolist()
     head_copies, head_related = head_box_links(search, near.keypoints)
     grid = [(None, 1.0, 1.0)] + [(m, c, r) for m in (15, 20, 25, 30, 40) for c in (0.75, 0.85, 1.0) for r in (0.5, 0.6, 0.7)]
     for setting in grid:
-        print(json.dumps(setting_scores(search, head_copies, head_related, labels, planted, *setting)), flush=True)
+        print(json.dumps(setting_scores(search, head_copies, head_related, ok, records, *setting)), flush=True)
     if args.workspace:
         for min_inliers, at in ((15, 0.75), (15, 0.7), (15, 0.5), (40, 0.75)):
             leaked = leaked_test_slices(args.workspace, ids, search, min_inliers, at)

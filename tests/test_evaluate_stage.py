@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import f1_score
 
 from braintumor.evaluate.calibration import load_calibration
 from braintumor.core.config import CLASS_NAMES
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 MODELS = ("base", "finetuned")
 SUMMARY_KEYS = {"accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "weighted_f1", "roc_auc_macro", "ece",
-                "ece_calibrated", "nll", "nll_calibrated", "temperature", "per_class", "ood"}
+                "ece_calibrated", "nll", "nll_calibrated", "temperature", "per_class", "ood", "validation"}
 
 
 def dvc_json(repo: Path, env: dict, *args: str):
@@ -116,6 +117,13 @@ def test_feature_check_is_fitted_on_training_and_scored_on_test_and_shifted_imag
         predictions = pd.read_csv(evaluated_repo / f"reports/evaluate/predictions_{name}.csv")
         np.testing.assert_allclose(predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(), averaged, atol=1e-4)
         val_features, _ = predict_features(model, data.images, data.split["val"], 32)
+        # The validation scores are the flip-averaged predictions' too: the ones hyperparameters are chosen on.
+        _, val_averaged = predict_features(features_and_probabilities_model(keras_model, check.layer, "flip"),
+                                           data.images, data.split["val"], 32)
+        val_labels = data.split["val"].labels
+        assert metrics[name]["validation"]["accuracy"] == pytest.approx((val_averaged.argmax(1) == val_labels).mean(), abs=1e-6)
+        assert metrics[name]["validation"]["macro_f1"] == pytest.approx(f1_score(
+            val_labels, val_averaged.argmax(1), average="macro", labels=sorted(set(val_labels)), zero_division=0), abs=1e-6)
         assert ood["test_flag_rate"] == pytest.approx(check.flags(test_features).mean())
         # The threshold is a validation image's own score; recomputed in another graph it may move in the
         # last float digits, so it is compared with a tolerance.
@@ -128,6 +136,7 @@ def test_feature_check_is_fitted_on_training_and_scored_on_test_and_shifted_imag
         # checkerboards mostly score above the test slices and over half of them are flagged.
         assert checkers["auroc"] > 0.8 and checkers["flag_rate"] > 0.5, checkers
     report = (evaluated_repo / "reports/evaluation.md").read_text()
+    assert "On the validation split, predicted the same way" in report
     assert "## Out-of-distribution check" in report and "| flagged: checkers |" in report
 
 

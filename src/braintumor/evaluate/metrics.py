@@ -194,6 +194,13 @@ def model_metrics(test_labels: np.ndarray, test_probabilities: np.ndarray, class
     }
 
 
+def validation_scores(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 on the validation split, from the probabilities the pipeline predicts with
+    (``evaluate.tta``): what hyperparameters are chosen on, since the test split is read once."""
+    metrics = classification_metrics(labels, probabilities, class_names)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
 def _low_high(interval) -> dict[str, float]:
     low, high = interval
     return {"low": float(low), "high": float(high)}
@@ -535,6 +542,10 @@ def evaluation_report(metrics: Mapping[str, Mapping], confusions: Mapping[str, n
         "The temperature is fitted on the validation split; it changes probabilities, never the predicted class.\n",
         comparison_table(metrics),
     ]
+    if all("validation" in entry for entry in metrics.values()):
+        parts.append("On the validation split, predicted the same way (what hyperparameters are chosen on): "
+                     + "; ".join(f"{MODEL_TITLES.get(m, m)} accuracy {e['validation']['accuracy']:.4f}, "
+                                 f"macro-F1 {e['validation']['macro_f1']:.4f}" for m, e in metrics.items()) + ".\n")
     for model, entry in metrics.items():
         title = MODEL_TITLES.get(model, model)
         parts += [f"## {title}: per class\n", per_class_table(entry),

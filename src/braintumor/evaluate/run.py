@@ -21,7 +21,7 @@ from braintumor.evaluate.feature_check import FeatureCheck, detection_summary, f
 from braintumor.evaluate.figures import confusion_figure, reliability_figure, roc_figure, save_png, training_curves_figure
 from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluation_report, misclassified, model_metrics,
                                          export_comparison, image_paths, prediction_table, roc_curves, training_curves,
-                                         tumor_vs_no_tumor)
+                                         tumor_vs_no_tumor, validation_scores)
 from braintumor.model.activations import ActivationCache, cached_layer_input_means
 from braintumor.model.export import EXPORTS_CARD, load_exported, predict_with_flip
 from braintumor.model.inputs import features_and_probabilities_model, predict_features
@@ -99,6 +99,8 @@ def evaluate_models(model_files: dict[str, Path], data: TrainingData, files: lis
         if name == EXPORTED_MODEL and exports is not None:
             metrics[name]["exports"] = evaluate_exports(exports, data, probabilities, params)
         m = metrics[name]
+        log.info("%s: validation accuracy %.4f, macro-F1 %.4f (as the pipeline predicts: what choices are made on)",
+                 name, m["validation"]["accuracy"], m["validation"]["macro_f1"])
         log.info("%s: test accuracy %.4f %s, macro-F1 %.4f, ECE %.4f -> %.4f at T = %.3f", name, m["accuracy"],
                  m["accuracy_ci95"], m["macro_f1"], m["ece"], m["ece_calibrated"], m["temperature"])
         log.info("%s: out-of-distribution check flags %.1f%% of validation, %.1f%% of test%s", name,
@@ -182,6 +184,7 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
     check = fit_feature_check(feature_layer, train_features, data.split["train"].labels, val_features,
                               len(CLASS_NAMES), params.feature_check.flag_share)
     entry["ood"] = feature_check_summary(check, test_features, shifted_features)
+    entry["validation"] = validation_scores(data.split["val"].labels, val, CLASS_NAMES)
     for name, folder in shifted.items():
         entry["ood"]["shifted"][name]["unreadable"] = len(folder.unreadable)
     if external:

@@ -64,6 +64,11 @@ def test_every_image_set_is_scored_from_one_prediction_per_file(tmp_path):
     assert scored["testing"]["n"] == 4 and scored["clean"]["n"] == 2
     assert scored["testing"]["peer"]["accuracy"] == 0.75 and scored["testing"]["ours"]["accuracy"] == 0.5
     assert scored["clean"]["peer"]["accuracy"] == 1.0 and scored["clean"]["ours"]["accuracy"] == 0.5
+    # Macro-F1 over the classes the set holds (glioma, pituitary), as the evaluate stage and the intervals
+    # count it: a class with no image must not add an F1 of 0 (the clean Testing folder has no no-tumor slice).
+    assert scored["clean"]["peer"]["macro_f1"] == 1.0 and scored["clean"]["ours"]["macro_f1"] == pytest.approx(1 / 3, abs=1e-4)
+    for entry in (scored["clean"]["peer"], scored["clean"]["ours"], scored["testing"]["peer"]):
+        assert entry["macro_f1_ci"][0] <= entry["macro_f1"] <= entry["macro_f1_ci"][1]
 
 
 def test_dedup_recall_real_mode_plants_copies_among_a_folder_and_scores_them(tmp_path):

@@ -313,7 +313,7 @@ class TrainBaseParams(PhaseParams):
 class FinetuneParams(PhaseParams):
     unfreeze: int | str = Field(default=30, description="the last N backbone layers, every layer from this name on, or all")
     activation_cache: bool = Field(default=True, description="run the frozen layers once per image and copy; train the unfrozen top on their outputs")
-    cache_copies: int = Field(default=2, ge=0, description="augmented copies per training image in the activation cache (plus the original)")
+    cache_copies: int = Field(default=3, ge=0, description="augmented copies per training image in the activation cache (plus the original)")
     cache_dtype: Literal["float16", "float32"] = Field(default="float16", description="storage of the cached activations")
     learning_rate: float = Field(default=1e-5, gt=0.0)
     batch_size: int = Field(default=16, ge=1)

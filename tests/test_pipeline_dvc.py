@@ -86,7 +86,7 @@ def test_demo_runs_an_experiment_and_leaves_params_untouched(built_pipeline, tmp
     assert result.returncode == 0, result.stdout + result.stderr
     assert (repo / "params.yaml").read_bytes() == before
     assert "== demo summary ==" in result.stdout and "false merges 0" in result.stdout
-    assert "fine-tuned model: test accuracy" in result.stdout
+    assert "fine-tuned model, as its training stage scored it (no flip averaging): test accuracy" in result.stdout
     assert "| metric (test split) | base | fine-tuned | change |" in result.stdout
     assert "backbone mobilenetv3small: weights random (none)" in result.stdout
     assert "Grad-CAM report:   reports/gradcam/index.html" in result.stdout

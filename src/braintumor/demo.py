@@ -98,8 +98,10 @@ def summary(root: Path) -> str:
         metrics_file = paths.reports / stage / "metrics.json"
         if metrics_file.is_file():
             m = json.loads(metrics_file.read_text())
-            lines.append(f"{model} model: test accuracy {m['test_accuracy']:.3f}, best val accuracy "
-                         f"{m['best_val_accuracy']:.3f}, {m['epochs_run']} epochs")
+            # The training stages score one pass per slice; the table below is the evaluate stage's, with
+            # evaluate.tta, so the two test accuracies differ and each line says which it is.
+            lines.append(f"{model} model, as its training stage scored it (no flip averaging): test accuracy "
+                         f"{m['test_accuracy']:.3f}, best val accuracy {m['best_val_accuracy']:.3f}, {m['epochs_run']} epochs")
     if paths.metrics_json.is_file():
         from braintumor.evaluate.metrics import comparison_table
 

@@ -132,10 +132,10 @@ def read_json(path: Path) -> dict:
 
 def scores_of(entry: dict) -> dict:
     """accuracy and macro-F1 with their [low, high] intervals, from one model's entry of reports/metrics.json,
-    and the validation scores (what the configuration was chosen on) where the entry has them."""
+    and the validation scores (what the configuration was chosen on)."""
     return {"accuracy": entry["accuracy"], "accuracy_ci": [entry["accuracy_ci95"]["low"], entry["accuracy_ci95"]["high"]],
             "macro_f1": entry["macro_f1"], "macro_f1_ci": [entry["macro_f1_ci95"]["low"], entry["macro_f1_ci95"]["high"]],
-            **({"validation": entry["validation"]} if "validation" in entry else {})}
+            "validation": entry["validation"]}
 
 
 def run_results(workdir: Path) -> dict:

@@ -40,6 +40,13 @@ def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray, class_id: int
     return float(roc_auc_score(positive, np.asarray(probabilities)[:, class_id]))
 
 
+def macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """The mean F1 over the classes the set holds: a set without no-tumor slices (an external set, the clean
+    Testing folder) is not scored on an empty class, as its bootstrap intervals are not."""
+    labels = np.asarray(labels)
+    return float(f1_score(labels, predicted, labels=sorted(set(labels.tolist())), average="macro", zero_division=0))
+
+
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
     """Accuracy, macro and weighted F1, macro ROC-AUC and per-class precision, recall, F1, support, ROC-AUC.
 
@@ -67,8 +74,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
     }
     return {
         "accuracy": _round(accuracy_score(labels, predicted)),
-        # over the classes the set holds: an external set without no-tumor slices is not scored on an empty class
-        "macro_f1": _round(f1_score(labels, predicted, labels=sorted(set(labels.tolist())), average="macro", zero_division=0)),
+        "macro_f1": _round(macro_f1(labels, predicted)),
         "weighted_f1": _round(f1_score(labels, predicted, labels=ids, average="weighted", zero_division=0)),
         "roc_auc_macro": None if None in aucs else _round(np.mean(aucs)),
         "per_class": per_class,

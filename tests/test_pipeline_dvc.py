@@ -136,13 +136,18 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     assert leaky["leakage"]["duplicate_groups_spanning_splits"] > 500
     # The same folders made clean: 1,098 of the 1,311 Testing files have a copy or look-alike in
     # Training (1,045 by the head-box search alone: the keypoint search links 53 more); 191 distinct
-    # slices remain, and nothing leaks.
+    # slices remain, and nothing leaks. That is on an Intel Xeon; an AMD EPYC links one Testing slice
+    # more (1,099 and 190): FAISS's k-means vocabulary and OpenCV's float paths round differently on
+    # another CPU, and a link at the edge of its threshold can flip. Hence a band, not an exact count.
     set_params(repo, {"split.strategy": "source_folders_clean"})
     assert ran_stages(dvc(repo, venv_env, "repro", "split")) == {"split"}
     clean = json.loads((repo / "reports/data/split.json").read_text())
-    assert clean["clean_test"] == {"testing_folder": 1311, "overlapping_training": 1098, "label_conflicts": 0,
-                                   "duplicates_within_testing": 22, "test": 191, "other_sources_excluded": 0}
-    assert clean["per_split"]["test"] == 191 and clean["leakage"] == {
+    counts = clean["clean_test"]
+    assert {k: counts[k] for k in ("testing_folder", "label_conflicts", "other_sources_excluded")} == {
+        "testing_folder": 1311, "label_conflicts": 0, "other_sources_excluded": 0}
+    assert 1093 <= counts["overlapping_training"] <= 1103 and 17 <= counts["duplicates_within_testing"] <= 27
+    assert counts["overlapping_training"] + counts["duplicates_within_testing"] + counts["test"] == 1311
+    assert clean["per_split"]["test"] == counts["test"] and clean["leakage"] == {
         "duplicate_groups_spanning_splits": 0, "related_groups_spanning_splits": 0}
     # Every member of each training group trains (weighted); validation and test are unchanged.
     set_params(repo, {"split.train_copies": "all"})

@@ -19,6 +19,8 @@ TF_CHATTER = [
     "available CPU instructions in performance-critical operations.",
     "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
     "appropriate compiler flags.",
+    "E0000 00:00:1796522842.046003   10746 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512. "
+    "Falling back to the default Eigen-based implementation if present.",
     "WARNING: No file hash info found for '/work/rd_one/models/base.keras'. It won't be created.",
     "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
 ]

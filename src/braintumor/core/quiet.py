@@ -34,6 +34,10 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     _GLOG + r"cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)$",
     _GLOG + r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU instructions",
     r"^To enable the following instructions: .*, in other operations, rebuild TensorFlow with the appropriate compiler flags\.$",
+    # On a CPU without AVX-512's float16 instructions (seen on an AMD EPYC), once per stage that reads the
+    # float16 activation cache: TensorFlow's own fallback, the same results; finetune.cache_dtype is the knob.
+    _GLOG + r"util\.cc:\d+\] oneDNN supports DT_HALF only on platforms with AVX-512\. Falling back to the default "
+    r"Eigen-based implementation if present\.$",
     # tf.data graphs saved by a newer Keras name an attribute this TensorFlow ignores; harmless.
     _GLOG + r"node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition",
     # LiteRT, on every interpreter it starts: its default CPU delegate, nothing to act on.

@@ -18,32 +18,50 @@ from braintumor.core.config import TUMOR_LABEL
 SPLITS = ("train", "val", "test")
 
 
+def group_order_keys(groups: np.ndarray, keys: np.ndarray, seed: int) -> pd.Series:
+    """A seeded, machine-independent sort key per group: a hash of the seed and the group's smallest
+    item key (a file's id, which is its source and path).
+
+    A group's place in the order depends only on its own members, so a grouping that differs by one
+    link (another CPU rounds a borderline match the other way) moves only the groups it touches and a
+    few at the split boundaries. A seeded permutation of the group numbers, as before, reshuffled
+    everything after the first changed group: one extra link moved up to 229 of nickparvar-224's 536
+    test slices.
+    """
+    first = pd.Series(np.asarray(keys, dtype=str)).groupby(np.asarray(groups)).min()
+    digest = [int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+              for key in first]
+    return pd.Series(np.asarray(digest, dtype=np.uint64), index=first.index)
+
+
 def stratified_group_split(
-    labels: np.ndarray, groups: np.ndarray, fractions: tuple[float, float, float], seed: int
+    labels: np.ndarray, groups: np.ndarray, keys: np.ndarray, fractions: tuple[float, float, float], seed: int
 ) -> np.ndarray:
     """Assign each item to 0 (train), 1 (val) or 2 (test), keeping groups whole.
 
     Each group counts under its most common label (look-alike slices may carry different labels).
-    Within each label, groups are shuffled (seeded) and laid end to end; a group goes to the split
-    in which its midpoint falls, so every split receives its fraction of each label's images to
-    within one group.
+    Within each label, groups are ordered by :func:`group_order_keys` (seeded) and laid end to end; a
+    group goes to the split in which its midpoint falls, so every split receives its fraction of each
+    label's images to within one group.
 
     Args:
         labels: (N,) label per item.
         groups: (N,) group id per item.
+        keys: (N,) a stable, unique name per item (its id): what orders the groups, not the group ids,
+            which renumber when the grouping changes.
         fractions: train, val, test fractions summing to 1.
-        seed: shuffling seed; the same inputs and seed give the same assignment.
+        seed: ordering seed; the same inputs and seed give the same assignment.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
     frame = pd.DataFrame({"label": labels, "group": groups})
     majority = frame.groupby("group")["label"].agg(lambda x: x.value_counts().sort_index().idxmax())
     frame["label"] = frame["group"].map(majority)
+    order_keys = group_order_keys(groups, keys, seed)
     bounds = np.cumsum(fractions)[:-1]
     assignment = np.full(len(labels), -1, np.int64)
-    rng = np.random.default_rng(seed)
     for label in sorted(frame["label"].unique()):
         sizes = frame[frame["label"] == label].groupby("group").size()
-        order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
+        order = sizes.index.to_numpy()[np.argsort(order_keys.loc[sizes.index].to_numpy(), kind="stable")]
         counts = sizes.loc[order].to_numpy()
         midpoints = (np.cumsum(counts) - counts / 2.0) / counts.sum()
         group_split = dict(zip(order, np.searchsorted(bounds, midpoints, side="right")))
@@ -61,7 +79,8 @@ def groups_spanning_splits(groups: np.ndarray, splits: np.ndarray) -> int:
 def leak_free_split(manifest: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> pd.DataFrame:
     """Kept images only, split by :func:`stratified_group_split` on their related (split) groups."""
     rows = manifest[manifest["kept"]].copy()
-    codes = stratified_group_split(rows["label"].to_numpy(), rows["split_group"].to_numpy(), fractions, seed)
+    codes = stratified_group_split(rows["label"].to_numpy(), rows["split_group"].to_numpy(), rows["id"].to_numpy(),
+                                   fractions, seed)
     rows["split"] = np.asarray(SPLITS)[codes]
     return rows
 
@@ -81,7 +100,7 @@ def _source_rows(manifest: pd.DataFrame, source: str, test_folder: str) -> tuple
 def _train_and_val(rows: pd.DataFrame, train: pd.Index, val_fraction: float, seed: int) -> None:
     """Mark ``rows.loc[train]`` as train or val, related groups kept whole, stratified by label."""
     part = rows.loc[train]
-    codes = stratified_group_split(part["label"].to_numpy(), part["split_group"].to_numpy(),
+    codes = stratified_group_split(part["label"].to_numpy(), part["split_group"].to_numpy(), part["id"].to_numpy(),
                                    (1.0 - val_fraction, val_fraction, 0.0), seed)
     rows.loc[train, "split"] = np.asarray(SPLITS)[codes]
 

@@ -35,7 +35,7 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     _GLOG + r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU instructions",
     r"^To enable the following instructions: .*, in other operations, rebuild TensorFlow with the appropriate compiler flags\.$",
     # On a CPU without AVX-512's float16 instructions (seen on an AMD EPYC), once per stage that reads the
-    # float16 activation cache: TensorFlow's own fallback, the same results; finetune.cache_dtype is the knob.
+    # float16 activation cache: TensorFlow falls back to its Eigen kernels by itself; finetune.cache_dtype is the knob.
     _GLOG + r"util\.cc:\d+\] oneDNN supports DT_HALF only on platforms with AVX-512\. Falling back to the default "
     r"Eigen-based implementation if present\.$",
     # tf.data graphs saved by a newer Keras name an attribute this TensorFlow ignores; harmless.

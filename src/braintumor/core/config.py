@@ -303,6 +303,9 @@ class PhaseParams(_Section):
         default="plateau", description="plateau: reduce_lr_factor on a validation-loss plateau; cosine: decay to min_lr over epochs")
     class_weights: bool = Field(default=True, description="weight classes by inverse frequency")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="targets (1 - e) one-hot + e / classes")
+    average_weights_from: int = Field(
+        default=0, ge=0, description="0 = off; N: the trainable weights at the end of epoch N and every later epoch "
+        "are averaged, and the average replaces the best epoch's weights if its validation loss is lower")
 
 
 class TrainBaseParams(PhaseParams):
@@ -443,6 +446,17 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     gradcam: GradcamParams = GradcamParams()
     app: AppParams = AppParams()
+
+    @model_validator(mode="after")
+    def _weight_averaging_runs_on_one_process(self) -> "Params":
+        averaged = [f"{name}.average_weights_from" for name in ("train_base", "finetune")
+                    if getattr(self, name).average_weights_from]
+        if averaged and self.runtime.distribution == "multi_worker":
+            # choosing between the average and the best epoch takes a validation pass of its own,
+            # which the workers would have to take in step
+            raise ValueError(f"{', '.join(averaged)} must be 0 with runtime.distribution multi_worker: "
+                             "weight averaging runs on one process only")
+        return self
 
     @model_validator(mode="after")
     def _split_source_is_used(self) -> "Params":

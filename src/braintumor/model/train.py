@@ -107,6 +107,61 @@ class EpochLog(keras.callbacks.Callback):
                  self.seconds[-1], self.images_per_epoch / max(self.seconds[-1], 1e-9))
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """The running mean of the trainable weights at the end of epoch ``from_epoch`` (1-based) and every later one.
+
+    With BatchNorm frozen, an average of weights along the path (stochastic weight averaging) needs no
+    statistics recomputed: it is a model as it stands.
+    """
+
+    def __init__(self, from_epoch: int):
+        super().__init__()
+        self.from_epoch = from_epoch
+        self.epochs: list[int] = []
+        self.mean: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 < self.from_epoch:
+            return
+        current = [keras.ops.convert_to_numpy(v).astype(np.float64) for v in self.model.trainable_weights]
+        self.epochs.append(epoch + 1)
+        if self.mean is None:
+            self.mean = current
+        else:  # incremental mean: no sum of many float32 tensors to lose precision in
+            self.mean = [m + (c - m) / len(self.epochs) for m, c in zip(self.mean, current)]
+
+
+def keep_better_of_average(model: keras.Model, average: WeightAverage, validation) -> dict:
+    """Put the averaged weights in ``model`` if their validation loss is lower than its current
+    (best-epoch) weights', else leave them; what was compared and kept.
+
+    Both are scored by one ``evaluate`` each, so the comparison is like for like (``fit``'s per-epoch
+    validation numbers come from the same computation). Fewer than two averaged epochs: nothing to compare.
+    """
+    if average.mean is None or len(average.epochs) < 2:
+        return {"epochs": average.epochs, "kept": False, "reason": "fewer than two epochs to average"}
+
+    def scores() -> dict:
+        x, y = validation if isinstance(validation, tuple) else (validation, None)
+        return model.evaluate(x, y, verbose=0, return_dict=True)
+
+    best = [keras.ops.convert_to_numpy(v) for v in model.trainable_weights]
+    best_scores = scores()
+    for variable, value in zip(model.trainable_weights, average.mean):
+        variable.assign(value.astype(variable.dtype))
+    averaged_scores = scores()
+    kept = averaged_scores["loss"] < best_scores["loss"]
+    if not kept:
+        for variable, value in zip(model.trainable_weights, best):
+            variable.assign(value)
+    log.info("weight average of epochs %d-%d: val_loss %.4f val_accuracy %.4f against the best epoch's %.4f / %.4f: %s",
+             average.epochs[0], average.epochs[-1], averaged_scores["loss"], averaged_scores["accuracy"],
+             best_scores["loss"], best_scores["accuracy"], "kept the average" if kept else "kept the best epoch")
+    return {"epochs": average.epochs, "kept": bool(kept),
+            "val_loss": float(averaged_scores["loss"]), "val_accuracy": float(averaged_scores["accuracy"]),
+            "best_epoch_val_loss": float(best_scores["loss"]), "best_epoch_val_accuracy": float(best_scores["accuracy"])}
+
+
 def callbacks_for(phase: PhaseParams, name: str, images_per_epoch: int) -> list[keras.callbacks.Callback]:
     plateau = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=phase.reduce_lr_factor,
                                                  patience=phase.reduce_lr_patience, min_lr=phase.min_lr, verbose=0)]
@@ -148,32 +203,47 @@ def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, im
             (:func:`braintumor.model.multi_worker.fit_in_step`).
     """
     callbacks = callbacks_for(phase, name, images_per_epoch)
+    epoch_log = callbacks[-1]
+    average = WeightAverage(phase.average_weights_from) if phase.average_weights_from else None
     if runtime is not None and runtime.cluster is not None:
+        if average is not None:  # Params refuses this at load; a direct caller gets the same answer
+            raise ValueError("average_weights_from must be 0 with a multi-worker cluster")
         history = fit_in_step(model, train, validation, phase.epochs, callbacks, runtime.strategy)
     else:
         x, y, w = train if isinstance(train, tuple) else (train, None, None)
         fit_kwargs.setdefault("shuffle", y is not None)  # a tf.data pipeline shuffles itself, seeded
+        # the average records each epoch's weights before early stopping restores the best ones at the end
         history = model.fit(x, y, sample_weight=w, validation_data=validation, epochs=phase.epochs,
-                            callbacks=callbacks, verbose=0, **fit_kwargs).history
-    epoch_log = callbacks[-1]
+                            callbacks=[*([average] if average else []), *callbacks], verbose=0, **fit_kwargs).history
     seconds = sum(epoch_log.seconds)
-    return {
+    result = {
         "history": {k: [float(v) for v in values] for k, values in history.items()},
         "epochs_run": len(epoch_log.seconds),
         "train_images_per_second": round(images_per_epoch * len(epoch_log.seconds) / max(seconds, 1e-9), 1),
     }
+    if average is not None:
+        result["weight_average"] = keep_better_of_average(model, average, validation)
+    return result
 
 
 def summary_metrics(result: dict, extra: dict | None = None) -> dict:
     """Best validation accuracy and loss (at the restored best epoch), epochs run, training speed."""
     history = result["history"]
     best = int(np.argmin(history["val_loss"]))
+    averaged = {}
+    if "weight_average" in result:  # numbers only (MLflow metrics): how many epochs the kept weights average, 0 = none
+        average = result["weight_average"]
+        averaged = {"averaged_epochs": len(average["epochs"]) if average["kept"] else 0}
+        if "val_loss" in average:
+            averaged.update(averaged_val_loss=round(average["val_loss"], 6),
+                            averaged_val_accuracy=round(average["val_accuracy"], 6))
     return {
         "best_val_loss": round(history["val_loss"][best], 6),
         "best_val_accuracy": round(history["val_accuracy"][best], 6),
         "best_epoch": best + 1,
         "epochs_run": result["epochs_run"],
         "train_images_per_second": result["train_images_per_second"],
+        **averaged,
         **(extra or {}),
     }
 

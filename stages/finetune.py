@@ -19,7 +19,8 @@ from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.model.activations import read_activation_cache
 from braintumor.split.load import load_training_data
-from braintumor.model.train import configure_runtime, finetune_card, finetune_model, save_phase, summary_metrics, test_scores
+from braintumor.model.train import (configure_runtime, finetune_card, finetune_model, save_phase, saved_weights,
+                                    summary_metrics, test_scores)
 
 
 def main() -> dict:
@@ -45,9 +46,8 @@ def main() -> dict:
         save_phase(model, result, metrics, paths.models / "finetuned.keras", paths.reports / "finetune", card)
         version = log_phase(result["history"], metrics, paths.models / "finetuned.keras", card,
                             registered_model=params.mlflow.registered_model, model=model)
-        log.info("fine-tuned model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s; registered as %s v%s",
-                 metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id,
-                 params.mlflow.registered_model, version)
+        log.info("fine-tuned model: %s after %d epochs; run %s; registered as %s v%s", saved_weights(metrics),
+                 metrics["epochs_run"], run.info.run_id, params.mlflow.registered_model, version)
     return metrics
 
 

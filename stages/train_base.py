@@ -17,8 +17,8 @@ from braintumor.core.paths import ProjectPaths
 from braintumor.core.tracking import dvc_experiment_name, flatten_sections, git_commit, log_phase, stage_run
 from braintumor.model.activations import read_activation_cache
 from braintumor.split.load import load_training_data
-from braintumor.model.train import (configure_runtime, model_card, save_phase, summary_metrics, test_scores, train_base_model,
-                                    training_data_record)
+from braintumor.model.train import (configure_runtime, model_card, save_phase, saved_weights, summary_metrics, test_scores,
+                                    train_base_model, training_data_record)
 from braintumor.model.weights import resolve_weights
 
 
@@ -48,8 +48,7 @@ def main() -> dict:
                           training_data=training_data_record(params, data.report))
         save_phase(model, result, metrics, paths.models / "base.keras", paths.reports / "train_base", card)
         log_phase(result["history"], metrics, paths.models / "base.keras", card)
-        log.info("base model: best val accuracy %.4f (loss %.4f) after %d epochs; run %s",
-                 metrics["best_val_accuracy"], metrics["best_val_loss"], metrics["epochs_run"], run.info.run_id)
+        log.info("base model: %s after %d epochs; run %s", saved_weights(metrics), metrics["epochs_run"], run.info.run_id)
     return metrics
 
 

@@ -11,7 +11,7 @@ import yaml
 from braintumor.core.config import FinetuneParams, ParamsError, parse_params
 from braintumor.model.inputs import make_dataset
 from braintumor.model.train import (WeightAverage, compile_for, fit, keep_better_of_average, learning_rate_for,
-                                    summary_metrics)
+                                    saved_weights, summary_metrics)
 
 from conftest import REPO
 
@@ -109,3 +109,12 @@ def test_weight_averaging_is_off_by_default_and_refused_on_a_multi_worker_cluste
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
     assert "finetune.average_weights_from" in str(info.value) and "multi_worker" in str(info.value)
+
+
+def test_the_stage_log_names_the_weights_that_were_saved():
+    best = {"best_val_accuracy": 0.92, "best_val_loss": 0.27}
+    assert saved_weights({**best, "averaged_epochs": 0, "averaged_val_accuracy": 0.93, "averaged_val_loss": 0.26}
+                         ) == "best val accuracy 0.9200 (loss 0.2700)"
+    assert saved_weights({**best, "averaged_epochs": 6, "averaged_val_accuracy": 0.93, "averaged_val_loss": 0.26}
+                         ) == "the weight average of 6 epochs, val accuracy 0.9300 (loss 0.2600)"
+    assert saved_weights(best) == "best val accuracy 0.9200 (loss 0.2700)"

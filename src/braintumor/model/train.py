@@ -248,6 +248,14 @@ def summary_metrics(result: dict, extra: dict | None = None) -> dict:
     }
 
 
+def saved_weights(metrics: dict) -> str:
+    """Which weights a phase saved, with their validation numbers, for the stage's last log line."""
+    if metrics.get("averaged_epochs"):
+        return (f"the weight average of {metrics['averaged_epochs']} epochs, val accuracy "
+                f"{metrics['averaged_val_accuracy']:.4f} (loss {metrics['averaged_val_loss']:.4f})")
+    return f"best val accuracy {metrics['best_val_accuracy']:.4f} (loss {metrics['best_val_loss']:.4f})"
+
+
 def training_weights(train: SplitRows, balance_classes: bool) -> np.ndarray:
     """(R,) per-row weights of the training split: its copy weights times the class weights, mean 1."""
     return sample_weights(train.labels, len(CLASS_NAMES), train.weights, balance_classes)

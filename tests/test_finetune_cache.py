@@ -247,10 +247,11 @@ def test_with_the_whole_backbone_unfrozen_the_cache_says_why_it_is_empty_and_fin
     assert "activation_cache_layer" not in result and result["epochs_run"] == 1
 
 
-def test_the_feature_checks_training_features_are_read_from_the_cache_only_where_it_was_cut(tmp_path):
+def test_the_feature_checks_training_features_come_from_the_cache_at_and_above_its_cut(tmp_path):
     """evaluate's out-of-distribution check reads the input of Xception's block13_sepconv1_act averaged over
     space: with the exit flow fine-tuned, that input is the cache's cut, so the cached maps (copy 0) give
-    the same features as the model; for a layer elsewhere there is nothing to read (None)."""
+    the same features as the model; for a layer above the cut the layers in between run on the maps, with
+    the model's own (here changed) weights; below the cut there is nothing to read (None)."""
     from braintumor.core.config import AugmentParams
     from braintumor.model.activations import build_activation_cache, cached_layer_input_means, read_activation_cache
     from braintumor.model.backbones import feature_check_tensor
@@ -267,4 +268,13 @@ def test_the_feature_checks_training_features_are_read_from_the_cache_only_where
     own = np.asarray(own)
     assert cached.shape == own.shape == (6, 728)
     np.testing.assert_allclose(cached / np.abs(own).max(), own / np.abs(own).max(), rtol=0, atol=1e-5)
-    assert cached_layer_input_means(cache, model, "block14_sepconv1_act", images, split) is None
+
+    # a layer above the cut, after a fine-tuned layer in between has moved: the model's features, not the base's
+    block13 = model.get_layer("block13_sepconv1")
+    block13.set_weights([w * 1.5 for w in block13.get_weights()])
+    above = cached_layer_input_means(cache, model, "block14_sepconv1_act", images, split)
+    own = np.asarray(keras.Model(model.inputs[0], feature_check_tensor(model, "block14_sepconv1_act"))(
+        np.asarray(images[split["train"].rows][..., None], np.float32)))
+    assert above.shape == own.shape == (6, 1536)
+    np.testing.assert_allclose(above / np.abs(own).max(), own / np.abs(own).max(), rtol=0, atol=1e-5)
+    assert cached_layer_input_means(cache, model, "block12_sepconv1_act", images, split) is None  # below the cut

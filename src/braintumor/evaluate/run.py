@@ -152,9 +152,10 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
     """Predict the splits (with ``params.tta``); fit the temperature on validation, the feature check on
     training and validation.
 
-    The training split is only needed for the check's features: when they are the activation cache's
-    maps (the check reads the tensor the cache was cut at, below every fine-tuned layer), they are
-    averaged from there instead of running the model, with flip averaging, over every training image.
+    The training split is only needed for the check's features: when the tensor the check reads is the
+    activation cache's cut or lies above it, they come from the cached maps (the layers between the cut
+    and that tensor run on them: with ``finetune.unfreeze: block12_sepconv1``, block 12), instead of the
+    whole model running, with flip averaging, over every training image.
 
     Returns:
         The metrics.json entry (with the check's flag rates and AUROCs under ``ood``), the

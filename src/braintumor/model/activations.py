@@ -255,19 +255,32 @@ def features_from_activations(model: keras.Model, cut: int, maps: np.ndarray, ba
 
 def cached_layer_input_means(cache: ActivationCache, model: keras.Model, layer_name: str, images: np.ndarray,
                              split: dict[str, SplitRows], batch_size: int = 256) -> np.ndarray | None:
-    """(R, C): each training image's input of ``layer_name`` averaged over space, read from the cache (copy 0)
-    when that input is the cache's cut in ``model`` (the out-of-distribution check's features, e.g.
-    Xception's middle-flow output, without running the model); None when it is not.
+    """(R, C): each training image's input of ``layer_name`` averaged over space, from the cache (copy 0)
+    when that input is the cache's cut in ``model`` or lies above it (the out-of-distribution check's
+    features, e.g. Xception's block-12 sum): read as stored, or the layers between the cut and it run on
+    the maps, never the frozen bottom. None when the input lies below the cut or is several tensors.
 
-    Raises ValueError (:func:`check_cache_matches`) if the cut is that input but the cache was made for
-    other rows or other frozen weights.
+    The layers above the cut may be fine-tuned: they run with ``model``'s own weights, so the features
+    are this model's, as if it ran on the images.
+
+    Raises ValueError (:func:`check_cache_matches`) if the cache was made for other rows or other frozen weights.
     """
-    if cache.cut is None or model.layers[cache.cut].output is not model.get_layer(layer_name).input:
+    if cache.cut is None:
+        return None
+    cut_tensor, layer = model.layers[cache.cut].output, model.get_layer(layer_name)
+    if isinstance(layer.input, (list, tuple)):
+        return None
+    at_cut = layer.input is cut_tensor
+    if not at_cut and model.layers.index(layer) <= cache.cut:
         return None
     check_cache_matches(cache, model, cache.cut, images, split)
+    # the cut is the one tensor that alone feeds every layer above it (frozen_cut): this sub-model is connected
+    rest = None if at_cut else keras.Model(cut_tensor, layer.input, name="cut_to_feature_layer")
     count = len(split["train"].rows)
-    out = np.empty((count, cache.train.shape[-1]), np.float32)
+    out = np.empty((count, layer.input.shape[-1]), np.float32)
     for start in range(0, count, batch_size):
-        out[start : start + batch_size] = np.asarray(cache.train[start : min(start + batch_size, count)],
-                                                     np.float32).mean(axis=(1, 2))
+        maps = np.asarray(cache.train[start : min(start + batch_size, count)], np.float32)
+        if rest is not None:
+            maps = np.asarray(rest(maps, training=False))
+        out[start : start + batch_size] = maps.mean(axis=(1, 2))
     return out

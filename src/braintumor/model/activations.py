@@ -247,10 +247,17 @@ def features_from_activations(model: keras.Model, cut: int, maps: np.ndarray, ba
     to the pooling run on them, in float32. ``model``'s backbone must be frozen (the base phase)."""
     rest = keras.Model(model.layers[cut].output, model.layers[frozen_cut(model)].output, name="frozen_rest")
     out = np.empty((len(maps), *rest.output.shape[1:]), np.float32)
-    for start in range(0, len(maps), batch_size):
-        out[start : start + batch_size] = np.asarray(rest(np.asarray(maps[start : start + batch_size], np.float32),
-                                                          training=False))
+    for start, outputs in batches_through(rest, maps, len(maps), batch_size):
+        out[start : start + len(outputs)] = outputs
     return out
+
+
+def batches_through(rest: keras.Model | None, maps: np.ndarray, count: int, batch_size: int):
+    """(start, float32 outputs) for each batch of the first ``count`` cached maps, run through ``rest``
+    (the layers from the cut up), or as stored when ``rest`` is None."""
+    for start in range(0, count, batch_size):
+        batch = np.asarray(maps[start : min(start + batch_size, count)], np.float32)
+        yield start, batch if rest is None else np.asarray(rest(batch, training=False))
 
 
 def cached_layer_input_means(cache: ActivationCache, model: keras.Model, layer_name: str, images: np.ndarray,
@@ -278,9 +285,6 @@ def cached_layer_input_means(cache: ActivationCache, model: keras.Model, layer_n
     rest = None if at_cut else keras.Model(cut_tensor, layer.input, name="cut_to_feature_layer")
     count = len(split["train"].rows)
     out = np.empty((count, layer.input.shape[-1]), np.float32)
-    for start in range(0, count, batch_size):
-        maps = np.asarray(cache.train[start : min(start + batch_size, count)], np.float32)
-        if rest is not None:
-            maps = np.asarray(rest(maps, training=False))
-        out[start : start + batch_size] = maps.mean(axis=(1, 2))
+    for start, outputs in batches_through(rest, cache.train, count, batch_size):
+        out[start : start + len(outputs)] = outputs.mean(axis=(1, 2))
     return out

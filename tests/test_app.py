@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,11 +135,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """`python -m braintumor.serve.app ...` on a free loopback port; returns once the page answers."""
+def start_app(log_path: Path, *args: str, scratch: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m braintumor.serve.app ...` on a free loopback port; returns once the page answers.
+
+    ``scratch``: the server's TMPDIR, to see what it leaves there.
+    """
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("BRAINTUMOR_ROOT", None)
+    if scratch is not None:
+        env["TMPDIR"] = str(scratch)
     log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "-m", "braintumor.serve.app", *args, "--host", "127.0.0.1", "--port", str(port)],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -171,6 +177,13 @@ def server(trained):
     process, url = start_app(trained["root"] / "server.log", "--model", str(trained["model_file"]))
     yield url
     stop(process)
+
+
+@pytest.fixture(autouse=True)
+def client_downloads_under_tmp_path(tmp_path, monkeypatch):
+    """gradio_client streams each result file through a folder of its own under the system temp folder
+    and leaves it there; under tmp_path pytest removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture
@@ -301,12 +314,15 @@ def test_oversize_upload_is_refused_by_client_and_server(client, server, trained
     assert label["label"] in CLASS_NAMES
 
 
-def test_no_model_says_how_to_get_one(tmp_path):
+def test_no_model_says_how_to_get_one_and_a_stopped_server_leaves_no_scratch(tmp_path):
     from gradio_client import Client
 
     missing = tmp_path / "models" / "finetuned.keras"
-    process, url = start_app(tmp_path / "server.log", "--model", str(missing))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    process, url = start_app(tmp_path / "server.log", "--model", str(missing), scratch=scratch)
     try:
+        assert len(list(scratch.glob("braintumor-app-examples-*/*.png"))) == len(CLASS_NAMES)
         page_config = requests.get(url + "config", timeout=10).text
         assert "No trained model" in page_config and "make demo" in page_config and "dvc repro" in page_config
         client = Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
@@ -315,6 +331,9 @@ def test_no_model_says_how_to_get_one(tmp_path):
         assert "No trained model" in verdict and "make demo" in verdict
     finally:
         stop(process)
+    # SIGTERM (what stop() sends, like docker stop) ends the server through its exit handlers.
+    assert process.returncode == 143
+    assert not list(scratch.glob("braintumor-*"))
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 

@@ -19,12 +19,9 @@ statistics, model identity, seconds; for a file the app cannot use, ``details["e
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import numpy as np
 
 from braintumor.core.config import CLASS_NAMES, load_params
 from braintumor.core.paths import find_project_root
+from braintumor.core.scratch import exit_on_sigterm, process_scratch_folder
 from braintumor.serve.bundle import (ModelBundle, ModelLoadError, ModelNotFoundError, PredictionResult, ServingSettings,
                                 load_bundle, predict_upload)
 from braintumor.core.tracking import resolve_tracking_uri
@@ -250,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     """Load params and the model, then serve until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines; nothing to report
+    exit_on_sigterm()  # a stopped server removes its scratch folders (the examples, a fetched model)
     root = find_project_root()
     params = load_params(root / "params.yaml")
     args = parse_args(argv, params.app)
@@ -258,8 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle, missing = _load(args.model, root, params, settings)
     except ModelLoadError as exc:
         sys.exit(f"error: {exc}")
-    examples_dir = Path(tempfile.mkdtemp(prefix="braintumor-app-examples-"))
-    atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)
+    examples_dir = process_scratch_folder("braintumor-app-examples-")
     app = build_app(bundle, settings, missing, write_examples(examples_dir))
     app.queue(default_concurrency_limit=1)  # one model, two cores: requests run one at a time
     app.launch(server_name=args.host, server_port=args.port, max_file_size=settings.max_upload_bytes,

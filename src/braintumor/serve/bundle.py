@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +37,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from braintumor.core.config import CLASS_NAMES, Params, PreprocessParams
+from braintumor.core.scratch import process_scratch_folder
 from braintumor.serve.ood import FeatureScore, ImageStats, OodLimits, Verdict, assess, image_stats
 from braintumor.serve.uploads import DecodedUpload, UploadError, preprocess_upload
 
@@ -167,7 +167,7 @@ def resolve_model_file(spec: str | Path, root: Path, tracking_uri: str | None = 
     if text.startswith(REGISTRY_PREFIX):
         if tracking_uri is None:
             raise ModelLoadError(f"cannot load {text!r}: no MLflow tracking URI to look it up in")
-        return fetch_registered_model(text, tracking_uri, Path(tempfile.mkdtemp(prefix="braintumor-model-")))
+        return fetch_registered_model(text, tracking_uri, process_scratch_folder("braintumor-model-"))
     path = Path(text).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():

@@ -35,6 +35,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from braintumor.core.config import CLASS_NAMES, load_params  # noqa: E402
+from braintumor.core.quiet import rerun_filtered  # noqa: E402
 from braintumor.evaluate.metrics import bootstrap_intervals, macro_f1  # noqa: E402
 from braintumor.split.partition import source_folders_clean_split  # noqa: E402
 
@@ -135,6 +136,10 @@ def image_sets(root: Path, source: str, folder: str) -> dict[str, pd.DataFrame]:
 
 
 def main() -> int:
+    # TensorFlow runs in this process too (our model's predictions): its start-up chatter is filtered
+    # like the stages' (braintumor.core.quiet), and so is everything this process starts.
+    if (status := rerun_filtered([__file__, *sys.argv[1:]])) is not None:
+        return status
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=REPO, help="workspace whose merge listed the source")
     parser.add_argument("--source", default="local_nickparvar")

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from braintumor.core.config import read_yaml  # noqa: E402
+from braintumor.core.quiet import rerun_filtered  # noqa: E402
 from braintumor.demo import overridden_params, run_experiment  # noqa: E402
 from braintumor.model.weights import resolve_weights  # noqa: E402
 
@@ -205,6 +206,10 @@ def copy_box_overlays(workdir: Path, folder: Path) -> None:
 
 
 def main() -> int:
+    # TensorFlow runs in this process too (our model's predictions): its start-up chatter is filtered
+    # like the stages' (braintumor.core.quiet), and so is everything this process starts.
+    if (status := rerun_filtered([__file__, *sys.argv[1:]])) is not None:
+        return status
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", default="nickparvar", help="nickparvar | nickparvar,sartaj")
     parser.add_argument("--workdir", type=Path, help="clone to run in (default ~/.cache/braintumor/real-data/<sources>)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
-from braintumor.core.quiet import is_noise, run_quietly
+from braintumor.core.quiet import FILTERED_ENV, is_noise, rerun_filtered, run_quietly
 
 # Captured from a real stage run on a CPU machine (TensorFlow 2.20).
 TF_CHATTER = [
@@ -54,3 +56,34 @@ def test_the_runner_forwards_everything_else_and_the_exit_status(tmp_path, capfd
     out, err = capfd.readouterr()
     assert out == "metrics written\n"
     assert err.splitlines() == KEPT
+
+
+def test_a_command_reruns_itself_filtered_once(tmp_path):
+    """rerun_filtered: the first process starts the same command as a filtered child, which (and whatever it
+    starts) does the work unfiltered by itself, so nothing is wrapped twice."""
+    grandchild = tmp_path / "grandchild.py"
+    grandchild.write_text(f"import sys\nprint({TF_CHATTER[1]!r}, file=sys.stderr)\n")
+    script = tmp_path / "tool.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        "from braintumor.core.quiet import rerun_filtered\n"
+        "if (status := rerun_filtered([__file__, *sys.argv[1:]])) is not None:\n"
+        "    sys.exit(status)\n"
+        f"print({TF_CHATTER[0]!r}, file=sys.stderr)\n"
+        f"print({KEPT[0]!r}, file=sys.stderr)\n"
+        # a grandchild writes to the inherited stderr: the same filter
+        f"subprocess.run([sys.executable, {str(grandchild)!r}], check=True)\n"
+        "print('pid', os.getpid(), sys.argv[1:])\n"
+        "sys.exit(4)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != FILTERED_ENV}
+    result = subprocess.run([sys.executable, str(script), "--flag"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 4
+    assert result.stderr.splitlines() == [KEPT[0]]
+    assert result.stdout.count("pid") == 1 and "['--flag']" in result.stdout
+    # In a process already filtered, it is the work itself: None, nothing started.
+    os.environ[FILTERED_ENV] = "1"
+    try:
+        assert rerun_filtered(["-c", "raise SystemExit(9)"]) is None
+    finally:
+        del os.environ[FILTERED_ENV]

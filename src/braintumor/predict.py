@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # the parent process never imports them: it only starts the c
     from braintumor.serve.bundle import ModelBundle, ModelIdentity, PredictionResult, PreparedUpload, ServingSettings
 
 BATCH_SIZE = 16  # slices per model call; grad_cam_with_features' own batch
-CHILD_ENV = "BRAINTUMOR_PREDICT_FILTERED"  # set in the child whose stderr braintumor.core.quiet filters
 
 
 @dataclass(frozen=True)
@@ -328,19 +327,19 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m braintumor.predict``: rerun as a child whose stderr is filtered by :mod:`braintumor.core.quiet`,
     which does the work (:func:`run`)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get(CHILD_ENV):
-        try:
-            return run(argv)
-        except KeyboardInterrupt:
-            print("interrupted: no CSV written", file=sys.stderr)
-            return 130
     from braintumor.core import quiet
 
-    os.environ[CHILD_ENV] = "1"
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return quiet.main(["-m", "braintumor.predict", *argv])
+        status = quiet.rerun_filtered(["-m", "braintumor.predict", *argv])
     except KeyboardInterrupt:  # the child got the same signal and says so itself
+        return 130
+    if status is not None:
+        return status
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("interrupted: no CSV written", file=sys.stderr)
         return 130
 
 

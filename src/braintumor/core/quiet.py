@@ -70,14 +70,28 @@ def run_quietly(command: list[str], **popen_kwargs) -> int:
     return child.returncode
 
 
+# Set for the filtered child and inherited by everything it starts: their stderr already goes through the filter.
+FILTERED_ENV = "BRAINTUMOR_STDERR_FILTERED"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m braintumor.core.quiet SCRIPT [ARGS...]", file=sys.stderr)
         return 2
     # MLflow announces its SQLite schema set-up at INFO on every fresh store; the stage logs the run itself.
-    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", **os.environ}
+    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", **os.environ, FILTERED_ENV: "1"}
     return run_quietly([sys.executable, *args], env=env)
+
+
+def rerun_filtered(python_args: list[str]) -> int | None:
+    """For a command that imports TensorFlow in its own process (batch prediction, the benchmarks): None
+    in a process whose stderr is already filtered (go on with the work); otherwise run
+    ``python *python_args`` (the same command) as such a child and return its exit status.
+    """
+    if os.environ.get(FILTERED_ENV):
+        return None
+    return main(python_args)
 
 
 if __name__ == "__main__":

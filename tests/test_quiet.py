@@ -58,7 +58,7 @@ def test_the_runner_forwards_everything_else_and_the_exit_status(tmp_path, capfd
     assert err.splitlines() == KEPT
 
 
-def test_a_command_reruns_itself_filtered_once(tmp_path):
+def test_a_command_reruns_itself_filtered_once(tmp_path, monkeypatch):
     """rerun_filtered: the first process starts the same command as a filtered child, which (and whatever it
     starts) does the work unfiltered by itself, so nothing is wrapped twice."""
     grandchild = tmp_path / "grandchild.py"
@@ -82,8 +82,5 @@ def test_a_command_reruns_itself_filtered_once(tmp_path):
     assert result.stderr.splitlines() == [KEPT[0]]
     assert result.stdout.count("pid") == 1 and "['--flag']" in result.stdout
     # In a process already filtered, it is the work itself: None, nothing started.
-    os.environ[FILTERED_ENV] = "1"
-    try:
-        assert rerun_filtered(["-c", "raise SystemExit(9)"]) is None
-    finally:
-        del os.environ[FILTERED_ENV]
+    monkeypatch.setenv(FILTERED_ENV, "1")
+    assert rerun_filtered(["-c", "raise SystemExit(9)"]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ if sys.argv[2] == "wait":
 
 def run_until_printed(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     process = subprocess.Popen([sys.executable, "-c", SCRIPT, *args], stdout=subprocess.PIPE, text=True,
-                               env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+                               env={**os.environ, "TMPDIR": str(tmp_path)})
     folder = Path(process.stdout.readline().strip())
     assert folder.parent == tmp_path
     return process, folder

@@ -121,3 +121,17 @@ def test_skip_leak_free_refuses_what_needs_the_leak_free_run():
         result = subprocess.run([sys.executable, str(REPO / "benchmarks/real_data.py"), "--skip-leak-free", *extra],
                                 capture_output=True, text=True)
         assert result.returncode == 2 and "--skip-leak-free leaves only the clean-Testing run" in result.stderr, extra
+
+
+def test_a_run_that_would_fill_the_disk_stops_before_it_starts(tmp_path):
+    real_data = _real_data()
+    workdir = tmp_path / "work"
+    real_data.check_free_space(workdir, ["nickparvar"], free_bytes=14 * 10**9)
+    with pytest.raises(OSError, match=r"3\.0 GB free, this run needs about 19\.0 GB more.*remove earlier work folders"):
+        real_data.check_free_space(workdir, ["nickparvar", "sartaj"], free_bytes=3 * 10**9)
+    # A rerun in the same folder needs only what it does not hold yet.
+    workdir.mkdir()
+    (workdir / "cache.npy").write_bytes(b"x" * 1000)
+    with pytest.raises(OSError, match=r"about 12\.999999 GB more|about 13\.0 GB more"):
+        real_data.check_free_space(workdir, ["nickparvar"], free_bytes=10**9)
+    real_data.check_free_space(workdir, ["nickparvar"], free_bytes=13 * 10**9)

@@ -113,27 +113,28 @@ def source_overrides(names: list[str], datasets: Path) -> dict[str, object]:
     return overrides
 
 
-# A work folder's size after a run (data, the activation cache, models, DVC's cache), measured 2026-12-06 at
-# 224 px with three cached copies: nickparvar 12 GB, nickparvar + sartaj 18 GB (8.3 GB of it the cache).
+# Disk per experiment (data, the activation cache and DVC's copy of it, models), measured 2026-12-06 at 224 px
+# with three cached copies and rounded up: a Nickparvar work folder after one experiment 12 GB, Nickparvar +
+# SARTAJ 18 GB before its model was saved. The whole benchmark runs two experiments (leak-free, clean Testing).
 GB_PER_SOURCE = {"nickparvar": 13, "sartaj": 6}
 
 
-def check_free_space(workdir: Path, names: list[str], free_bytes: int | None = None) -> None:
+def check_free_space(workdir: Path, names: list[str], experiments: int) -> None:
     """Stop before an hour of work if the work folder's disk cannot hold the run.
 
     Raises:
         OSError: naming the disk, the space needed and free, and how to make room.
     """
     folder = next(p for p in (workdir, *workdir.parents) if p.exists())
-    needed = sum(GB_PER_SOURCE[n] for n in names) * 10**9
+    per_experiment = sum(GB_PER_SOURCE[n] for n in names)
+    needed = per_experiment * experiments * 10**9
     if workdir.exists():  # a rerun in the same folder reuses what it already holds
         needed -= sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file() and not f.is_symlink())
-    free = shutil.disk_usage(folder).free if free_bytes is None else free_bytes
+    free = shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(f"{folder}: {free / 1e9:.1f} GB free, this run needs about {needed / 1e9:.1f} GB more "
-                      f"(a finished work folder of --sources {','.join(names)} holds about "
-                      f"{sum(GB_PER_SOURCE[n] for n in names)} GB); remove earlier work folders or pass --workdir "
-                      "on a larger disk")
+                      f"({experiments} experiment(s) of --sources {','.join(names)}, about {per_experiment} GB each); "
+                      "remove earlier work folders or pass --workdir on a larger disk")
 
 
 def prepare_workdir(workdir: Path) -> str:
@@ -258,7 +259,7 @@ def main() -> int:
         key, _, value = item.partition("=")
         overrides[key] = read_yaml(value)
     workdir = args.workdir or Path.home() / ".cache" / "braintumor" / "real-data" / "-".join(names + external + boxes)
-    check_free_space(workdir, names)
+    check_free_space(workdir, names, experiments=(not args.skip_leak_free) + (not args.skip_clean))
     commit = prepare_workdir(workdir)
     os.environ["PYTHONPATH"] = str(workdir / "src")  # the stages import the clone's code, not this checkout's
     if "BRAINTUMOR_WEIGHTS_DIR" not in os.environ and SHARED_WEIGHTS.is_dir():

@@ -7,6 +7,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -123,15 +124,22 @@ def test_skip_leak_free_refuses_what_needs_the_leak_free_run():
         assert result.returncode == 2 and "--skip-leak-free leaves only the clean-Testing run" in result.stderr, extra
 
 
-def test_a_run_that_would_fill_the_disk_stops_before_it_starts(tmp_path):
+def test_a_run_that_would_fill_the_disk_stops_before_it_starts(tmp_path, monkeypatch):
     real_data = _real_data()
+    free = {"bytes": 14 * 10**9}
+    monkeypatch.setattr(real_data.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free["bytes"]))
     workdir = tmp_path / "work"
-    real_data.check_free_space(workdir, ["nickparvar"], free_bytes=14 * 10**9)
+    real_data.check_free_space(workdir, ["nickparvar"], experiments=1)
+    with pytest.raises(OSError, match=r"14\.0 GB free, this run needs about 26\.0 GB more \(2 experiment"):
+        real_data.check_free_space(workdir, ["nickparvar"], experiments=2)
+    free["bytes"] = 3 * 10**9
     with pytest.raises(OSError, match=r"3\.0 GB free, this run needs about 19\.0 GB more.*remove earlier work folders"):
-        real_data.check_free_space(workdir, ["nickparvar", "sartaj"], free_bytes=3 * 10**9)
+        real_data.check_free_space(workdir, ["nickparvar", "sartaj"], experiments=1)
     # A rerun in the same folder needs only what it does not hold yet.
     workdir.mkdir()
     (workdir / "cache.npy").write_bytes(b"x" * 1000)
+    free["bytes"] = 10**9
     with pytest.raises(OSError, match=r"about 13\.0 GB more"):
-        real_data.check_free_space(workdir, ["nickparvar"], free_bytes=10**9)
-    real_data.check_free_space(workdir, ["nickparvar"], free_bytes=13 * 10**9)
+        real_data.check_free_space(workdir, ["nickparvar"], experiments=1)
+    free["bytes"] = 13 * 10**9
+    real_data.check_free_space(workdir, ["nickparvar"], experiments=1)

@@ -290,7 +290,7 @@ class RuntimeParams(_Section):
 
 
 class PhaseParams(_Section):
-    """One training phase: optimiser schedule and callbacks on validation loss."""
+    """One training phase: optimiser schedule and callbacks on one validation number (``select_on``)."""
 
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0.0)
@@ -300,12 +300,15 @@ class PhaseParams(_Section):
     reduce_lr_patience: int = Field(default=2, ge=1)
     min_lr: float = Field(default=1e-6, ge=0.0)
     schedule: Literal["plateau", "cosine"] = Field(
-        default="plateau", description="plateau: reduce_lr_factor on a validation-loss plateau; cosine: decay to min_lr over epochs")
+        default="plateau", description="plateau: reduce_lr_factor when select_on stalls; cosine: decay to min_lr over epochs")
+    select_on: Literal["val_loss", "val_accuracy"] = Field(
+        default="val_loss", description="the validation number that picks the best epoch (the earlier on a tie), "
+        "stops early, reduces the rate on a plateau and decides whether the weight average is kept")
     class_weights: bool = Field(default=True, description="weight classes by inverse frequency")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="targets (1 - e) one-hot + e / classes")
     average_weights_from: int = Field(
         default=0, ge=0, description="0 = off; N: the trainable weights at the end of epoch N and every later epoch "
-        "are averaged, and the average replaces the best epoch's weights if its validation loss is lower")
+        "are averaged, and the average replaces the best epoch's weights if it is better on select_on")
 
 
 class TrainBaseParams(PhaseParams):

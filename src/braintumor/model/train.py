@@ -131,9 +131,9 @@ class WeightAverage(keras.callbacks.Callback):
             self.mean = [m + (c - m) / len(self.epochs) for m, c in zip(self.mean, current)]
 
 
-def keep_better_of_average(model: keras.Model, average: WeightAverage, validation) -> dict:
-    """Put the averaged weights in ``model`` if their validation loss is lower than its current
-    (best-epoch) weights', else leave them; what was compared and kept.
+def keep_better_of_average(model: keras.Model, average: WeightAverage, validation, select_on: str = "val_loss") -> dict:
+    """Put the averaged weights in ``model`` if they are better on ``select_on`` than its current
+    (best-epoch) weights (strictly: lower loss or higher accuracy), else leave them; what was compared and kept.
 
     Both are scored by one ``evaluate`` each, so the comparison is like for like (``fit``'s per-epoch
     validation numbers come from the same computation). Fewer than two averaged epochs: nothing to compare.
@@ -150,23 +150,43 @@ def keep_better_of_average(model: keras.Model, average: WeightAverage, validatio
     for variable, value in zip(model.trainable_weights, average.mean):
         variable.assign(value.astype(variable.dtype))
     averaged_scores = scores()
-    kept = averaged_scores["loss"] < best_scores["loss"]
+    kept = is_better(averaged_scores, best_scores, select_on)
     if not kept:
         for variable, value in zip(model.trainable_weights, best):
             variable.assign(value)
-    log.info("weight average of epochs %d-%d: val_loss %.4f val_accuracy %.4f against the best epoch's %.4f / %.4f: %s",
-             average.epochs[0], average.epochs[-1], averaged_scores["loss"], averaged_scores["accuracy"],
-             best_scores["loss"], best_scores["accuracy"], "kept the average" if kept else "kept the best epoch")
-    return {"epochs": average.epochs, "kept": bool(kept),
+    log.info("weight average of epochs %d-%d: val_loss %.4f val_accuracy %.4f against the best epoch's %.4f / %.4f "
+             "(on %s): %s", average.epochs[0], average.epochs[-1], averaged_scores["loss"], averaged_scores["accuracy"],
+             best_scores["loss"], best_scores["accuracy"], select_on, "kept the average" if kept else "kept the best epoch")
+    return {"epochs": average.epochs, "kept": bool(kept), "select_on": select_on,
             "val_loss": float(averaged_scores["loss"]), "val_accuracy": float(averaged_scores["accuracy"]),
             "best_epoch_val_loss": float(best_scores["loss"]), "best_epoch_val_accuracy": float(best_scores["accuracy"])}
 
 
+def is_better(scores: dict, reference: dict, select_on: str) -> bool:
+    """Whether ``scores`` (``evaluate``'s dict: loss, accuracy) strictly beat ``reference`` on ``select_on``."""
+    if select_on == "val_loss":
+        return scores["loss"] < reference["loss"]
+    if select_on == "val_accuracy":
+        return scores["accuracy"] > reference["accuracy"]
+    raise ValueError(f"select_on must be val_loss or val_accuracy, got {select_on!r}")
+
+
+def best_epoch_index(history: dict[str, list[float]], select_on: str) -> int:
+    """The epoch (0-based) that early stopping restored: the lowest loss or the highest accuracy, the earlier on a tie."""
+    if select_on == "val_loss":
+        return int(np.argmin(history["val_loss"]))
+    if select_on == "val_accuracy":
+        return int(np.argmax(history["val_accuracy"]))
+    raise ValueError(f"select_on must be val_loss or val_accuracy, got {select_on!r}")
+
+
 def callbacks_for(phase: PhaseParams, name: str, images_per_epoch: int) -> list[keras.callbacks.Callback]:
-    plateau = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=phase.reduce_lr_factor,
+    mode = "max" if phase.select_on == "val_accuracy" else "min"
+    plateau = [keras.callbacks.ReduceLROnPlateau(monitor=phase.select_on, mode=mode, factor=phase.reduce_lr_factor,
                                                  patience=phase.reduce_lr_patience, min_lr=phase.min_lr, verbose=0)]
     return [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience, restore_best_weights=True),
+        keras.callbacks.EarlyStopping(monitor=phase.select_on, mode=mode, patience=phase.early_stopping_patience,
+                                      restore_best_weights=True),
         *(plateau if phase.schedule == "plateau" else []),  # a cosine schedule owns the rate; the callback would fight it
         EpochLog(name, images_per_epoch),
     ]
@@ -193,7 +213,7 @@ def compile_for(model: keras.Model, learning_rate: float | keras.optimizers.sche
 
 def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, images_per_epoch: int,
         runtime: Runtime | None = None, **fit_kwargs) -> dict:
-    """Fit with early stopping and LR reduction on validation loss; returns history and speed.
+    """Fit with early stopping and LR reduction on ``phase.select_on``; returns history and speed.
 
     Args:
         train: a tf.data.Dataset of (x, y, w) batches, or an (x, y, w) triple of arrays (w: the
@@ -220,16 +240,17 @@ def fit(model: keras.Model, train, validation, phase: PhaseParams, name: str, im
         "history": {k: [float(v) for v in values] for k, values in history.items()},
         "epochs_run": len(epoch_log.seconds),
         "train_images_per_second": round(images_per_epoch * len(epoch_log.seconds) / max(seconds, 1e-9), 1),
+        "select_on": phase.select_on,
     }
     if average is not None:
-        result["weight_average"] = keep_better_of_average(model, average, validation)
+        result["weight_average"] = keep_better_of_average(model, average, validation, phase.select_on)
     return result
 
 
 def summary_metrics(result: dict, extra: dict | None = None) -> dict:
     """Best validation accuracy and loss (at the restored best epoch), epochs run, training speed."""
     history = result["history"]
-    best = int(np.argmin(history["val_loss"]))
+    best = best_epoch_index(history, result.get("select_on", "val_loss"))
     averaged = {}
     if "weight_average" in result:  # numbers only (MLflow metrics): how many epochs the kept weights average, 0 = none
         average = result["weight_average"]

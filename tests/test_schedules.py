@@ -115,7 +115,7 @@ def test_ties_keep_the_earlier_epoch_and_better_is_strict():
     assert best_epoch_index(history, "val_accuracy") == 1
     assert is_better({"loss": 0.2, "accuracy": 0.5}, {"loss": 0.3, "accuracy": 0.9}, "val_loss")
     assert not is_better({"loss": 0.2, "accuracy": 0.9}, {"loss": 0.3, "accuracy": 0.9}, "val_accuracy")
-    with pytest.raises(ValueError, match="val_loss or val_accuracy"):
+    with pytest.raises(ValueError, match=r"one of \['val_accuracy', 'val_loss'\]"):
         best_epoch_index(history, "accuracy")
 
 

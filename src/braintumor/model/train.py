@@ -162,26 +162,30 @@ def keep_better_of_average(model: keras.Model, average: WeightAverage, validatio
             "best_epoch_val_loss": float(best_scores["loss"]), "best_epoch_val_accuracy": float(best_scores["accuracy"])}
 
 
+# select_on -> the key in ``evaluate``'s dict, and whether higher is better
+SELECTION = {"val_loss": ("loss", False), "val_accuracy": ("accuracy", True)}
+
+
+def selection(select_on: str) -> tuple[str, bool]:
+    if select_on not in SELECTION:
+        raise ValueError(f"select_on must be one of {sorted(SELECTION)}, got {select_on!r}")
+    return SELECTION[select_on]
+
+
 def is_better(scores: dict, reference: dict, select_on: str) -> bool:
     """Whether ``scores`` (``evaluate``'s dict: loss, accuracy) strictly beat ``reference`` on ``select_on``."""
-    if select_on == "val_loss":
-        return scores["loss"] < reference["loss"]
-    if select_on == "val_accuracy":
-        return scores["accuracy"] > reference["accuracy"]
-    raise ValueError(f"select_on must be val_loss or val_accuracy, got {select_on!r}")
+    key, higher = selection(select_on)
+    return scores[key] > reference[key] if higher else scores[key] < reference[key]
 
 
 def best_epoch_index(history: dict[str, list[float]], select_on: str) -> int:
     """The epoch (0-based) that early stopping restored: the lowest loss or the highest accuracy, the earlier on a tie."""
-    if select_on == "val_loss":
-        return int(np.argmin(history["val_loss"]))
-    if select_on == "val_accuracy":
-        return int(np.argmax(history["val_accuracy"]))
-    raise ValueError(f"select_on must be val_loss or val_accuracy, got {select_on!r}")
+    _, higher = selection(select_on)
+    return int(np.argmax(history[select_on]) if higher else np.argmin(history[select_on]))
 
 
 def callbacks_for(phase: PhaseParams, name: str, images_per_epoch: int) -> list[keras.callbacks.Callback]:
-    mode = "max" if phase.select_on == "val_accuracy" else "min"
+    mode = "max" if selection(phase.select_on)[1] else "min"
     plateau = [keras.callbacks.ReduceLROnPlateau(monitor=phase.select_on, mode=mode, factor=phase.reduce_lr_factor,
                                                  patience=phase.reduce_lr_patience, min_lr=phase.min_lr, verbose=0)]
     return [

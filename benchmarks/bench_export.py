@@ -99,6 +99,7 @@ def ensure_exports(root: Path, calibration: int, workdir: Path) -> Path:
     folder = root / "models" / "exports"
     if (folder / "exports.json").is_file():
         return folder
+    from braintumor.core.config import ExportParams
     from braintumor.model.export import EXPORT_FORMATS, EXPORTS_CARD, export_model, file_record
 
     size = _input_size(root / "models" / "finetuned.keras")
@@ -110,7 +111,8 @@ def ensure_exports(root: Path, calibration: int, workdir: Path) -> Path:
     else:
         sample = np.random.default_rng(0).integers(0, 256, (calibration, size, size), dtype=np.uint8)
     print(f"exporting {root / 'models/finetuned.keras'} (int8 calibrated on {len(sample)} slices)...", flush=True)
-    files = export_model(root / "models" / "finetuned.keras", "finetuned", EXPORT_FORMATS, sample, opset=17)
+    files = export_model(root / "models" / "finetuned.keras", "finetuned", EXPORT_FORMATS, sample, opset=17,
+                         int8_float_above=ExportParams().int8_float_above).files
     workdir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (workdir / name).write_bytes(data)

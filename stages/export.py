@@ -33,11 +33,14 @@ def main() -> dict:
         data = load_training_data(paths)
         keras_file = paths.models / f"{MODEL}.keras"
         calibration = np.asarray(data.images[calibration_rows(data.split["train"].rows, cfg.calibration_images, cfg.seed)])
-        files = export_model(keras_file, MODEL, cfg.formats, calibration, cfg.onnx_opset)
+        exports = export_model(keras_file, MODEL, cfg.formats, calibration, cfg.onnx_opset, cfg.int8_float_above)
+        files = exports.files
         card = {"model": keras_file.name, "keras_bytes": keras_file.stat().st_size,
                 "input": "preprocessed slice, float32 (N, S, S, 1) in 0..255, as for the Keras model (see its card)",
                 "output": "class probabilities (N, K), softmax, uncalibrated (the temperature is in models/calibration.json)",
                 "calibration_images": int(len(calibration)),
+                # each with its int8 error in quantization steps, the reason it stayed float
+                "int8_float_layers": exports.int8_float_layers,
                 "exports": [file_record(name, data_bytes, fmt) for fmt, (name, data_bytes) in zip(cfg.formats, files.items())]}
         # one folder, replaced whole: a failed conversion leaves the previous exports, never a mix
         atomic.write_folder(paths.exports, {**files, EXPORTS_CARD: (json.dumps(card, indent=2) + "\n").encode()})
@@ -47,6 +50,9 @@ def main() -> dict:
         if not card["exports"]:
             log.info("export.formats is []: nothing exported")
             return card
+        if exports.int8_float_layers:
+            log.info("int8: %d layer(s) kept float, off by more than %g steps as int8: %s", len(exports.int8_float_layers),
+                     cfg.int8_float_above, ", ".join(f"{layer['op']} ({layer['error_steps']:.1f})" for layer in exports.int8_float_layers))
         log.info("exported %s: %s", keras_file.name, ", ".join(f"{r['file']} {r['bytes'] / 1e6:.1f} MB "
                                                                f"({100 * r['bytes'] / card['keras_bytes']:.0f}% of the .keras file)"
                                                                for r in card["exports"]))

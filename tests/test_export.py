@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from braintumor.core.config import ModelParams
+from braintumor.core.config import ModelParams, load_params
 from braintumor.model.backbones import build_model
-from braintumor.model.export import (EXPORT_FORMATS, ExportError, export_file_name, export_model, load_exported,
-                                     predict_with_flip)
+from braintumor.model.export import (EXPORT_FORMATS, ExportError, export_file_name, export_model, layer_errors,
+                                     layers_to_keep_float, load_exported, predict_with_flip)
 
 from conftest import copy_built_pipeline
 
@@ -28,9 +28,17 @@ def tiny_model(tmp_path_factory):
     return model, images, folder / "finetuned.keras"
 
 
-def test_every_format_converts_and_predicts_like_keras(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_model):
+    """Every format of the tiny model, int8 with every layer int8 (``int8_float_above`` 0)."""
+    _, images, model_file = tiny_model
+    return export_model(model_file, "finetuned", EXPORT_FORMATS, images[:8], opset=17)
+
+
+def test_every_format_converts_and_predicts_like_keras(tiny_model, tiny_exports, tmp_path):
     model, images, model_file = tiny_model
-    files = export_model(model_file, "finetuned", EXPORT_FORMATS, images[:8], opset=17)
+    files = tiny_exports.files
+    assert tiny_exports.int8_float_layers == []
     assert sorted(files) == sorted(export_file_name("finetuned", f) for f in EXPORT_FORMATS)
     reference = model.predict(images[..., None].astype(np.float32), verbose=0)
     for name, data in files.items():
@@ -46,6 +54,40 @@ def test_every_format_converts_and_predicts_like_keras(tiny_model, tmp_path):
     flipped = predict_with_flip(load_exported(tmp_path / "finetuned.onnx"), images, "flip")
     mirrored = model.predict(images[:, :, ::-1, None].astype(np.float32), verbose=0)
     np.testing.assert_allclose(flipped, (reference + mirrored) / 2, atol=1e-2)
+
+
+def test_int8_keeps_float_exactly_the_layers_above_the_error_threshold(tiny_model, tiny_exports, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, images, model_file = tiny_model
+    mixed = export_model(model_file, "finetuned", ["tflite_int8"], images[:8], opset=17, int8_float_above=1e-6)
+    kept = mixed.int8_float_layers
+    assert kept, "every layer of a quantized model is off by something: a threshold near 0 keeps some float"
+    assert all(layer["error_steps"] > 1e-6 for layer in kept)
+    assert [layer["error_steps"] for layer in kept] == sorted((layer["error_steps"] for layer in kept), reverse=True)
+
+    def tensor_types(data: bytes, name: str) -> dict:
+        (tmp_path / name).write_bytes(data)
+        return {t["name"]: t["dtype"] for t in Interpreter(model_path=str(tmp_path / name)).get_tensor_details()}
+
+    name = export_file_name("finetuned", "tflite_int8")
+    all_int8, with_float = tensor_types(tiny_exports.files[name], "all_int8.tflite"), tensor_types(mixed.files[name], name)
+    for layer in kept:  # the very tensors named are int8 in one file and float32 in the other
+        assert all_int8[layer["tensor"]] == np.int8 and with_float[layer["tensor"]] == np.float32, layer
+    assert load_exported(tmp_path / name).predict(images).shape == (len(images), 4)
+
+
+def test_layer_errors_are_in_quantization_steps_and_only_those_above_the_threshold_stay_float():
+    dump = ("op_name,tensor_idx,num_elements,stddev,mean_error,max_abs_error,mean_squared_error,scale,zero_point,tensor_name\n"
+            "CONV_2D,3,100,0.01,0.0,0.05,0.0004,0.1,0,conv\n"  # RMSE 0.02 = 0.2 steps of 0.1
+            "FULLY_CONNECTED,9,8,1.0,0.5,3.0,0.25,0.05,-3,head\n")  # RMSE 0.5 = 10 steps of 0.05
+    errors = layer_errors(dump)
+    assert errors == [{"op": "FULLY_CONNECTED", "tensor": "head", "error_steps": 10.0},
+                      {"op": "CONV_2D", "tensor": "conv", "error_steps": 0.2}]
+    assert layers_to_keep_float(errors, 2.0) == errors[:1]
+    assert layers_to_keep_float(errors, 0.1) == errors
+    assert layers_to_keep_float(errors, 10.0) == []  # strictly above
+    assert layers_to_keep_float(errors, 0) == []  # 0 is off, not "everything"
 
 
 def test_a_failing_converter_names_the_model_and_the_format(tiny_model):
@@ -79,6 +121,8 @@ def test_the_pipeline_exports_and_evaluate_scores_the_exports(built_pipeline, tm
         assert record["bytes"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
     sizes = {r["format"]: r["bytes"] for r in card["exports"]}
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < card["keras_bytes"]
+    threshold = load_params(repo / "params.yaml").export.int8_float_above
+    assert all(layer["error_steps"] > threshold for layer in card["int8_float_layers"])
     exports = json.loads((repo / "reports/metrics.json").read_text())["finetuned"]["exports"]
     assert set(exports) == set(EXPORT_FORMATS)
     for fmt, entry in exports.items():
@@ -91,7 +135,6 @@ def test_the_pipeline_exports_and_evaluate_scores_the_exports(built_pipeline, tm
 
 @pytest.mark.slow
 def test_the_app_bundle_serves_an_export_with_or_without_its_keras_model(built_pipeline, tmp_path):
-    from braintumor.core.config import load_params
     from braintumor.serve.bundle import ServingSettings, load_bundle, predict_upload
     repo = copy_built_pipeline(built_pipeline, tmp_path / "repo")
     params = load_params(repo / "params.yaml")

@@ -367,6 +367,9 @@ class ExportParams(_Section):
 
     formats: tuple[Literal["tflite_float16", "tflite_int8", "onnx"], ...] = ("tflite_float16", "tflite_int8", "onnx")
     calibration_images: int = Field(default=200, ge=1, description="int8: training slices the converter calibrates on")
+    int8_float_above: float = Field(
+        default=2.0, ge=0, description="int8: a layer whose int8 output is off by more than this many quantization steps "
+                                       "(RMSE / scale, on the calibration slices) stays float; 0 = every layer int8")
     seed: int = 0
     onnx_opset: int = Field(default=17, ge=13, le=21)
 

@@ -8,7 +8,8 @@ any client share one definition of it (:func:`braintumor.preprocess.slices.prepr
 
 - ``tflite_float16``: weights stored as float16, computed in float32 (TensorFlow's TFLite converter);
 - ``tflite_int8``: weights and activations int8, calibrated on a seeded sample of training slices;
-  input and output stay float32, so a client feeds the same array as to Keras;
+  input and output stay float32, so a client feeds the same array as to Keras. The few layers that
+  int8 gets badly wrong (``export.int8_float_above``, measured on the same sample) may stay float;
 - ``onnx``: ``tf2onnx`` on the SavedModel, run with ``onnxruntime``.
 
 A converter that fails raises :class:`ExportError` naming the model and the format.
@@ -16,7 +17,10 @@ A converter that fails raises :class:`ExportError` naming the model and the form
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -56,35 +60,91 @@ def tflite_float16(saved_model: Path) -> bytes:
     return converter.convert()
 
 
-def tflite_int8(saved_model: Path, calibration: np.ndarray) -> bytes:
-    """Full-integer int8 ops, float32 input and output, calibrated on ``calibration`` (N, S, S) uint8 slices."""
-    import tensorflow as tf
+def model_inputs(images: np.ndarray) -> Iterator[list[np.ndarray]]:
+    """(N, S, S) uint8 slices one at a time, as the converter and the debugger feed them to the model."""
+    for image in images:
+        yield [image[None, ..., None].astype(np.float32)]
 
-    def representative() -> Iterator[list[np.ndarray]]:
-        for image in calibration:
-            yield [image[None, ..., None].astype(np.float32)]
+
+def int8_converter(saved_model: Path, calibration: np.ndarray):
+    """TensorFlow's converter set up for int8, calibrated on ``calibration`` (N, S, S) uint8 slices; input
+    and output stay float32."""
+    import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
+    converter.representative_dataset = lambda: model_inputs(calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    return converter
 
 
-def tflite_bytes(saved_model: Path, fmt: str, calibration: np.ndarray) -> bytes:
+def tflite_int8(saved_model: Path, calibration: np.ndarray) -> bytes:
+    """Full-integer int8: every op int8."""
+    return int8_converter(saved_model, calibration).convert()
+
+
+def layer_errors(statistics_csv: str) -> list[dict]:
+    """Each quantized layer's int8 output error from the quantization debugger's statistics (its
+    ``layer_statistics_dump``), largest first: the RMSE against the float layer on the same int8 input,
+    in quantization steps of the output (RMSE / scale)."""
+    rows = csv.DictReader(io.StringIO(statistics_csv))
+    errors = [{"op": row["op_name"], "tensor": row["tensor_name"],
+               "error_steps": round(float(np.sqrt(float(row["mean_squared_error"])) / float(row["scale"])), 4)}
+              for row in rows]
+    return sorted(errors, key=lambda layer: -layer["error_steps"])
+
+
+def layers_to_keep_float(errors: Sequence[dict], float_above: float) -> list[dict]:
+    """The layers whose int8 error exceeds ``float_above`` quantization steps (0: none)."""
+    return [layer for layer in errors if float_above > 0 and layer["error_steps"] > float_above]
+
+
+def tflite_int8_mixed(saved_model: Path, calibration: np.ndarray, float_above: float) -> tuple[bytes, list[dict]]:
+    """int8 with the few layers it quantizes badly kept float, and those layers (with their errors).
+
+    TensorFlow's quantization debugger calibrates once, runs an instrumented int8 model on the
+    calibration sample and measures each layer's output error (:func:`layer_errors`); the layers above
+    ``float_above`` steps are then left out of quantization (their inputs dequantized, computed in
+    float32), all others int8. Why: one layer can hold most of the loss. In Xception's head the
+    BatchNorm after a ReLU folds into the next Dense layer and rescales its inputs channel by channel,
+    which one int8 range per tensor cannot follow (about 10 steps of error on the demo model, against
+    at most 1 for every other layer: BENCHMARKS.md).
+    """
+    import tensorflow as tf
+
+    converter = int8_converter(saved_model, calibration)
+    # the float kernels of the layers left out
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=lambda: model_inputs(calibration))
+    debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    kept_float = layers_to_keep_float(layer_errors(dump.getvalue()), float_above)
+    # re-quantizes the calibrated model without the layers kept float; no second calibration
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=[layer["tensor"] for layer in kept_float])
+    return debugger.get_nondebug_quantized_model(), kept_float
+
+
+def tflite_bytes(saved_model: Path, fmt: str, calibration: np.ndarray, int8_float_above: float = 0.0) -> tuple[bytes, list[dict]]:
+    """The format's bytes, and for int8 the layers kept float (empty: every layer int8)."""
     if fmt == "tflite_float16":
-        return tflite_float16(saved_model)
+        return tflite_float16(saved_model), []
     if fmt == "tflite_int8":
-        return tflite_int8(saved_model, calibration)
+        if int8_float_above > 0:
+            return tflite_int8_mixed(saved_model, calibration, int8_float_above)
+        return tflite_int8(saved_model, calibration), []
     raise ValueError(f"{fmt!r} is not a TFLite format; allowed: tflite_float16, tflite_int8")
 
 
 SAVED_MODEL_WRITTEN = "saved model written"  # the first child's one line on stdout
+FLOAT_LAYERS_SUFFIX = ".float_layers.json"  # beside each TFLite output in the child's folder
 
 
-def convert_keras_file(model_file: Path, saved_model: Path, calibration_npy: Path, outputs: dict[str, Path]) -> None:
-    """The ``.keras`` file as a SavedModel, then each TFLite format of ``outputs`` from it, in order. Says
-    on stdout when the SavedModel is complete, so the ONNX converter can start on it meanwhile."""
+def convert_keras_file(model_file: Path, saved_model: Path, calibration_npy: Path, outputs: dict[str, Path],
+                       int8_float_above: float = 0.0) -> None:
+    """The ``.keras`` file as a SavedModel, then each TFLite format of ``outputs`` from it, in order, each
+    with the list of its layers kept float beside it. Says on stdout when the SavedModel is complete, so
+    the ONNX converter can start on it meanwhile."""
     import keras
 
     import braintumor.model.backbones  # noqa: F401  registers the custom layers for safe-mode loading
@@ -93,7 +153,9 @@ def convert_keras_file(model_file: Path, saved_model: Path, calibration_npy: Pat
     print(SAVED_MODEL_WRITTEN, flush=True)
     calibration = np.load(calibration_npy)
     for fmt, out in outputs.items():
-        out.write_bytes(tflite_bytes(saved_model, fmt, calibration))
+        data, kept_float = tflite_bytes(saved_model, fmt, calibration, int8_float_above)
+        out.with_name(out.name + FLOAT_LAYERS_SUFFIX).write_text(json.dumps(kept_float))
+        out.write_bytes(data)
 
 
 def onnx_command(saved_model: Path, opset: int, out: Path) -> list[str]:
@@ -107,8 +169,16 @@ def tail(log, status: int) -> str:
     return "\n".join(log.read().strip().splitlines()[-12:] or [f"exit status {status}"])
 
 
-def export_model(model_file: Path, model_name: str, formats: Sequence[str], calibration: np.ndarray, opset: int) -> dict[str, bytes]:
-    """File name -> bytes of each export of the ``.keras`` file.
+@dataclass
+class Exports:
+    files: dict[str, bytes]  # file name -> bytes
+    int8_float_layers: list[dict]  # int8's layers kept float, with their errors (empty: every layer int8)
+
+
+def export_model(model_file: Path, model_name: str, formats: Sequence[str], calibration: np.ndarray, opset: int,
+                 int8_float_above: float = 0.0) -> Exports:
+    """Each export of the ``.keras`` file, and the layers int8 keeps float (those above
+    ``int8_float_above`` quantization steps of error: :func:`tflite_int8_mixed`; 0: none).
 
     Two child processes: one writes the SavedModel and converts it to each TFLite format, the other runs
     tf2onnx on the SavedModel as soon as it is complete. The converters spend most of their time in
@@ -134,7 +204,7 @@ def export_model(model_file: Path, model_name: str, formats: Sequence[str], cali
         outputs = {fmt: folder / export_file_name(model_name, fmt) for fmt in formats}
         tflite = [fmt for fmt in formats if fmt != "onnx"]
         command = [sys.executable, "-m", "braintumor.model.export", str(model_file), str(saved_model),
-                   str(calibration_npy), *(f"{fmt}={outputs[fmt]}" for fmt in tflite)]
+                   str(calibration_npy), str(int8_float_above), *(f"{fmt}={outputs[fmt]}" for fmt in tflite)]
         # logs go to files, not pipes: a child that fills a pipe nobody reads would stall
         with open(folder / "tflite.log", "w+") as tflite_log, open(folder / "onnx.log", "w+") as onnx_log:
             with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=tflite_log, text=True, env=env) as converter:
@@ -162,7 +232,9 @@ def export_model(model_file: Path, model_name: str, formats: Sequence[str], cali
                 failed["onnx"] = tail(onnx_log, onnx_status)
         if failed:
             raise ExportError("\n".join(f"{source} as {fmt} failed: {detail}" for fmt, detail in failed.items()))
-        return {out.name: out.read_bytes() for out in outputs.values()}
+        int8_float_layers = (json.loads(outputs["tflite_int8"].with_name(outputs["tflite_int8"].name + FLOAT_LAYERS_SUFFIX).read_text())
+                             if "tflite_int8" in outputs else [])
+        return Exports({out.name: out.read_bytes() for out in outputs.values()}, int8_float_layers)
 
 
 def file_record(name: str, data: bytes, fmt: str) -> dict:
@@ -250,6 +322,6 @@ def predict_with_flip(model: ExportedModel, images: np.ndarray, tta: str, batch_
     return probabilities
 
 
-if __name__ == "__main__":  # export_model's child: model file, SavedModel folder, calibration .npy, FORMAT=OUTPUT...
+if __name__ == "__main__":  # export_model's child: model file, SavedModel folder, calibration .npy, int8_float_above, FORMAT=OUTPUT...
     convert_keras_file(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
-                       {fmt: Path(out) for fmt, out in (arg.split("=", 1) for arg in sys.argv[4:])})
+                       {fmt: Path(out) for fmt, out in (arg.split("=", 1) for arg in sys.argv[5:])}, float(sys.argv[4]))

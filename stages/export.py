@@ -3,7 +3,8 @@
 Params: export, mlflow
 Inputs: models/finetuned.keras, data/processed/images.npy, data/split/split.csv (the calibration sample)
 Outputs: models/exports/ with finetuned_float16.tflite, finetuned_int8.tflite, finetuned.onnx (those in
-    export.formats) and exports.json (each file's format, size and sha256: the exports' card)
+    export.formats) and exports.json (each file's format, size and sha256, and the layers int8 keeps float:
+    the exports' card)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main() -> dict:
         # one folder, replaced whole: a failed conversion leaves the previous exports, never a mix
         atomic.write_folder(paths.exports, {**files, EXPORTS_CARD: (json.dumps(card, indent=2) + "\n").encode()})
         log_summary({f"{r['format']}.megabytes": r["bytes"] / 1e6 for r in card["exports"]}
-                    | {f"{r['format']}.size_share": r["bytes"] / card["keras_bytes"] for r in card["exports"]})
+                    | {f"{r['format']}.size_share": r["bytes"] / card["keras_bytes"] for r in card["exports"]}
+                    | ({"tflite_int8.float_layers": len(exports.int8_float_layers)} if "tflite_int8" in cfg.formats else {}))
         mlflow.log_artifacts(str(paths.exports), "exports")
         if not card["exports"]:
             log.info("export.formats is []: nothing exported")

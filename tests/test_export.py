@@ -101,6 +101,8 @@ def test_a_failing_converter_names_the_model_and_the_format(tiny_model):
         export_model(model_file.parent / "missing.keras", "finetuned", ["onnx"], images[:2], opset=17)
     with pytest.raises(ValueError, match="unknown export formats"):
         export_model(model_file, "finetuned", ["coreml"], images[:2], opset=17)
+    nothing = export_model(model_file, "finetuned", [], images[:2], opset=17, int8_float_above=2.0)
+    assert nothing.files == {} and nothing.int8_float_layers == []  # export.formats: [] (tests and quick runs)
 
 
 def test_load_exported_rejects_what_it_cannot_run(tmp_path):

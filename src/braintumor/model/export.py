@@ -195,7 +195,7 @@ def export_model(model_file: Path, model_name: str, formats: Sequence[str], cali
     if unknown:
         raise ValueError(f"unknown export formats {unknown}; allowed: {list(EXPORT_FORMATS)}")
     if not formats:
-        return {}
+        return Exports({}, [])
     source = f"exporting {model_name} ({Path(model_file).name})"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     with tempfile.TemporaryDirectory(prefix="exports-") as temp:

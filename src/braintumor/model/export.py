@@ -138,12 +138,12 @@ def tflite_bytes(saved_model: Path, fmt: str, calibration: np.ndarray, int8_floa
 
 
 SAVED_MODEL_WRITTEN = "saved model written"  # the first child's one line on stdout
-FLOAT_LAYERS_SUFFIX = ".float_layers.json"  # beside each TFLite output in the child's folder
+FLOAT_LAYERS_SUFFIX = ".float_layers.json"  # beside the int8 output in the child's folder
 
 
 def convert_keras_file(model_file: Path, saved_model: Path, calibration_npy: Path, outputs: dict[str, Path],
                        int8_float_above: float = 0.0) -> None:
-    """The ``.keras`` file as a SavedModel, then each TFLite format of ``outputs`` from it, in order, each
+    """The ``.keras`` file as a SavedModel, then each TFLite format of ``outputs`` from it, in order, int8
     with the list of its layers kept float beside it. Says on stdout when the SavedModel is complete, so
     the ONNX converter can start on it meanwhile."""
     import keras
@@ -155,7 +155,8 @@ def convert_keras_file(model_file: Path, saved_model: Path, calibration_npy: Pat
     calibration = np.load(calibration_npy)
     for fmt, out in outputs.items():
         data, kept_float = tflite_bytes(saved_model, fmt, calibration, int8_float_above)
-        out.with_name(out.name + FLOAT_LAYERS_SUFFIX).write_text(json.dumps(kept_float))
+        if fmt == "tflite_int8":
+            out.with_name(out.name + FLOAT_LAYERS_SUFFIX).write_text(json.dumps(kept_float))
         out.write_bytes(data)
 
 

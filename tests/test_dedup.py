@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from braintumor.core.config import KeypointParams, NearDuplicateParams
-from braintumor.data.dedup import exact_pairs, find_duplicate_groups, fingerprint_image, group_ids, verify_pairs
+from braintumor.data.dedup import (detail_scores, exact_pairs, find_duplicate_groups, fingerprint_image, group_ids,
+                                   verify_pairs, verify_pairs_posed)
 
 THRESHOLD = 12  # preprocess.head_threshold's default
 # Everything reaches verification (no shortlist cut: five images have no meaningful dataset mean), and
 # the related level sits between the adjacent slice (~0.93) and the different one (~0.67).
 # The head-box search alone (the keypoint search has its own tests in test_keypoints.py).
 HEAD_BOX_ONLY = KeypointParams(enabled=False)
-PARAMS = NearDuplicateParams(shortlist_similarity=-1.0, verify_similarity=0.95, related_similarity=0.90,
+PARAMS = NearDuplicateParams(shortlist_similarity=-1.0, verify_similarity=0.95, related_similarity=0.90, detail_similarity=0,
                              keypoints=HEAD_BOX_ONLY)
 
 
@@ -80,6 +81,23 @@ def test_verification_scores_order_copy_rotation_adjacent_different(slices):
     assert different < 0.8
 
 
+def test_verification_remembers_the_pose_the_detail_check_starts_from(slices):
+    mirrored = cv2.warpAffine(np.ascontiguousarray(slices[0][:, ::-1]), cv2.getRotationMatrix2D((48, 48), -6, 1.0), (96, 96))
+    prints = [fingerprint_image(s, THRESHOLD, detail=True) for s in (slices[0], slices[2], mirrored, slices[3])]
+    heads, canonical = np.stack([p.head for p in prints]), np.stack([p.canonical for p in prints])
+    pairs = np.array([[0, 1], [0, 2], [0, 3]])
+    scores, poses = verify_pairs_posed(heads, canonical, pairs, THRESHOLD, 8.0, 2.0)
+    np.testing.assert_array_equal(scores, verify_pairs(heads, canonical, pairs, THRESHOLD, 8.0, 2.0))
+    assert poses.mirrored.tolist() == [False, True, False]
+    assert 4.0 <= abs(float(poses.angle[0])) <= 6.0 and 4.0 <= abs(float(poses.angle[1])) <= 8.0  # turned 5 and 6 degrees
+    assert set(poses.turned.tolist()) <= {0, 1, 2, 3} and all(t in pair for t, pair in zip(poses.turned, pairs.tolist()))
+    details = [p.detail for p in prints]
+    started = detail_scores(details, pairs, THRESHOLD, 8.0, enough=0.98, poses=poses)
+    searched = detail_scores(details, pairs, THRESHOLD, 8.0, enough=0.98)
+    assert (started[:2] >= 0.98).all() and (searched[:2] >= 0.98).all()  # both copies, from the pose or by search
+    assert started[2] < 0.98 and started[2] >= searched[2]  # the neighbouring slice: searched too, never worse
+
+
 def test_find_duplicate_groups_on_the_four_relations(slices):
     search = find_duplicate_groups([fingerprint_image(s, THRESHOLD) for s in slices], THRESHOLD, PARAMS)
     assert search.exact.tolist() == [[0, 1]]
@@ -105,7 +123,7 @@ def test_detail_check_keeps_a_neighbouring_slice_that_passes_as_a_copy_at_64_px(
                                         "meningioma", 256)
     copy, _ = make_copy("rescaled", original, mask.astype(np.uint8) * 255, np.random.default_rng([2, index]))
     prints = [fingerprint_image(image, THRESHOLD, detail=True) for image in (original, copy, adjacent)]
-    coarse = NearDuplicateParams(shortlist_similarity=-1.0, keypoints=HEAD_BOX_ONLY)
+    coarse = NearDuplicateParams(shortlist_similarity=-1.0, detail_similarity=0, keypoints=HEAD_BOX_ONLY)
     assert find_duplicate_groups(prints, THRESHOLD, coarse).groups.tolist() == [0, 0, 0]  # the gap it closes
     search = find_duplicate_groups(prints, THRESHOLD, coarse.model_copy(update={"detail_similarity": 0.99}))
     assert search.groups.tolist() == [0, 0, 1]  # the copy stays a copy, the neighbouring slice is kept

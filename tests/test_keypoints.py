@@ -54,8 +54,8 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
     assert with_keypoints["false_merges"] == 0
     assert len(search.keypoint_candidates) > 0 and len(search.keypoint_inliers) == len(search.keypoint_candidates)
     # where the time went, part by part, the decoding first (the merge stage logs it)
-    assert list(search.seconds) == ["inspect", "head_box_shortlist", "head_box_verification", "keypoint_shortlist",
-                                    "keypoint_verification"]
+    assert list(search.seconds) == ["inspect", "head_box_shortlist", "head_box_verification", "detail_check",
+                                    "keypoint_shortlist", "keypoint_verification"]
     assert all(seconds >= 0 for seconds in search.seconds.values())
 
 

@@ -108,8 +108,8 @@ def test_dedup_recall_settings_reach_into_the_keypoint_section_and_are_validated
     from braintumor.core.config import NearDuplicateParams
 
     dedup_recall = _benchmark("dedup_recall")
-    near = dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.words=1024", "detail_similarity=0.98"])
-    assert near.keypoints.words == 1024 and near.detail_similarity == 0.98
+    near = dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.words=1024", "detail_similarity=0.97"])
+    assert near.keypoints.words == 1024 and near.detail_similarity == 0.97
     assert near.keypoints.features == NearDuplicateParams().keypoints.features
     with pytest.raises(KeyError, match="wrods"):
         dedup_recall.with_settings(NearDuplicateParams(), ["keypoints.wrods=1024"])
@@ -143,3 +143,19 @@ def test_a_run_that_would_fill_the_disk_stops_before_it_starts(tmp_path, monkeyp
         real_data.check_free_space(workdir, ["nickparvar"], experiments=1)
     free["bytes"] = 13 * 10**9 - 500  # enough only because the folder's 1,000 bytes count as held
     real_data.check_free_space(workdir, ["nickparvar"], experiments=1)
+
+
+def test_neighbour_slices_numbers_images_by_their_best_figshare_match_and_labels_pairs():
+    import numpy as np
+
+    bench = _benchmark("neighbour_slices")
+    numbers = np.array([-1, -1, -1, -1, 10, 11])  # images 0-3 unnumbered (Nickparvar), 4 and 5 slices 10 and 11
+    pairs = np.array([[0, 4], [0, 5], [1, 4], [2, 5], [2, 4], [3, 5], [0, 1], [0, 3], [1, 2], [4, 5]])
+    scores = np.array([0.995, 0.96, 0.993, 0.991, 0.985, 0.99, 0.999, 0.95, 0.97, 0.94])
+    found = bench.best_partner_numbers(pairs, scores, numbers, min_score=0.97, margin=0.01)
+    assert found == {0: 10, 1: 10, 3: 11}  # image 2's two partners are too close to call
+    kinds = bench.labelled_pairs(pairs, numbers, found)
+    assert kinds["copies"].tolist() == [6] and kinds["distinct_mapped"].tolist() == [7]
+    assert kinds["distinct_numbered"].tolist() == [9]  # two figshare slices; pairs with one numbered image are the matches
+    assert bench.summary(np.array([0.985, 0.999]), copies=True)["kept_apart_below"] == {"0.95": 0, "0.97": 0, "0.98": 0, "0.99": 1}
+    assert bench.summary(np.array([0.94, 0.975]), copies=False)["removed_at"] == {"0.95": 1, "0.97": 1, "0.98": 0, "0.99": 0}

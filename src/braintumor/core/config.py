@@ -154,7 +154,7 @@ class NearDuplicateParams(_Section):
     related_similarity: float = Field(default=0.93, ge=0.0, le=1.0, description="look-alike slices: same split")
     max_rotation_deg: float = Field(default=8.0, ge=0.0, le=45.0)
     rotation_step_deg: float = Field(default=2.0, gt=0.0, le=10.0)
-    detail_similarity: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+    detail_similarity: float = Field(default=0.98, ge=0.0, le=1.0, description=(
         "a copy must also score this at 96 px after ECC registration, which tells it from the neighbouring "
         "slice of one series (then a look-alike: kept, same split); 0 = off"))
     keypoints: KeypointParams = KeypointParams()

@@ -381,7 +381,7 @@ def detail_scores(details: list[np.ndarray], pairs: np.ndarray, threshold: int, 
     """Registered correlation of each pair's heads at 96 px, shape (M,): the detail check.
 
     With ``poses`` (the head-box verification's best match of each pair), that one variant is
-    registered first; most copies reach ``enough`` with it, at a twentieth of the cost of a search.
+    registered first; most copies reach ``enough`` with it, one variant built instead of every one.
     Otherwise, or when it stays below ``enough``, one head is turned (mirror x rotation, as in
     :func:`verify_pairs`) onto the other's canonical image, the best variant registered with
     :func:`registered_correlation`, and the other way round is tried when that stays below ``enough``.

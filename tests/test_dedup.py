@@ -135,3 +135,23 @@ def test_detail_check_needs_detail_heads():
     prints = [fingerprint_image(head_slice(), THRESHOLD), fingerprint_image(cv2.resize(head_slice(), (120, 120)), THRESHOLD)]
     with pytest.raises(ValueError, match="detail_similarity is on, but the fingerprints carry no detail"):
         find_duplicate_groups(prints, THRESHOLD, PARAMS.model_copy(update={"detail_similarity": 0.99}))
+
+
+def test_detail_check_in_two_threads_gives_what_one_gives():
+    from braintumor.data.dedup import _detail_check
+    from braintumor.data.phantom.copies import make_copy
+    from braintumor.data.phantom.source import render_adjacent_slice, render_slice
+
+    original, mask = render_slice(np.random.default_rng([0, 3]), "glioma", 128)
+    adjacent, _ = render_adjacent_slice(np.random.default_rng([0, 3]), np.random.default_rng([1, 3]), "glioma", 128)
+    copy, _ = make_copy("rotated", original, mask.astype(np.uint8) * 255, np.random.default_rng([2, 3]))
+    prints = [fingerprint_image(image, THRESHOLD, detail=True) for image in (original, copy, adjacent)]
+    heads, canonical = np.stack([p.head for p in prints]), np.stack([p.canonical for p in prints])
+    pairs = np.tile(np.array([[0, 1], [0, 2], [1, 2]]), (60, 1))  # 180 pairs: three chunks of 60, two threads
+    _, poses = verify_pairs_posed(heads, canonical, pairs, THRESHOLD, 8.0, 2.0)
+    near = NearDuplicateParams(detail_similarity=0.98)
+    one = _detail_check(prints, pairs, THRESHOLD, near, poses, workers=1)
+    two = _detail_check(prints, pairs, THRESHOLD, near, poses, workers=2)
+    np.testing.assert_array_equal(one, two)
+    assert one[0] >= 0.98 > one[1]  # the copy passes, the neighbouring slice does not
+    assert _detail_check(prints, pairs[:0], THRESHOLD, near, poses.take(np.arange(0)), workers=2).shape == (0,)

@@ -39,6 +39,7 @@ import numpy as np
 
 from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
+from braintumor.core.parallel import map_in_workers, single_threaded_opencv
 from braintumor.data.head import head_bbox
 from braintumor.data.keypoints import (Keypoints, keypoint_image, keypoint_shortlist, load_faiss, orb_keypoints,
                                        verify_keypoint_pairs)
@@ -456,7 +457,7 @@ class _PartClock:
 def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, near: NearDuplicateParams,
                           workers: int = 1) -> DuplicateSearch:
     """Exact pairs by pixel hash, near pairs by shortlist + aligned verification, then groups.
-    ``workers``: threads for the keypoint verification. ``seconds`` of the result says where the time went.
+    ``workers``: threads for the detail check and the keypoint verification. ``seconds`` of the result says where the time went.
 
     Two levels: pairs scoring ``near.verify_similarity`` or more are copies of one slice (one is
     kept); pairs between ``near.related_similarity`` and that are different but look-alike slices,
@@ -484,7 +485,8 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         if near.detail_similarity > 0:  # copy-level pairs that fail it become look-alikes
             checked = np.flatnonzero(duplicate)
             detail_pairs = candidates[checked]
-            detail_checked_scores = _detail_check(fingerprints, detail_pairs, head_threshold, near, poses.take(checked))
+            detail_checked_scores = _detail_check(fingerprints, detail_pairs, head_threshold, near, poses.take(checked),
+                                                  workers)
             clock.lap("detail_check")
             detail_apart = detail_checked_scores < near.detail_similarity
             duplicate[checked[detail_apart]] = False
@@ -516,11 +518,22 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
 
 
 def _detail_check(fingerprints: list[Fingerprint], pairs: np.ndarray, head_threshold: int,
-                  near: NearDuplicateParams, poses: PairPoses) -> np.ndarray:
+                  near: NearDuplicateParams, poses: PairPoses, workers: int = 1) -> np.ndarray:
     """:func:`detail_scores` of copy-level ``pairs``: neighbouring slices of one series can score as copies
-    at 64 px; at 96 px, registered, their sulci differ."""
+    at 64 px; at 96 px, registered, their sulci differ.
+
+    In ``workers`` threads, OpenCV on one thread each: its warps and ECC release the GIL (2,000 pairs of
+    nickparvar-224: 2.4 s on two threads against 4.0 s on one, the same scores)."""
     if any(f.detail is None for f in fingerprints):
         raise ValueError("merge.near_duplicates.detail_similarity is on, but the fingerprints carry no detail "
                          "head (fingerprint_image(..., detail=True))")
-    return detail_scores([f.detail for f in fingerprints], pairs, head_threshold, near.max_rotation_deg,
-                         enough=near.detail_similarity, poses=poses)
+    details = [f.detail for f in fingerprints]
+
+    def check(rows: np.ndarray) -> np.ndarray:
+        return detail_scores(details, pairs[rows], head_threshold, near.max_rotation_deg,
+                             enough=near.detail_similarity, poses=poses.take(rows))
+
+    chunks = np.array_split(np.arange(len(pairs)), max(1, min(len(pairs) // 64, 4 * workers)))
+    with single_threaded_opencv():
+        parts = map_in_workers(check, chunks, workers, kind="thread")
+    return np.concatenate(parts).astype(np.float32) if parts else np.empty(0, np.float32)

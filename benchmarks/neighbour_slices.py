@@ -28,12 +28,11 @@ import numpy as np
 
 from braintumor.core.config import load_params
 from braintumor.data.dedup import find_duplicate_groups, group_ids
-from braintumor.data.merge import inspect_files
+from braintumor.data.merge import inspect_files, list_source_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 THRESHOLDS = (0.95, 0.97, 0.98, 0.99)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def best_partner_numbers(pairs: np.ndarray, scores: np.ndarray, numbers: np.ndarray, min_score: float,
@@ -88,8 +87,8 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     near = params.merge.near_duplicates
     near = near.model_copy(update={"detail_similarity": 1.0, "keypoints": near.keypoints.model_copy(update={"enabled": False})})
-    nickparvar = sorted(p for p in args.nickparvar.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    figshare = sorted(args.figshare.glob("*/*.jpg"))
+    nickparvar = [f.path for f in list_source_files("nickparvar", args.nickparvar)[0]]  # as the merge lists them
+    figshare = sorted(args.figshare.glob("*/*.jpg"))  # N.jpg; its N.txt box files are not images
     paths = nickparvar + figshare
     start = time.perf_counter()
     inspections = inspect_files(paths, params.preprocess.head_threshold, params.merge.max_colour_share, params.merge.workers,

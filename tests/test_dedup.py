@@ -90,7 +90,7 @@ def test_verification_remembers_the_pose_the_detail_check_starts_from(slices):
     np.testing.assert_array_equal(scores, verify_pairs(heads, canonical, pairs, THRESHOLD, 8.0, 2.0))
     assert poses.mirrored.tolist() == [False, True, False]
     assert 4.0 <= abs(float(poses.angle[0])) <= 6.0 and 4.0 <= abs(float(poses.angle[1])) <= 8.0  # turned 5 and 6 degrees
-    assert set(poses.turned.tolist()) <= {0, 1, 2, 3} and all(t in pair for t, pair in zip(poses.turned, pairs.tolist()))
+    assert all(t in pair for t, pair in zip(poses.turned.tolist(), pairs.tolist()))  # one of its own pair
     details = [p.detail for p in prints]
     started = detail_scores(details, pairs, THRESHOLD, 8.0, enough=0.98, poses=poses)
     searched = detail_scores(details, pairs, THRESHOLD, 8.0, enough=0.98)

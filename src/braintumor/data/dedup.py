@@ -407,7 +407,8 @@ def detail_scores(details: list[np.ndarray], pairs: np.ndarray, threshold: int, 
         if poses is not None:
             turned = int(poses.turned[k])
             pose = [(bool(poses.mirrored[k]), float(poses.angle[k]))]
-            scores[k] = registered(aligned_variants(details[turned], threshold, 0, 1, size, pose)[0], i + j - turned)
+            variant = aligned_variants(details[turned], threshold, 0.0, 1.0, size, poses=pose)[0]  # the range is unused
+            scores[k] = registered(variant, i + j - turned)
             if scores[k] >= enough:
                 continue
         scores[k] = max(scores[k], searched(i, j))

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/keypoint_links.py ../shared/datasets/nickparvar-224 [--workspace DIR]
 
 Plants 100 augmented and 100 annotated copies among the dataset's images (as ``dedup_recall.py --real``
-does), runs the merge once with loose keypoint settings (10 inliers, correlation 0.3 after warping) so
-that every candidate link is scored, then applies each setting of a grid (minimum inliers, copy level,
-look-alike level) to the scored links and prints, per setting, one JSON line: the planted copies' share
+does), runs the merge once with loose keypoint settings (10 inliers, correlation 0.3 after warping,
+the copy residual measured on every such link) so that every candidate link is scored, then applies
+each setting of a grid (minimum inliers, copy residual, look-alike level) to the scored links and prints, per setting, one JSON line: the planted copies' share
 in their original's duplicate and split group, the keypoint links joining two class labels (copies and
 neighbouring slices share their label, so such a link is false), the split groups mixing classes and
 the largest split group. The first line is the head-box search alone.
@@ -33,33 +33,35 @@ from braintumor.data.merge import merge_sources, planted_duplicate_recall
 from dedup_recall import REPO, plant_real_copies, with_settings
 
 KINDS = ["augmented", "annotated"]
-LOOSE = ["keypoints.enabled=true", "keypoints.min_inliers=10", "keypoints.copy_correlation=0.75",
+LOOSE = ["keypoints.enabled=true", "keypoints.min_inliers=10", "keypoints.copy_residual=0.04",
          "keypoints.related_correlation=0.3"]
 
 
 def head_box_links(search: DuplicateSearch, keypoints) -> tuple[np.ndarray, np.ndarray]:
     """(copy pairs, look-alike pairs) of the head-box search: the search appends its keypoint pairs last."""
-    matched = search.keypoint_inliers >= keypoints.min_inliers
-    copies = int((matched & (search.keypoint_correlation >= keypoints.copy_correlation)).sum())
-    related = int((matched & (search.keypoint_correlation < keypoints.copy_correlation)
-                   & (search.keypoint_correlation >= keypoints.related_correlation)).sum())
+    linked = ((search.keypoint_inliers >= keypoints.min_inliers)
+              & (search.keypoint_correlation >= keypoints.related_correlation))
+    copies = int((linked & (search.keypoint_residual <= keypoints.copy_residual)).sum())
+    related = int(linked.sum()) - copies
     return search.near[: len(search.near) - copies], search.related_pairs[: len(search.related_pairs) - related]
 
 
 def setting_scores(search, head_copies, head_related, ok: pd.DataFrame, records: list[dict], min_inliers, copy_at,
                    related_at) -> dict:
-    """The groups one setting makes from the scored links, scored; ``min_inliers`` None: keypoints off."""
+    """The groups one setting makes from the scored links, scored; ``min_inliers`` None: keypoints off;
+    ``copy_at``: the copy residual at or below which a link is a copy (0: none)."""
     labels = ok["label"].to_numpy()
     n, pairs = len(labels), search.keypoint_candidates
     matched = (search.keypoint_inliers >= (min_inliers or 0)) & (min_inliers is not None)
-    copy = matched & (search.keypoint_correlation >= copy_at)
-    related = matched & ~copy & (search.keypoint_correlation >= related_at)
+    linked = matched & (search.keypoint_correlation >= related_at)
+    copy = linked & (search.keypoint_residual <= copy_at)
+    related = linked & ~copy
     groups = group_ids(n, np.concatenate([search.exact, head_copies, pairs[copy]]))
     split_groups = group_ids(n, np.concatenate([search.exact, head_copies, head_related, pairs[copy], pairs[related]]))
     across = labels[pairs[:, 0]] != labels[pairs[:, 1]]
     sizes = np.bincount(split_groups)
     mixed = [g for g in np.flatnonzero(sizes > 1) if len(set(labels[split_groups == g])) > 1]
-    scores = {"min_inliers": min_inliers, "copy_correlation": copy_at, "related_correlation": related_at,
+    scores = {"min_inliers": min_inliers, "copy_residual": copy_at, "related_correlation": related_at,
               "links_across_classes": int((across & (copy | related)).sum())}
     planted = planted_duplicate_recall(ok.assign(group=groups, split_group=split_groups), None, records)
     for kind in KINDS:
@@ -108,7 +110,7 @@ def main() -> None:
     ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)  # the search's rows, in its order
     ids = ok["id"].tolist()
     head_copies, head_related = head_box_links(search, near.keypoints)
-    grid = [(None, 1.0, 1.0)] + [(m, c, r) for m in (15, 20, 25, 30, 40) for c in (0.75, 0.85, 1.0) for r in (0.5, 0.6, 0.7)]
+    grid = [(None, 0.0, 1.0)] + [(m, c, r) for m in (15, 20, 25, 30, 40) for c in (0.0, 0.025, 0.033, 0.04) for r in (0.5, 0.6, 0.7)]
     for setting in grid:
         print(json.dumps(setting_scores(search, head_copies, head_related, ok, records, *setting)), flush=True)
     if args.workspace:

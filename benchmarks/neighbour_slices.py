@@ -14,6 +14,12 @@ Every copy-level pair is scored in full (the check's threshold set to 1.0, so no
 and the script prints one JSON line: per kind of pair, its count, score range, how many a threshold
 would remove (distinct slices) or keep apart (copies), and the distinct images Nickparvar keeps.
 
+The keypoint search's look-alike links are labelled by the same numbers (``keypoints``; a pair of
+two numbered images, figshare's or Nickparvar's, is a copy or two distinct slices): with the check's
+threshold at 1.0 no head-box pair is a copy, so the keypoint search meets the copies too. Per kind, the
+copy residual's range and how many ``copy_residual`` thresholds would remove (distinct slices) or keep
+apart (copies).
+
     .venv/bin/python benchmarks/neighbour_slices.py [--figshare DIR] [--nickparvar DIR]
 """
 
@@ -33,6 +39,7 @@ from braintumor.data.merge import inspect_files, list_source_files
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 THRESHOLDS = (0.95, 0.97, 0.98, 0.99)
+RESIDUAL_THRESHOLDS = (0.025, 0.03, 0.033, 0.036, 0.04)
 
 
 def best_partner_numbers(pairs: np.ndarray, scores: np.ndarray, numbers: np.ndarray, min_score: float,
@@ -65,6 +72,17 @@ def labelled_pairs(pairs: np.ndarray, numbers: np.ndarray, found: dict[int, int]
     return {kind: np.array(rows, np.int64) for kind, rows in kinds.items()}
 
 
+def labelled_links(pairs: np.ndarray, numbers: np.ndarray, found: dict[int, int]) -> dict[str, np.ndarray]:
+    """Row indices of ``pairs`` whose images both have a number (their own or their match's): ``copies``
+    (one number) and ``distinct`` (two), figshare and Nickparvar images alike."""
+    number = [int(n) if n >= 0 else found.get(k, -1) for k, n in enumerate(numbers)]
+    kinds: dict[str, list[int]] = {"copies": [], "distinct": []}
+    for row, (i, j) in enumerate(pairs.tolist()):
+        if number[i] >= 0 and number[j] >= 0:
+            kinds["copies" if number[i] == number[j] else "distinct"].append(row)
+    return {kind: np.array(rows, np.int64) for kind, rows in kinds.items()}
+
+
 def summary(scores: np.ndarray, copies: bool) -> dict:
     """Count, range and, per threshold, pairs below it (copies kept apart) or at or above it (distinct removed)."""
     if len(scores) == 0:
@@ -72,6 +90,16 @@ def summary(scores: np.ndarray, copies: bool) -> dict:
     at = {str(t): int((scores < t).sum() if copies else (scores >= t).sum()) for t in THRESHOLDS}
     return {"n": int(len(scores)), "min": round(float(scores.min()), 4), "p01": round(float(np.quantile(scores, 0.01)), 4),
             "max": round(float(scores.max()), 4), "kept_apart_below" if copies else "removed_at": at}
+
+
+def residual_summary(residuals: np.ndarray, copies: bool) -> dict:
+    """Count, range and, per copy-residual threshold, pairs above it (copies kept apart) or at or below it
+    (distinct slices removed)."""
+    if len(residuals) == 0:
+        return {"n": 0}
+    at = {str(t): int((residuals > t).sum() if copies else (residuals <= t).sum()) for t in RESIDUAL_THRESHOLDS}
+    return {"n": int(len(residuals)), "min": round(float(residuals.min()), 4), "median": round(float(np.median(residuals)), 4),
+            "max": round(float(residuals.max()), 4), "kept_apart_above" if copies else "removed_at": at}
 
 
 def main() -> None:
@@ -86,13 +114,13 @@ def main() -> None:
             parser.error(f"{folder} is missing: this benchmark needs the shared datasets beside the repository")
     params = load_params(REPO / "params.yaml")
     near = params.merge.near_duplicates
-    near = near.model_copy(update={"detail_similarity": 1.0, "keypoints": near.keypoints.model_copy(update={"enabled": False})})
+    near = near.model_copy(update={"detail_similarity": 1.0})
     nickparvar = [f.path for f in list_source_files("nickparvar", args.nickparvar)[0]]  # as the merge lists them
     figshare = sorted(args.figshare.glob("*/*.jpg"))  # N.jpg; its N.txt box files are not images
     paths = nickparvar + figshare
     start = time.perf_counter()
     inspections = inspect_files(paths, params.preprocess.head_threshold, params.merge.max_colour_share, params.merge.workers,
-                                detail=True)
+                                keypoint_features=near.keypoints.features, detail=True)
     readable = [k for k, found in enumerate(inspections) if found.fingerprint is not None]
     search = find_duplicate_groups([inspections[k].fingerprint for k in readable], params.preprocess.head_threshold, near,
                                    params.merge.workers)
@@ -109,6 +137,10 @@ def main() -> None:
     for t in THRESHOLDS:
         copies = pairs[nick_rows & (scores >= t)]
         kept[str(t)] = int(len(np.unique(group_ids(n_nick, np.concatenate([nick_exact, copies])))))
+    linked = ((search.keypoint_inliers >= near.keypoints.min_inliers)
+              & (search.keypoint_correlation >= near.keypoints.related_correlation))
+    links = labelled_links(search.keypoint_candidates[linked], numbers, found)
+    residuals = search.keypoint_residual[linked]
     print(json.dumps({
         "files": len(paths), "readable": len(readable), "seconds": round(seconds, 1), "copy_level_pairs": int(len(pairs)),
         "numbered_nickparvar_images": len(found),
@@ -116,6 +148,10 @@ def main() -> None:
         "distinct_nickparvar": summary(scores[kinds["distinct_mapped"]], copies=False),
         "distinct_figshare": summary(scores[kinds["distinct_numbered"]], copies=False),
         "nickparvar_distinct_images": kept,
+        "keypoints": {"links": int(linked.sum()), "copy_residual": near.keypoints.copy_residual,
+                      "copies": residual_summary(residuals[links["copies"]], copies=True),
+                      "distinct": residual_summary(residuals[links["distinct"]], copies=False)},
+        "seconds_by_part": search.seconds,
     }))
 
 

@@ -7,63 +7,90 @@ import json
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
-from braintumor.data.dedup import fingerprint_image
+from braintumor.data.dedup import DuplicateSearch, fingerprint_image
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import (DETAIL_SIZE, correlation, keypoint_image, keypoint_shortlist, likelier_mirrored,
-                                       match_keypoints,
-                                       verify_keypoint_pairs,
-                                      orb_keypoints, ratio_test_matches)
-from braintumor.data.merge import merge_sources, planted_duplicate_recall
+from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, keypoint_image,
+                                       keypoint_shortlist, likelier_mirrored, links_worth_a_residual, match_keypoints,
+                                       measure_copy_residuals, orb_keypoints, ratio_test_matches, verify_keypoint_pairs)
+from braintumor.data.merge import merge_json, merge_sources, planted_duplicate_recall
+from braintumor.data.merge_report import duplicates_html, keypoint_links
 from braintumor.data.phantom.source import generate_phantom_source
 
 from conftest import REPO
 
 THRESHOLD = 12
+COPY_RESIDUAL = load_params(REPO / "params.yaml").merge.near_duplicates.keypoints.copy_residual
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     """A phantom source with 6 augmented and 6 annotated copies among 80 slices."""
-    root = tmp_path_factory.mktemp("phantom")
-    kinds = {kind: 0 for kind in PhantomDuplicates.model_fields} | {"augmented": 6, "annotated": 6}
+    return planted_phantom(tmp_path_factory.mktemp("phantom"), {"augmented": 6, "annotated": 6})
+
+
+@pytest.fixture(scope="module")
+def phantom_with_neighbours(tmp_path_factory):
+    """The same kinds of copies and 6 neighbouring slices (distinct slices of one phantom head)."""
+    return planted_phantom(tmp_path_factory.mktemp("neighbours"), {"augmented": 6, "annotated": 6, "adjacent_slice": 6})
+
+
+def planted_phantom(root, planted: dict[str, int]):
+    kinds = {kind: 0 for kind in PhantomDuplicates.model_fields} | planted
     generate_phantom_source(root, PhantomSource(kind="phantom", images_per_class=20, image_size=256, seed=3,
                                                 duplicates=PhantomDuplicates(**kinds)))
     return root
 
 
-def merged(root, keypoints: bool, **settings) -> tuple[dict, dict]:
+def merged(root, keypoints: bool, **settings) -> tuple[dict, DuplicateSearch, pd.DataFrame]:
     params = load_params(REPO / "params.yaml")
     near = params.merge.near_duplicates
     near = near.model_copy(update={"keypoints": near.keypoints.model_copy(update={"enabled": keypoints, **settings})})
     manifest, search, _, _ = merge_sources([("phantom", root / "images")], params.merge.folder_to_label(), root=root,
                                            head_threshold=THRESHOLD, max_colour_share=params.merge.max_colour_share,
                                            keep="largest", near=near, workers=1)
-    return planted_duplicate_recall(manifest, "phantom", json.loads((root / "planted.json").read_text())), search
+    return planted_duplicate_recall(manifest, "phantom", json.loads((root / "planted.json").read_text())), search, manifest
 
 
-def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom):
-    without, _ = merged(phantom, keypoints=False)
-    with_keypoints, search = merged(phantom, keypoints=True, copy_correlation=0.75)  # its matches make copies too
-    assert with_keypoints["planted"] == {"annotated": 6, "augmented": 6}
-    assert without["recall"]["augmented"] < 1.0  # the gap this search closes
+def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom_with_neighbours):
+    without, _, _ = merged(phantom_with_neighbours, keypoints=False)
+    with_keypoints, search, manifest = merged(phantom_with_neighbours, keypoints=True)  # params.yaml: its residual test makes copies
+    assert with_keypoints["planted"] == {"adjacent_slice": 6, "annotated": 6, "augmented": 6}
+    assert without["recall"]["augmented"] < 0.5 and without["recall"]["annotated"] < 0.5  # the gap this search closes
     assert with_keypoints["recall"] == {"annotated": 1.0, "augmented": 1.0}
-    assert with_keypoints["false_merges"] == 0
-    assert len(search.keypoint_candidates) > 0 and len(search.keypoint_inliers) == len(search.keypoint_candidates)
+    assert with_keypoints["split_recall"] == {"annotated": 1.0, "augmented": 1.0}
+    # neighbouring slices match too, but their residual keeps them: both kept, in one split group
+    assert with_keypoints["adjacent"] == {"kept": 1.0, "same_split_group": 1.0}
+    assert with_keypoints["false_merges"] == 0 and with_keypoints["split_groups_joining_heads"] == 0
+    assert len(search.keypoint_candidates) > 0
+    assert len(search.keypoint_inliers) == len(search.keypoint_residual) == len(search.keypoint_candidates)
     # where the time went, part by part, the decoding first (the merge stage logs it)
     assert list(search.seconds) == ["inspect", "head_box_shortlist", "head_box_verification", "detail_check",
-                                    "keypoint_shortlist", "keypoint_verification"]
+                                    "keypoint_shortlist", "keypoint_verification", "keypoint_copy_residual"]
     assert all(seconds >= 0 for seconds in search.seconds.values())
+    counts = merge_json(manifest, search, {}, {})["near_duplicate_search"]  # in merge.json
+    assert counts["keypoint_residuals_measured"] >= counts["keypoint_copy_pairs"] == int(search.keypoint_copy.sum()) >= 6
+    # the merge report samples the links on both sides of the copy residual threshold, for a look by eye
+    keypoints = load_params(REPO / "params.yaml").merge.near_duplicates.keypoints
+    ids, residuals, threshold = keypoint_links(manifest, search, keypoints)
+    assert len(ids) == len(residuals) >= 12 and threshold == COPY_RESIDUAL and set(ids.ravel()) <= set(manifest["id"])
+    html = duplicates_html(manifest, np.empty((0, 2), object), np.empty(0), phantom_with_neighbours, {},
+                           keypoint_residual=(ids, residuals, threshold))
+    assert f"Pairs just below the keypoint copy residual threshold ({COPY_RESIDUAL:.3f})" in html
 
 
-def test_by_default_its_matches_keep_both_images_in_one_split_group(phantom):
-    scores, _ = merged(phantom, keypoints=True)  # params.yaml: copy_correlation 1.0
+def test_with_copy_residual_0_its_matches_keep_both_images_in_one_split_group(phantom):
+    scores, search, manifest = merged(phantom, keypoints=True, copy_residual=0.0)
     assert scores["split_recall"] == {"annotated": 1.0, "augmented": 1.0}
-    without, _ = merged(phantom, keypoints=False)
+    without, _, _ = merged(phantom, keypoints=False)
     assert scores["recall"] == without["recall"]  # no copy group beyond the head-box search's
+    assert np.isinf(search.keypoint_residual).all()  # and no residual measured
+    keypoints = NearDuplicateParams().keypoints
+    assert keypoint_links(manifest, search, keypoints) is None  # so the merge report shows no residual band
 
 
 def test_verification_in_two_threads_gives_what_one_gives(phantom):
@@ -74,10 +101,17 @@ def test_verification_in_two_threads_gives_what_one_gives(phantom):
     one = verify_keypoint_pairs(found, pairs, min_inliers=15, mirrored=mirrored, workers=1)
     two = verify_keypoint_pairs(found, pairs, min_inliers=15, mirrored=mirrored, workers=2)
     assert (one[0] >= 15).sum() >= 6  # the planted copies verify: the comparison is not of empty results
-    np.testing.assert_array_equal(one[0], two[0])
-    np.testing.assert_array_equal(one[1], two[1])
+    assert np.isnan(one[2][one[0] == 0]).all() and not np.isnan(one[2][one[0] >= 15]).any()
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
     empty = verify_keypoint_pairs(found, pairs[:0], min_inliers=15, mirrored=mirrored[:0], workers=2)
-    assert [len(a) for a in empty] == [0, 0]
+    assert [len(a) for a in empty] == [0, 0, 0]
+    linked = np.flatnonzero((one[0] >= 15) & (one[1] >= 0.7))
+    residuals = [measure_copy_residuals(found, pairs[linked], mirrored[linked], one[2][linked], workers=w) for w in (1, 2)]
+    np.testing.assert_array_equal(*residuals)
+    assert (residuals[0] <= COPY_RESIDUAL).sum() >= 6  # the planted copies
+    unmatched = np.flatnonzero(one[0] == 0)[:3]
+    assert np.isinf(measure_copy_residuals(found, pairs[unmatched], mirrored[unmatched], one[2][unmatched])).all()
 
 
 def slice_image(phantom) -> np.ndarray:
@@ -97,12 +131,13 @@ def test_a_turned_zoomed_cut_flipped_darker_copy_matches_and_another_slice_does_
     copy = cv2.imdecode(cv2.imencode(".jpg", copy, [cv2.IMWRITE_JPEG_QUALITY, 40])[1], cv2.IMREAD_GRAYSCALE)
     other = cv2.imread(str(sorted((phantom / "images" / "Training" / "meningioma").glob("*.jpg"))[3]), cv2.IMREAD_GRAYSCALE)
     original, turned, different = keypoints_of(image), keypoints_of(copy), keypoints_of(other)
-    inliers, score = match_keypoints(original, turned, min_matches=15)
-    assert inliers >= 15 and score >= 0.75
-    assert match_keypoints(original, turned, min_matches=15, mirrored=True) == (inliers, score)  # it is flipped
-    assert match_keypoints(original, turned, min_matches=15, mirrored=False)[0] < 15
-    inliers, score = match_keypoints(original, different, min_matches=15)
-    assert inliers < 15 or score < 0.5
+    found = match_keypoints(original, turned, min_matches=15)
+    assert found.inliers >= 15 and found.correlation >= 0.75
+    assert match_keypoints(original, turned, min_matches=15, mirrored=True) == found  # it is flipped
+    assert match_keypoints(original, turned, min_matches=15, mirrored=False).inliers < 15
+    assert copy_residual(original.image, np.ascontiguousarray(turned.image[:, ::-1]), found.matrix) <= COPY_RESIDUAL
+    other_slice = match_keypoints(original, different, min_matches=15)
+    assert other_slice.inliers < 15 or other_slice.correlation < 0.5
     # among the phantom's 92 slices, the shortlist puts the copy among the original's neighbours, and
     # its word histograms say which way to match it: flipped
     files = sorted((phantom / "images").rglob("*.jpg"))
@@ -120,8 +155,10 @@ def test_a_copy_saved_much_darker_matches_although_its_head_box_shrinks(phantom)
     assert (y1 - y0) * (x1 - x0) < 0.6 * (h1 - h0) * (w1 - w0)  # most of the darker head is below the threshold
     # on that shrunken box the pair scored 0.63 (a look-alike); the whole slice keeps it a copy
     assert keypoint_image(dark).shape == (DETAIL_SIZE, DETAIL_SIZE) == keypoint_image(image).shape
-    inliers, score = match_keypoints(keypoints_of(image), keypoints_of(dark), min_matches=15)
-    assert inliers >= 15 and score >= 0.75
+    found = match_keypoints(keypoints_of(image), keypoints_of(dark), min_matches=15)
+    assert found.inliers >= 15 and found.correlation >= 0.75
+    # the grey-level mapping undoes the gamma and the darkening
+    assert copy_residual(keypoint_image(image), keypoint_image(dark), found.matrix) <= COPY_RESIDUAL
 
 
 def test_keypoints_are_found_on_the_whole_slice_its_longer_side_fixed():
@@ -169,14 +206,15 @@ def test_correlation_is_pearsons_and_flat_pixels_score_minus_one():
 def test_a_blank_image_has_no_keypoints_and_matches_nothing():
     blank = orb_keypoints(np.zeros((192, 192), np.uint8), 300)
     assert blank.descriptors.shape == (0, 32) and blank.mirrored_points.shape == (0, 2)
-    assert match_keypoints(blank, blank, min_matches=15) == (0, -1.0)
+    assert match_keypoints(blank, blank, min_matches=15) == KeypointMatch(0, -1.0, None)
 
 
 def test_keypoint_params_are_checked_at_load():
-    with pytest.raises(ValidationError, match="related_correlation .* must not exceed copy_correlation"):
-        KeypointParams(copy_correlation=0.6, related_correlation=0.7)
-    defaults = NearDuplicateParams().keypoints  # on, linking matches into one split without removing either image
-    assert defaults.enabled is True and defaults.copy_correlation == 1.0 and defaults.related_correlation == 0.7
+    with pytest.raises(ValidationError, match="copy_residual"):
+        KeypointParams(copy_residual=-0.1)
+    defaults = NearDuplicateParams().keypoints  # the model's default: on, links only
+    assert defaults.enabled is True and defaults.copy_residual == 0.0 and defaults.related_correlation == 0.7
+    assert 0 < COPY_RESIDUAL < 0.1  # params.yaml's: matches that are copies remove one image
 
 
 def test_a_small_vocabulary_sample_prints_no_faiss_warning(capfd):
@@ -199,3 +237,36 @@ def test_faiss_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)  # noqa: E731
     assert run(env).stdout.strip() == "PASSIVE"
     assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.strip() == "ACTIVE"
+
+
+def test_the_copy_residual_ignores_grey_level_mappings_and_marks_but_not_another_slice(phantom_with_neighbours):
+    phantom = phantom_with_neighbours
+    planted = json.loads((phantom / "planted.json").read_text())
+    original = slice_image(phantom)
+    fixed = keypoint_image(original)
+    identity = np.float32([[1, 0, 0], [0, 1, 0]])
+    assert copy_residual(fixed, fixed, identity) < 1e-3
+    darker = np.clip(255 * (fixed / 255.0) ** 1.4 * 0.8, 0, 255).astype(np.uint8)  # a monotone mapping
+    assert copy_residual(fixed, darker, identity) < 0.01
+    marked = fixed.copy()
+    cv2.putText(marked, "SE 4 IM 12", (20, 60), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 255, 2)
+    cv2.rectangle(marked, (100, 100), (150, 150), 230, 2)
+    assert copy_residual(fixed, marked, identity) < 0.01
+    # the slice beside it in the same phantom head (the planted neighbours): a look-alike, not a copy
+    for record in (r for r in planted if r["kind"] == "adjacent_slice"):
+        a, b = (keypoint_image(cv2.imread(str(phantom / "images" / record[k]), cv2.IMREAD_GRAYSCALE)) for k in ("original", "copy"))
+        assert copy_residual(a, b, identity) > COPY_RESIDUAL
+    other_head = cv2.imread(str(sorted((phantom / "images" / "Training" / "meningioma").glob("*.jpg"))[3]), cv2.IMREAD_GRAYSCALE)
+    assert copy_residual(fixed, keypoint_image(other_head), identity) > 3 * COPY_RESIDUAL
+    # heads overlapping too little to compare
+    assert copy_residual(fixed, fixed, np.float32([[1, 0, 150], [0, 1, 150]])) == float("inf")
+
+
+def test_the_residual_is_measured_on_the_best_links_of_each_pair_of_copy_groups():
+    groups = np.array([0, 0, 0, 1, 1, 2, 3])  # images 0-2 are one copy group, 3-4 another
+    pairs = np.array([[0, 3], [1, 3], [2, 4], [0, 4], [1, 4], [2, 5], [5, 6], [3, 6]])
+    correlations = np.float32([0.80, 0.95, 0.90, 0.70, 0.85, 0.99, 0.75, 0.72])
+    # groups 0-1 have five links: their best two (0.95, 0.90); every other pair of groups has one
+    assert links_worth_a_residual(pairs, correlations, groups, 2).tolist() == [1, 2, 5, 6, 7]
+    assert links_worth_a_residual(pairs, correlations, groups, 5).tolist() == list(range(8))
+    assert links_worth_a_residual(pairs[:0], correlations[:0], groups, 2).tolist() == []

@@ -159,3 +159,9 @@ def test_neighbour_slices_numbers_images_by_their_best_figshare_match_and_labels
     assert kinds["distinct_numbered"].tolist() == [9]  # two figshare slices; pairs with one numbered image are the matches
     assert bench.summary(np.array([0.985, 0.999]), copies=True)["kept_apart_below"] == {"0.95": 0, "0.97": 0, "0.98": 0, "0.99": 1}
     assert bench.summary(np.array([0.94, 0.975]), copies=False)["removed_at"] == {"0.95": 1, "0.97": 1, "0.98": 0, "0.99": 0}
+    # keypoint links: any two images with a number (their own or their match's), figshare's and Nickparvar's alike
+    links = bench.labelled_links(pairs, numbers, found)
+    assert links["copies"].tolist() == [0, 2, 5, 6] and links["distinct"].tolist() == [1, 7, 9]
+    residual = bench.residual_summary(np.array([0.02, 0.031, 0.05]), copies=True)
+    assert residual["kept_apart_above"] == {"0.025": 2, "0.03": 2, "0.033": 1, "0.036": 1, "0.04": 1}
+    assert bench.residual_summary(np.array([0.035]), copies=False)["removed_at"]["0.036"] == 1

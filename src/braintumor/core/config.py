@@ -131,17 +131,9 @@ class KeypointParams(_Section):
     words: int = Field(default=4096, ge=8, le=16384, description="visual words of the shortlist's vocabulary")
     neighbours: int = Field(default=20, ge=1, le=100, description="shortlist size per image")
     min_inliers: int = Field(default=15, ge=4, description="RANSAC inliers of the similarity transform")
-    copy_correlation: float = Field(default=1.0, ge=-1.0, le=1.0, description="after warping: a copy (1.0: none)")
     related_correlation: float = Field(default=0.7, ge=-1.0, le=1.0, description="after warping: a look-alike")
-
-    @model_validator(mode="after")
-    def _related_below_copy(self) -> "KeypointParams":
-        if self.related_correlation > self.copy_correlation:
-            raise ValueError(
-                f"merge.near_duplicates.keypoints.related_correlation ({self.related_correlation}) must not "
-                f"exceed copy_correlation ({self.copy_correlation})"
-            )
-        return self
+    copy_residual: float = Field(default=0.0, ge=0.0, le=1.0,
+                                 description="a look-alike whose copy residual is at most this is a copy (0: none)")
 
 
 class NearDuplicateParams(_Section):

@@ -41,8 +41,8 @@ from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
 from braintumor.core.parallel import map_in_workers, single_threaded_opencv
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import (Keypoints, keypoint_image, keypoint_shortlist, load_faiss, orb_keypoints,
-                                       verify_keypoint_pairs)
+from braintumor.data.keypoints import (Keypoints, keypoint_image, keypoint_shortlist, links_worth_a_residual, load_faiss,
+                                       measure_copy_residuals, orb_keypoints, verify_keypoint_pairs)
 
 CANONICAL_SIZE = 64
 HEAD_SIZE = 96  # the head with a margin, kept for rotating before canonicalisation
@@ -53,6 +53,9 @@ DETAIL_CANONICAL_SIZE = 96
 DETAIL_STEP_DEG = 2.0  # ECC registration then takes out the remaining turn
 DESCRIPTOR_GRID = 16
 DESCRIPTOR_DIMS = 32
+# The keypoint copy residual is measured on this many links per pair of copy groups, the best correlated
+# first: one copy link joins the groups, and the other links mostly compare the same two slices again.
+RESIDUAL_LINKS_PER_GROUP_PAIR = 3
 
 
 @dataclass(frozen=True)
@@ -430,10 +433,13 @@ class DuplicateSearch:
     # merge report samples around the thresholds
     candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
     candidate_scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
-    # the keypoint search's verified shortlist (pairs not already copies), RANSAC inliers, correlation
+    # the keypoint search's verified shortlist (pairs not already copies), RANSAC inliers, correlation,
+    # copy residual (inf where not measured)
     keypoint_candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
     keypoint_inliers: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     keypoint_correlation: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    keypoint_residual: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    keypoint_copy: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # (M,) links that are copies
     # the copy-level pairs the detail check compared and their registered correlation at 96 px; those
     # below ``detail_similarity`` are look-alikes (related pairs), not copies
     detail_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
@@ -494,7 +500,8 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         near_pairs, near_scores = candidates[duplicate], scores[duplicate]
         related_pairs = candidates[~duplicate & (scores >= near.related_similarity)]
     keypoint = near.keypoints
-    extra, inliers, correlation = empty, np.empty(0, np.int64), np.empty(0, np.float32)
+    extra, inliers, correlation, residual = empty, np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float32)
+    copy = np.empty(0, bool)
     if near.enabled and keypoint.enabled and n > 1:
         if any(f.keypoints is None for f in fingerprints):
             raise ValueError("merge.near_duplicates.keypoints is on, but the fingerprints carry no keypoints "
@@ -505,17 +512,24 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         copies_so_far = group_ids(n, np.concatenate([exact, near_pairs]))
         unjoined = copies_so_far[extra[:, 0]] != copies_so_far[extra[:, 1]]
         extra, mirrored = extra[unjoined], mirrored[unjoined]
-        inliers, correlation = verify_keypoint_pairs(found, extra, keypoint.min_inliers, mirrored, workers)
+        inliers, correlation, matrices = verify_keypoint_pairs(found, extra, keypoint.min_inliers, mirrored, workers)
         clock.lap("keypoint_verification")
-        matched = inliers >= keypoint.min_inliers
-        copy = matched & (correlation >= keypoint.copy_correlation)
+        linked = (inliers >= keypoint.min_inliers) & (correlation >= keypoint.related_correlation)
+        residual = np.full(len(extra), np.inf, np.float32)
+        if keypoint.copy_residual > 0:  # measured on look-alike links only: a copy is always one of them
+            chosen = np.flatnonzero(linked)
+            chosen = chosen[links_worth_a_residual(extra[chosen], correlation[chosen], copies_so_far,
+                                                   RESIDUAL_LINKS_PER_GROUP_PAIR)]
+            residual[chosen] = measure_copy_residuals(found, extra[chosen], mirrored[chosen], matrices[chosen], workers)
+            clock.lap("keypoint_copy_residual")
+        copy = linked & (residual <= keypoint.copy_residual)
         near_pairs = np.concatenate([near_pairs, extra[copy]])
         near_scores = np.concatenate([near_scores, correlation[copy]])
-        related_pairs = np.concatenate([related_pairs, extra[matched & ~copy & (correlation >= keypoint.related_correlation)]])
+        related_pairs = np.concatenate([related_pairs, extra[linked & ~copy]])
     groups = group_ids(n, np.concatenate([exact, near_pairs]))
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
     return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores,
-                           extra, inliers, correlation, detail_pairs, detail_checked_scores, detail_apart, clock.seconds)
+                           extra, inliers, correlation, residual, copy, detail_pairs, detail_checked_scores, detail_apart, clock.seconds)
 
 
 def _detail_check(fingerprints: list[Fingerprint], pairs: np.ndarray, head_threshold: int,

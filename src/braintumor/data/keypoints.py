@@ -202,9 +202,22 @@ def ratio_test_matches(train: np.ndarray, queries: list[np.ndarray], ratio: floa
     return found
 
 
-def fit_and_correlate(a: Keypoints, source: np.ndarray, target: np.ndarray, image: np.ndarray) -> tuple[int, float] | None:
-    """(RANSAC inliers, correlation after warping) of the similarity transform taking the matched
-    ``source`` points of ``image`` onto ``target`` points of ``a``; None when RANSAC finds none or the
+@dataclass(frozen=True)
+class KeypointMatch:
+    """The best similarity transform found between two slices and how alike they are under it."""
+
+    inliers: int = 0  # RANSAC inliers; 0: no transform found
+    correlation: float = -1.0  # of the two heads after warping
+    matrix: np.ndarray | None = None  # (2, 3) float32: the second image (as matched) onto the first
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, KeypointMatch) and (self.inliers, self.correlation) == (other.inliers, other.correlation)
+                and np.array_equal(self.matrix, other.matrix))
+
+
+def fit_and_correlate(a: Keypoints, source: np.ndarray, target: np.ndarray, image: np.ndarray) -> KeypointMatch | None:
+    """The similarity transform taking the matched ``source`` points of ``image`` onto ``target`` points
+    of ``a`` (RANSAC) and the correlation after warping; None when RANSAC finds no transform or the
     warped heads overlap too little to compare."""
     matrix, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=4.0,
                                                   maxIters=1000, confidence=0.995, refineIters=10)
@@ -216,27 +229,97 @@ def fit_and_correlate(a: Keypoints, source: np.ndarray, target: np.ndarray, imag
     both = shown & (a.image > _HEAD_GREY) & (warped > _HEAD_GREY)
     if both.sum() < 0.05 * both.size:
         return None
-    return int(inliers.sum()), correlation(a.image[both], warped[both])
+    return KeypointMatch(int(inliers.sum()), correlation(a.image[both], warped[both]), matrix.astype(np.float32))
 
 
 def match_keypoints(a: Keypoints, b: Keypoints, min_matches: int, ratio: float = 0.8,
-                    mirrored: bool | None = None) -> tuple[int, float]:
-    """(RANSAC inliers, correlation after warping) of the best similarity transform taking ``b``, as it
-    is or mirrored (``mirrored`` None: both tried; True or False: that way only), onto ``a``; (0, -1.0)
-    when no transform is found or fewer than ``min_matches`` keypoints match (RANSAC could not find that
-    many inliers: most shortlisted pairs end here)."""
+                    mirrored: bool | None = None) -> KeypointMatch:
+    """The best similarity transform taking ``b``, as it is or mirrored (``mirrored`` None: both tried;
+    True or False: that way only), onto ``a`` (most RANSAC inliers, then the higher correlation), as
+    :func:`fit_and_correlate` scores it; ``KeypointMatch()`` (0 inliers) when none is found or fewer
+    than ``min_matches`` keypoints match (RANSAC could not find that many inliers: most shortlisted
+    pairs end here)."""
     variants = tuple(v for v in ((b.points, b.descriptors, False), (b.mirrored_points, b.mirrored_descriptors, True))
                      if mirrored is None or v[2] == mirrored)
     matches = ratio_test_matches(a.descriptors, [descriptors for _, descriptors, _ in variants], ratio)
-    best = (0, -1.0)
+    best = KeypointMatch()
     for (points, _, flipped), (query, train) in zip(variants, matches):
         if len(query) < max(min_matches, 4):
             continue
         image = np.ascontiguousarray(b.image[:, ::-1]) if flipped else b.image
         candidate = fit_and_correlate(a, points[query], a.points[train], image)
-        if candidate is not None and candidate > best:
+        if candidate is not None and (candidate.inliers, candidate.correlation) > (best.inliers, best.correlation):
             best = candidate
     return best
+
+
+_RESIDUAL_BLUR = 0.7  # sigma (px at DETAIL_SIZE): the JPEG noise of a re-saved copy is finer than a sulcus
+_RESIDUAL_BINS = 32  # grey-level bins of the monotone mapping
+_RESIDUAL_QUANTILE = 30  # percentile of the residuals: burnt-in marks and cut-off parts stay above it
+# ECC iterations refining RANSAC's transform (an affine one): from RANSAC's start 4 decide as 10 and 50 do
+# on planted copies and real neighbouring slices; a phase correlation (a shift only) was thrown off by
+# burnt-in marks
+_RESIDUAL_ECC_STEPS = 5
+
+
+def copy_residual(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray) -> float:
+    """How far two slices are from being one slice re-saved: small for a copy, however augmented or
+    annotated; larger for a neighbouring slice, whose sulci differ.
+
+    ``matrix`` (2 x 3, from RANSAC) takes ``moving`` onto ``fixed``. The slice shown larger is warped
+    onto the smaller one (no upsampling blur on either side), ECC refines the alignment to a fraction of
+    a pixel (an affine warp), and over the head both show, lightly blurred, each grey level of one slice is
+    mapped to the median grey level the other has there (brightness, contrast and gamma changes are
+    monotone mappings). The result is the 30th percentile of the absolute residual of that mapping, in
+    units of the slice's interquartile grey-level range: a low quantile, so burnt-in text, arrows, the
+    fill of a rotated canvas and cut-off parts (up to a third of the head) do not count.
+
+    Measured (README, "Merge"): phantom augmented and annotated copies mostly below 0.03, phantom
+    neighbouring slices 0.037 and more; real neighbouring slices of figshare's numbered series 0.036
+    and more. ``inf`` when the slices share too little head to compare.
+    """
+    if abs(np.linalg.det(matrix[:, :2])) > 1.0:
+        fixed, moving, matrix = moving, fixed, cv2.invertAffineTransform(matrix)
+    size = (fixed.shape[1], fixed.shape[0])
+    warped = cv2.warpAffine(moving, matrix, size, flags=cv2.INTER_LINEAR)
+    shown = cv2.warpAffine(np.full(moving.shape, 255, np.uint8), matrix, size, flags=cv2.INTER_NEAREST)
+    both = (cv2.erode(shown, np.ones((5, 5), np.uint8)) > 0) & (fixed > _HEAD_GREY) & (warped > _HEAD_GREY)
+    if both.sum() < max(0.05 * both.size, 4 * _RESIDUAL_BINS):
+        return float("inf")
+    x0, y0, width, height = cv2.boundingRect(both.astype(np.uint8))  # ECC's cost grows with the image, not the mask
+    box = (slice(y0, y0 + height), slice(x0, x0 + width))
+    fixed, warped, both, size = fixed[box], warped[box], both[box], (width, height)
+    fixed_grey, moving_grey = fixed.astype(np.float32), warped.astype(np.float32)
+    refined = np.eye(2, 3, dtype=np.float32)
+    try:  # on grey levels matched by rank: the two then differ in structure only
+        _, refined = cv2.findTransformECC(fixed_grey, _matched_grey(warped, fixed, both), refined, cv2.MOTION_AFFINE,
+                                          (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, _RESIDUAL_ECC_STEPS, 1e-5),
+                                          both.astype(np.uint8), 3)
+    except cv2.error:  # no convergence (flat or unrelated heads): RANSAC's alignment is the best known
+        pass
+    x = cv2.GaussianBlur(fixed_grey, (0, 0), _RESIDUAL_BLUR)
+    y = cv2.warpAffine(cv2.GaussianBlur(moving_grey, (0, 0), _RESIDUAL_BLUR), refined, size,
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    moved = cv2.warpAffine(both.astype(np.uint8), refined, size, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0
+    both = cv2.erode((both & moved).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    x, y = x[both], y[both]
+    if len(x) < 4 * _RESIDUAL_BINS:
+        return float("inf")
+    order = np.argsort(x, kind="stable")
+    order = order[: len(order) - len(order) % _RESIDUAL_BINS].reshape(_RESIDUAL_BINS, -1)  # equal bins by x
+    predicted = np.interp(x, np.median(x[order], axis=1), np.median(y[order], axis=1))
+    spread = float(np.subtract(*np.percentile(y, [75, 25])))
+    return float(np.percentile(np.abs(y - predicted), _RESIDUAL_QUANTILE) / max(spread, 1e-6))
+
+
+def _matched_grey(image: np.ndarray, reference: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``image`` (float32) with its grey levels inside ``where`` replaced by ``reference``'s of the same
+    rank (0 outside)."""
+    out = np.zeros(image.shape, np.float32)
+    values = np.empty(int(where.sum()), np.float32)
+    values[np.argsort(image[where], kind="stable")] = np.sort(reference[where]).astype(np.float32)
+    out[where] = values
+    return out
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> float:
@@ -246,24 +329,69 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / scale) if scale > 0 else -1.0
 
 
-def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int,
-                          mirrored: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """RANSAC inliers (M,) and correlation after warping (M,) of each pair (the second image onto the
-    first, mirrored or as it is as ``mirrored`` (M,) says: :func:`keypoint_shortlist`), in ``workers``
-    threads: FAISS's search and OpenCV's RANSAC and warp release the GIL, and threads share the keypoints
-    without copying them. Each thread runs FAISS and OpenCV on one thread of their own, so ``workers``
-    threads use ``workers`` cores."""
+def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inliers: int, mirrored: np.ndarray,
+                          workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RANSAC inliers (M,), correlation after warping (M,) and the transform (M, 2, 3; NaN where none was
+    found) of each pair (the second image onto the first, mirrored or as it is as ``mirrored`` (M,)
+    says: :func:`keypoint_shortlist`), in ``workers`` threads: FAISS's search and OpenCV's RANSAC and
+    warp release the GIL, and threads share the keypoints without copying them. Each thread runs FAISS
+    and OpenCV on one thread of their own, so ``workers`` threads use ``workers`` cores."""
     faiss = load_faiss()
 
-    def verify(chunk: np.ndarray) -> list[tuple[int, float]]:
+    def verify(chunk: np.ndarray) -> list[KeypointMatch]:
         return [match_keypoints(keypoints[i], keypoints[j], min_inliers, mirrored=bool(flip))
                 for i, j, flip in chunk.tolist()]
 
-    # chunks of a few hundred pairs: the threads stay busy to the end, with little hand-out overhead
-    rows = np.column_stack([np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, np.int64).reshape(-1)])
-    chunks = np.array_split(rows, max(1, len(pairs) // 256))
     with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads), single_threaded_opencv():
-        found = [result for chunk in map_in_workers(verify, chunks, workers, kind="thread") for result in chunk]
-    inliers = np.array([count for count, _ in found], np.int64).reshape(len(pairs))
-    correlations = np.array([score for _, score in found], np.float32).reshape(len(pairs))
-    return inliers, correlations
+        found = [result for chunk in map_in_workers(verify, _pair_chunks(pairs, mirrored), workers, kind="thread")
+                 for result in chunk]
+    inliers = np.array([m.inliers for m in found], np.int64).reshape(len(pairs))
+    correlations = np.array([m.correlation for m in found], np.float32).reshape(len(pairs))
+    matrices = np.full((len(pairs), 2, 3), np.nan, np.float32)
+    for k, m in enumerate(found):
+        if m.matrix is not None:
+            matrices[k] = m.matrix
+    return inliers, correlations, matrices
+
+
+def _pair_chunks(pairs: np.ndarray, mirrored: np.ndarray) -> list[np.ndarray]:
+    """Rows (i, j, mirrored) in chunks of a few hundred: the threads stay busy to the end, with little
+    hand-out overhead."""
+    rows = np.column_stack([np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, np.int64).reshape(-1)])
+    return np.array_split(rows, max(1, len(rows) // 256))
+
+
+def links_worth_a_residual(pairs: np.ndarray, correlations: np.ndarray, groups: np.ndarray, per_group_pair: int) -> np.ndarray:
+    """Positions of the links whose copy residual is measured: per pair of copy groups (``groups``: each
+    image's), its ``per_group_pair`` best-correlated links. One copy link joins two groups, and a real
+    dataset links the members of two groups many times over (nickparvar-224 + figshare: 14,466 links
+    between 1,679 pairs of groups), so the rest would mostly measure the same two slices again."""
+    if len(pairs) == 0:
+        return np.empty(0, np.int64)
+    first, second = groups[pairs[:, 0]], groups[pairs[:, 1]]
+    low, high = np.minimum(first, second), np.maximum(first, second)
+    order = np.lexsort((-correlations, high, low))  # by group pair, the best-correlated first
+    key = low[order].astype(np.int64) * (int(groups.max()) + 1) + high[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return np.sort(order[rank < per_group_pair])
+
+
+def measure_copy_residuals(keypoints: list[Keypoints], pairs: np.ndarray, mirrored: np.ndarray, matrices: np.ndarray,
+                           workers: int = 1) -> np.ndarray:
+    """:func:`copy_residual` (M,) of each pair under its verified transform (``matrices``, from
+    :func:`verify_keypoint_pairs`; NaN: inf), in ``workers`` threads (OpenCV's warps and ECC release the GIL)."""
+    def measure(chunk: np.ndarray) -> list[float]:
+        out = []
+        for k, (i, j, flip) in zip(chunk[:, 3].tolist(), chunk[:, :3].tolist()):
+            moving = np.ascontiguousarray(keypoints[j].image[:, ::-1]) if flip else keypoints[j].image
+            out.append(float("inf") if np.isnan(matrices[k]).any()
+                       else copy_residual(keypoints[i].image, moving, matrices[k]))
+        return out
+
+    rows = np.column_stack([np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, np.int64).reshape(-1),
+                            np.arange(len(pairs))])
+    chunks = np.array_split(rows, max(1, min(len(rows) // 32, 4 * max(1, workers))))
+    with single_threaded_opencv():
+        found = [value for chunk in map_in_workers(measure, chunks, workers, kind="thread") for value in chunk]
+    return np.array(found, np.float32).reshape(len(pairs))

@@ -21,6 +21,7 @@ from braintumor.core.imageio import UnreadableImageError, read_grayscale
 
 THUMBNAIL_SIDE = 96
 BAND = 0.01  # "just above / below a threshold": within this much similarity of it
+RESIDUAL_BAND = 0.005  # the same for the keypoint copy residual, whose threshold is about 0.03
 
 
 def largest_groups(manifest: pd.DataFrame, count: int) -> list[pd.DataFrame]:
@@ -36,12 +37,13 @@ def conflict_groups(manifest: pd.DataFrame, count: int) -> list[pd.DataFrame]:
     return [members.sort_values("id") for _, members in list(conflicts.groupby("group"))[:count]]
 
 
-def pairs_near_threshold(scores: np.ndarray, threshold: float, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of up to ``count`` candidate pairs scoring in [t, t + BAND) and in [t - BAND, t), each
+def pairs_near_threshold(scores: np.ndarray, threshold: float, count: int, seed: int,
+                         band: float = BAND) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of up to ``count`` candidate pairs scoring in [t, t + band) and in [t - band, t), each
     drawn with ``seed`` and sorted by score."""
     rng = np.random.default_rng(seed)
     picked = []
-    for low, high in ((threshold, threshold + BAND), (threshold - BAND, threshold)):
+    for low, high in ((threshold, threshold + band), (threshold - band, threshold)):
         inside = np.flatnonzero((scores >= low) & (scores < high))
         chosen = rng.choice(inside, size=min(count, len(inside)), replace=False) if len(inside) else inside
         picked.append(chosen[np.argsort(scores[chosen], kind="stable")])
@@ -102,7 +104,7 @@ def _template() -> jinja2.Template:
 
 def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate_scores: np.ndarray, root: Path,
                     thresholds: dict[str, float], *, detail: tuple[np.ndarray, np.ndarray, float] | None = None,
-                    groups: int = 12, conflicts: int = 20, pairs: int = 6, seed: int = 0,
+                    keypoint_residual: tuple[np.ndarray, np.ndarray, float] | None = None, groups: int = 12, conflicts: int = 20, pairs: int = 6, seed: int = 0,
                     quarantined_listed: int = 200) -> str:
     """The page.
 
@@ -111,6 +113,8 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
         candidate_ids: (M, 2) manifest ids of the verified candidate pairs; candidate_scores: (M,) their similarity.
         thresholds: ``{"copy": merge.near_duplicates.verify_similarity, "look-alike": ...related_similarity}``.
         detail: the detail check's pairs (K, 2) as manifest ids, their scores (K,) and its threshold, when it is on.
+        keypoint_residual: the keypoint search's look-alike links (L, 2) as manifest ids, their copy
+            residuals (L,) and ``keypoints.copy_residual``, when it is above 0 (at or below it: copies).
     """
     path_of = dict(zip(manifest["id"], manifest["path"]))
     record = manifest.set_index("id")
@@ -127,13 +131,19 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
                "look-alike": "At or above: different slices that look alike (neighbouring slices of one patient): "
                              "both kept, always in one split. Below: unrelated.",
                "detail": "Copy-level pairs compared again at 96 px after registration. At or above: copies. Below: "
-                         "look-alikes (neighbouring slices): both kept, in one split."}
-    scored = [(name, threshold, candidate_ids, np.asarray(candidate_scores)) for name, threshold in thresholds.items()]
+                         "look-alikes (neighbouring slices): both kept, in one split.",
+               "keypoint copy residual": "Keypoint matches (look-alike links), each slice registered onto the other "
+                                         "and its grey levels mapped. At or below: copies (one kept). Above: "
+                                         "look-alikes: both kept, in one split."}
+    scored = [(name, threshold, candidate_ids, np.asarray(candidate_scores), BAND) for name, threshold in thresholds.items()]
     if detail is not None:
-        scored.append(("detail", detail[2], detail[0], np.asarray(detail[1])))
+        scored.append(("detail", detail[2], detail[0], np.asarray(detail[1]), BAND))
+    if keypoint_residual is not None:
+        scored.append(("keypoint copy residual", keypoint_residual[2], keypoint_residual[0],
+                       np.asarray(keypoint_residual[1]), RESIDUAL_BAND))
     bands = []
-    for name, threshold, ids, scores in scored:
-        above, below = pairs_near_threshold(scores, threshold, pairs, seed)
+    for name, threshold, ids, scores, band in scored:
+        above, below = pairs_near_threshold(scores, threshold, pairs, seed, band)
         for side, chosen in (("above", above), ("below", below)):
             bands.append({"name": f"the {name} threshold", "side": side, "threshold": threshold,
                           "meaning": meaning.get(name, ""),
@@ -148,10 +158,22 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
                               quarantined=quarantined[["id", "reason"]].head(quarantined_listed).to_dict("records"))
 
 
+def keypoint_links(manifest: pd.DataFrame, search, keypoints) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The keypoint search's look-alike links as manifest id pairs, their copy residuals and the copy
+    threshold: the ``keypoint_residual`` of :func:`duplicates_html`; None when the search made no copies
+    (off, or ``copy_residual`` 0)."""
+    if not (keypoints.enabled and keypoints.copy_residual > 0):
+        return None
+    linked = ((search.keypoint_inliers >= keypoints.min_inliers)
+              & (search.keypoint_correlation >= keypoints.related_correlation))
+    return (candidate_id_pairs(manifest, search.keypoint_candidates[linked]), search.keypoint_residual[linked],
+            keypoints.copy_residual)
+
+
 def candidate_id_pairs(manifest: pd.DataFrame, candidates: np.ndarray) -> np.ndarray:
     """The search's candidate pairs (positions among the readable rows) as manifest ids, (M, 2)."""
     ok_ids = manifest.loc[manifest["status"] == "ok", "id"].to_numpy()
     return ok_ids[np.asarray(candidates, np.int64)] if len(candidates) else np.empty((0, 2), object)
 
 
-__all__: Sequence[str] = ("duplicates_html", "candidate_id_pairs", "largest_groups", "conflict_groups", "pairs_near_threshold")
+__all__: Sequence[str] = ("duplicates_html", "candidate_id_pairs", "keypoint_links", "largest_groups", "conflict_groups", "pairs_near_threshold")

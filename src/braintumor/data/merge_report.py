@@ -104,7 +104,8 @@ def _template() -> jinja2.Template:
 
 def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate_scores: np.ndarray, root: Path,
                     thresholds: dict[str, float], *, detail: tuple[np.ndarray, np.ndarray, float] | None = None,
-                    keypoint_residual: tuple[np.ndarray, np.ndarray, float] | None = None, groups: int = 12, conflicts: int = 20, pairs: int = 6, seed: int = 0,
+                    keypoint_residual: tuple[np.ndarray, np.ndarray, float] | None = None,
+                    groups: int = 12, conflicts: int = 20, pairs: int = 6, seed: int = 0,
                     quarantined_listed: int = 200) -> str:
     """The page.
 

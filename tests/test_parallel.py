@@ -42,3 +42,10 @@ def test_resolve_workers_and_kind_are_checked():
         resolve_workers(-1, 5)
     with pytest.raises(ValueError, match="'process', 'thread'"):
         map_in_workers(_square_or_fail, range(4), 2, kind="fibre")
+
+
+def test_positions_in_thread_chunks_come_back_in_order_whatever_the_split():
+    from braintumor.core.parallel import map_positions_in_threads
+
+    for count, workers, chunks in ((10, 2, 3), (10, 2, 0), (1, 2, 5), (0, 2, 4)):
+        assert map_positions_in_threads(lambda rows: (rows * 10).tolist(), count, workers, chunks) == [10 * k for k in range(count)]

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
 import cv2
+import numpy as np
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -88,3 +89,12 @@ def map_in_workers(task: Callable[[T], R], items: Iterable[T], workers: int, *,
             return list(pool.map(task, items, chunksize=chunksize))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def map_positions_in_threads(task: Callable[[np.ndarray], Iterable[R]], count: int, workers: int, chunks: int) -> list[R]:
+    """``task`` over positions ``0 .. count - 1`` split into ``chunks`` runs (at least one), in ``workers``
+    threads with OpenCV on one thread each, its results flattened in order. For array work that releases
+    the GIL (OpenCV's warps and ECC, FAISS's search) on items the threads share without copying."""
+    parts = np.array_split(np.arange(count), max(1, chunks))
+    with single_threaded_opencv():
+        return [result for part in map_in_workers(task, parts, workers, kind="thread") for result in part]

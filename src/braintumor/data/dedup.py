@@ -39,7 +39,7 @@ import numpy as np
 
 from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
-from braintumor.core.parallel import map_in_workers, single_threaded_opencv
+from braintumor.core.parallel import map_positions_in_threads
 from braintumor.data.head import head_bbox
 from braintumor.data.keypoints import (Keypoints, keypoint_image, keypoint_shortlist, links_worth_a_residual, load_faiss,
                                        measure_copy_residuals, orb_keypoints, verify_keypoint_pairs)
@@ -548,7 +548,5 @@ def _detail_check(fingerprints: list[Fingerprint], pairs: np.ndarray, head_thres
         return detail_scores(details, pairs[rows], head_threshold, near.max_rotation_deg,
                              enough=near.detail_similarity, poses=poses.take(rows))
 
-    chunks = np.array_split(np.arange(len(pairs)), max(1, min(len(pairs) // 64, 4 * workers)))
-    with single_threaded_opencv():
-        parts = map_in_workers(check, chunks, workers, kind="thread")
-    return np.concatenate(parts).astype(np.float32) if parts else np.empty(0, np.float32)
+    scores = map_positions_in_threads(check, len(pairs), workers, min(len(pairs) // 64, 4 * workers))
+    return np.array(scores, np.float32).reshape(len(pairs))

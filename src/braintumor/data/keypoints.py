@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from braintumor.core.parallel import map_in_workers, on_one_thread, single_threaded_opencv
+from braintumor.core.parallel import map_positions_in_threads, on_one_thread
 
 
 def load_faiss():
@@ -339,13 +339,15 @@ def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inl
     and OpenCV on one thread of their own, so ``workers`` threads use ``workers`` cores."""
     faiss = load_faiss()
 
-    def verify(chunk: np.ndarray) -> list[KeypointMatch]:
-        return [match_keypoints(keypoints[i], keypoints[j], min_inliers, mirrored=bool(flip))
-                for i, j, flip in chunk.tolist()]
+    pairs, flips = np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, bool).reshape(-1)
 
-    with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads), single_threaded_opencv():
-        found = [result for chunk in map_in_workers(verify, _pair_chunks(pairs, mirrored), workers, kind="thread")
-                 for result in chunk]
+    def verify(rows: np.ndarray) -> list[KeypointMatch]:
+        return [match_keypoints(keypoints[pairs[k, 0]], keypoints[pairs[k, 1]], min_inliers, mirrored=bool(flips[k]))
+                for k in rows.tolist()]
+
+    # chunks of a few hundred pairs: the threads stay busy to the end, with little hand-out overhead
+    with on_one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads):
+        found = map_positions_in_threads(verify, len(pairs), workers, len(pairs) // 256)
     inliers = np.array([m.inliers for m in found], np.int64).reshape(len(pairs))
     correlations = np.array([m.correlation for m in found], np.float32).reshape(len(pairs))
     matrices = np.full((len(pairs), 2, 3), np.nan, np.float32)
@@ -353,13 +355,6 @@ def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inl
         if m.matrix is not None:
             matrices[k] = m.matrix
     return inliers, correlations, matrices
-
-
-def _pair_chunks(pairs: np.ndarray, mirrored: np.ndarray) -> list[np.ndarray]:
-    """Rows (i, j, mirrored) in chunks of a few hundred: the threads stay busy to the end, with little
-    hand-out overhead."""
-    rows = np.column_stack([np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, np.int64).reshape(-1)])
-    return np.array_split(rows, max(1, len(rows) // 256))
 
 
 def links_worth_a_residual(pairs: np.ndarray, correlations: np.ndarray, groups: np.ndarray, per_group_pair: int) -> np.ndarray:
@@ -382,17 +377,16 @@ def measure_copy_residuals(keypoints: list[Keypoints], pairs: np.ndarray, mirror
                            workers: int = 1) -> np.ndarray:
     """:func:`copy_residual` (M,) of each pair under its verified transform (``matrices``, from
     :func:`verify_keypoint_pairs`; NaN: inf), in ``workers`` threads (OpenCV's warps and ECC release the GIL)."""
-    def measure(chunk: np.ndarray) -> list[float]:
+    pairs, flips = np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, bool).reshape(-1)
+
+    def measure(rows: np.ndarray) -> list[float]:
         out = []
-        for k, (i, j, flip) in zip(chunk[:, 3].tolist(), chunk[:, :3].tolist()):
-            moving = np.ascontiguousarray(keypoints[j].image[:, ::-1]) if flip else keypoints[j].image
+        for k in rows.tolist():
+            i, j = pairs[k]
+            moving = np.ascontiguousarray(keypoints[j].image[:, ::-1]) if flips[k] else keypoints[j].image
             out.append(float("inf") if np.isnan(matrices[k]).any()
                        else copy_residual(keypoints[i].image, moving, matrices[k]))
         return out
 
-    rows = np.column_stack([np.asarray(pairs).reshape(-1, 2), np.asarray(mirrored, np.int64).reshape(-1),
-                            np.arange(len(pairs))])
-    chunks = np.array_split(rows, max(1, min(len(rows) // 32, 4 * max(1, workers))))
-    with single_threaded_opencv():
-        found = [value for chunk in map_in_workers(measure, chunks, workers, kind="thread") for value in chunk]
+    found = map_positions_in_threads(measure, len(pairs), workers, min(len(pairs) // 32, 4 * max(1, workers)))
     return np.array(found, np.float32).reshape(len(pairs))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -165,3 +166,14 @@ def test_neighbour_slices_numbers_images_by_their_best_figshare_match_and_labels
     residual = bench.residual_summary(np.array([0.02, 0.031, 0.05]), copies=True)
     assert residual["kept_apart_above"] == {"0.025": 2, "0.03": 2, "0.033": 1, "0.036": 1, "0.04": 1}
     assert bench.residual_summary(np.array([0.035]), copies=False)["removed_at"]["0.036"] == 1
+
+
+def test_keypoint_shortlist_counts_planted_pairs_of_the_three_kinds_whichever_way_round():
+    bench = _benchmark("keypoint_shortlist")
+    files = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    planted = [{"kind": "augmented", "original": "c.jpg", "copy": "a.jpg"},
+               {"kind": "adjacent_slice", "original": "b.jpg", "copy": "d.jpg"},
+               {"kind": "exact", "original": "a.jpg", "copy": "d.jpg"}]  # found by hashing, not by keypoints
+    pairs = bench.planted_pairs(files, planted)
+    assert pairs == {"augmented": {(0, 2)}, "annotated": set(), "adjacent_slice": {(1, 3)}}
+    assert bench.shortlisted(pairs, np.array([[0, 2], [0, 3], [2, 3]])) == {"augmented": 1, "annotated": 0, "adjacent_slice": 0}

@@ -14,7 +14,7 @@ Every copy-level pair is scored in full (the check's threshold set to 1.0, so no
 and the script prints one JSON line: per kind of pair, its count, score range, how many a threshold
 would remove (distinct slices) or keep apart (copies), and the distinct images Nickparvar keeps.
 
-The keypoint search's look-alike links are labelled by the same numbers (``keypoints``; a pair of
+The keypoint search's look-alike links (and its matches down to ``residual_correlation``) are labelled by the same numbers (``keypoints``; a pair of
 two numbered images, figshare's or Nickparvar's, is a copy or two distinct slices): with the check's
 threshold at 1.0 no head-box pair is a copy, so the keypoint search meets the copies too. Per kind, the
 copy residual's range and how many ``copy_residual`` thresholds would remove (distinct slices) or keep
@@ -137,8 +137,9 @@ def main() -> None:
     for t in THRESHOLDS:
         copies = pairs[nick_rows & (scores >= t)]
         kept[str(t)] = int(len(np.unique(group_ids(n_nick, np.concatenate([nick_exact, copies])))))
+    # every match that can become a copy: the look-alike links and those down to residual_correlation
     linked = ((search.keypoint_inliers >= near.keypoints.min_inliers)
-              & (search.keypoint_correlation >= near.keypoints.related_correlation))
+              & (search.keypoint_correlation >= min(near.keypoints.related_correlation, near.keypoints.residual_correlation)))
     links = labelled_links(search.keypoint_candidates[linked], numbers, found)
     residuals = search.keypoint_residual[linked]
     print(json.dumps({

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
-from braintumor.data.dedup import DuplicateSearch, fingerprint_image
+from braintumor.data.dedup import DuplicateSearch, find_duplicate_groups, fingerprint_image
 from braintumor.data.head import head_bbox
 from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, keypoint_image,
                                        keypoint_shortlist, likelier_mirrored, links_worth_a_residual, match_keypoints,
@@ -214,6 +214,8 @@ def test_a_blank_image_has_no_keypoints_and_matches_nothing():
 def test_keypoint_params_are_checked_at_load():
     with pytest.raises(ValidationError, match="copy_residual"):
         KeypointParams(copy_residual=-0.1)
+    with pytest.raises(ValidationError, match="residual_correlation"):
+        KeypointParams(residual_correlation=1.5)
     defaults = NearDuplicateParams().keypoints  # the model's default: on, links only
     assert defaults.enabled is True and defaults.copy_residual == 0.0 and defaults.related_correlation == 0.7
     assert 0 < COPY_RESIDUAL < 0.1  # params.yaml's: matches that are copies remove one image
@@ -292,6 +294,25 @@ def test_the_copy_residual_ignores_grey_level_mappings_and_marks_but_not_another
     assert copy_residual(fixed, keypoint_image(other_head), identity) > 3 * COPY_RESIDUAL
     # heads overlapping too little to compare
     assert copy_residual(fixed, fixed, np.float32([[1, 0, 150], [0, 1, 150]])) == float("inf")
+
+
+def test_a_copy_whose_burnt_in_box_lowers_its_correlation_is_still_a_copy(phantom):
+    files = sorted((phantom / "images").rglob("*.jpg"))
+    image = cv2.imread(str(files[0]), cv2.IMREAD_GRAYSCALE)
+    h, w = image.shape
+    boxed = image.copy()
+    cv2.rectangle(boxed, (w // 2, h // 2), (3 * w // 4, 3 * h // 4), 255, -1)  # a filled box over part of the head
+    found = match_keypoints(keypoints_of(image), keypoints_of(boxed), min_matches=15)
+    assert found.inliers >= 15 and 0.5 <= found.correlation < 0.7  # no look-alike by its correlation
+    assert copy_residual(keypoints_of(image).image, keypoints_of(boxed).image, found.matrix) <= COPY_RESIDUAL
+    fingerprints = [fingerprint_image(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), THRESHOLD, keypoint_features=300, detail=True)
+                    for f in files] + [fingerprint_image(boxed, THRESHOLD, keypoint_features=300, detail=True)]
+    near = load_params(REPO / "params.yaml").merge.near_duplicates
+    for floor, one_group in ((0.7, False), (0.5, True)):  # residual measured on look-alikes only / from 0.5 on
+        keypoints = near.keypoints.model_copy(update={"residual_correlation": floor})
+        search = find_duplicate_groups(fingerprints, THRESHOLD, near.model_copy(update={"keypoints": keypoints}))
+        assert bool(search.groups[0] == search.groups[-1]) is one_group
+        assert bool(search.related[0] == search.related[-1]) is one_group
 
 
 def test_the_residual_is_measured_on_the_best_links_of_each_pair_of_copy_groups():

@@ -134,6 +134,9 @@ class KeypointParams(_Section):
     related_correlation: float = Field(default=0.7, ge=-1.0, le=1.0, description="after warping: a look-alike")
     copy_residual: float = Field(default=0.0, ge=0.0, le=1.0,
                                  description="a look-alike whose copy residual is at most this is a copy (0: none)")
+    residual_correlation: float = Field(default=0.7, ge=-1.0, le=1.0, description=(
+        "a match correlated at least this after warping has its copy residual measured, and is a copy at or "
+        "under copy_residual even when it is no look-alike (burnt-in marks lower the correlation)"))
 
 
 class NearDuplicateParams(_Section):

@@ -514,15 +514,16 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         extra, mirrored = extra[unjoined], mirrored[unjoined]
         inliers, correlation, matrices = verify_keypoint_pairs(found, extra, keypoint.min_inliers, mirrored, workers)
         clock.lap("keypoint_verification")
-        linked = (inliers >= keypoint.min_inliers) & (correlation >= keypoint.related_correlation)
+        matched = inliers >= keypoint.min_inliers
+        linked = matched & (correlation >= keypoint.related_correlation)
         residual = np.full(len(extra), np.inf, np.float32)
-        if keypoint.copy_residual > 0:  # measured on look-alike links only: a copy is always one of them
-            chosen = np.flatnonzero(linked)
+        if keypoint.copy_residual > 0:
+            chosen = np.flatnonzero(matched & (correlation >= keypoint.residual_correlation))
             chosen = chosen[links_worth_a_residual(extra[chosen], correlation[chosen], copies_so_far,
                                                    RESIDUAL_LINKS_PER_GROUP_PAIR)]
             residual[chosen] = measure_copy_residuals(found, extra[chosen], mirrored[chosen], matrices[chosen], workers)
             clock.lap("keypoint_copy_residual")
-        copy = linked & (residual <= keypoint.copy_residual)
+        copy = residual <= keypoint.copy_residual  # only measured on matches
         near_pairs = np.concatenate([near_pairs, extra[copy]])
         near_scores = np.concatenate([near_scores, correlation[copy]])
         related_pairs = np.concatenate([related_pairs, extra[linked & ~copy]])

@@ -14,10 +14,11 @@ Local features do not depend on the box:
    both show; one way only, as it is or mirrored, whichever the word histograms find nearer (on
    Nickparvar + SARTAJ this halved the verification, 94 -> 56 s, and lost no planted copy).
 
-A pair with enough RANSAC inliers and a high correlation is a copy; with enough inliers and a lower
-correlation, a look-alike (kept, same split). params.yaml makes every match a look-alike (copy level
-1.0, look-alike level 0.7): as copies its matches removed real neighbouring slices, and lower look-alike
-levels chained slices of different classes (benchmarks/dedup_recall.py and keypoint_links.py, README "Merge").
+A pair with enough RANSAC inliers and a correlation of 0.7 or more is a look-alike (both kept, one
+split); lower look-alike levels chained slices of different classes. Whether a match is a copy (one
+kept) the correlation cannot tell (as copies at 0.75 its matches removed real neighbouring slices);
+:func:`copy_residual` does, measured on the matches correlated ``residual_correlation`` (0.6) or more
+(benchmarks/dedup_recall.py, keypoint_links.py and neighbour_slices.py, README "Merge").
 """
 
 from __future__ import annotations

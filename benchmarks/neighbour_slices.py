@@ -34,6 +34,7 @@ import numpy as np
 
 from braintumor.core.config import load_params
 from braintumor.data.dedup import find_duplicate_groups, group_ids
+from braintumor.data.keypoints import could_be_copies
 from braintumor.data.merge import inspect_files, list_source_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,9 +138,7 @@ def main() -> None:
     for t in THRESHOLDS:
         copies = pairs[nick_rows & (scores >= t)]
         kept[str(t)] = int(len(np.unique(group_ids(n_nick, np.concatenate([nick_exact, copies])))))
-    # every match that can become a copy: the look-alike links and those down to residual_correlation
-    linked = ((search.keypoint_inliers >= near.keypoints.min_inliers)
-              & (search.keypoint_correlation >= min(near.keypoints.related_correlation, near.keypoints.residual_correlation)))
+    linked = could_be_copies(search.keypoint_inliers, search.keypoint_correlation, near.keypoints)
     links = labelled_links(search.keypoint_candidates[linked], numbers, found)
     residuals = search.keypoint_residual[linked]
     print(json.dumps({

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.data.dedup import DuplicateSearch, find_duplicate_groups, fingerprint_image
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, keypoint_image,
+from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, could_be_copies, keypoint_image,
                                        keypoint_shortlist, likelier_mirrored, links_worth_a_residual, match_keypoints,
                                        measure_copy_residuals, orb_keypoints, ratio_test_matches, verify_keypoint_pairs,
                                        vocabulary_tree)
@@ -313,6 +313,13 @@ def test_a_copy_whose_burnt_in_box_lowers_its_correlation_is_still_a_copy(phanto
         search = find_duplicate_groups(fingerprints, THRESHOLD, near.model_copy(update={"keypoints": keypoints}))
         assert bool(search.groups[0] == search.groups[-1]) is one_group
         assert bool(search.related[0] == search.related[-1]) is one_group
+
+
+def test_matches_that_could_be_copies_need_the_inliers_and_the_residual_correlation():
+    keypoints = KeypointParams(min_inliers=15, related_correlation=0.7, residual_correlation=0.6, copy_residual=0.033)
+    inliers = np.array([15, 14, 40, 40, 40])
+    correlations = np.float32([0.9, 0.9, 0.65, 0.59, 0.6])
+    assert could_be_copies(inliers, correlations, keypoints).tolist() == [True, False, True, False, True]
 
 
 def test_the_residual_is_measured_on_the_best_links_of_each_pair_of_copy_groups():

@@ -41,7 +41,7 @@ from braintumor.core.config import NearDuplicateParams
 from braintumor.core.imageio import collapse_equal_channels, to_grayscale
 from braintumor.core.parallel import map_positions_in_threads
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import (Keypoints, keypoint_image, keypoint_shortlist, links_worth_a_residual, load_faiss,
+from braintumor.data.keypoints import (Keypoints, could_be_copies, keypoint_image, keypoint_shortlist, links_worth_a_residual, load_faiss,
                                        measure_copy_residuals, orb_keypoints, verify_keypoint_pairs)
 
 CANONICAL_SIZE = 64
@@ -514,11 +514,10 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
         extra, mirrored = extra[unjoined], mirrored[unjoined]
         inliers, correlation, matrices = verify_keypoint_pairs(found, extra, keypoint.min_inliers, mirrored, workers)
         clock.lap("keypoint_verification")
-        matched = inliers >= keypoint.min_inliers
-        linked = matched & (correlation >= keypoint.related_correlation)
+        linked = (inliers >= keypoint.min_inliers) & (correlation >= keypoint.related_correlation)
         residual = np.full(len(extra), np.inf, np.float32)
         if keypoint.copy_residual > 0:
-            chosen = np.flatnonzero(matched & (correlation >= keypoint.residual_correlation))
+            chosen = np.flatnonzero(could_be_copies(inliers, correlation, keypoint))
             chosen = chosen[links_worth_a_residual(extra[chosen], correlation[chosen], copies_so_far,
                                                    RESIDUAL_LINKS_PER_GROUP_PAIR)]
             residual[chosen] = measure_copy_residuals(found, extra[chosen], mirrored[chosen], matrices[chosen], workers)

@@ -400,6 +400,13 @@ def verify_keypoint_pairs(keypoints: list[Keypoints], pairs: np.ndarray, min_inl
     return inliers, correlations, matrices
 
 
+def could_be_copies(inliers: np.ndarray, correlations: np.ndarray, keypoints) -> np.ndarray:
+    """(M,) bool: the matches whose copy residual decides whether they are copies: ``min_inliers`` RANSAC
+    inliers and a correlation after warping of ``residual_correlation`` or more (``keypoints``:
+    :class:`~braintumor.core.config.KeypointParams`)."""
+    return (np.asarray(inliers) >= keypoints.min_inliers) & (np.asarray(correlations) >= keypoints.residual_correlation)
+
+
 def links_worth_a_residual(pairs: np.ndarray, correlations: np.ndarray, groups: np.ndarray, per_group_pair: int) -> np.ndarray:
     """Positions of the links whose copy residual is measured: per pair of copy groups (``groups``: each
     image's), its ``per_group_pair`` best-correlated links. One copy link joins two groups, and a real

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.core.imageio import UnreadableImageError, read_grayscale
+from braintumor.data.keypoints import could_be_copies
 
 THUMBNAIL_SIDE = 96
 BAND = 0.01  # "just above / below a threshold": within this much similarity of it
@@ -114,7 +115,7 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
         candidate_ids: (M, 2) manifest ids of the verified candidate pairs; candidate_scores: (M,) their similarity.
         thresholds: ``{"copy": merge.near_duplicates.verify_similarity, "look-alike": ...related_similarity}``.
         detail: the detail check's pairs (K, 2) as manifest ids, their scores (K,) and its threshold, when it is on.
-        keypoint_residual: the keypoint search's look-alike links (L, 2) as manifest ids, their copy
+        keypoint_residual: the keypoint search's matches that could be copies (L, 2) as manifest ids, their copy
             residuals (L,) and ``keypoints.copy_residual``, when it is above 0 (at or below it: copies).
     """
     path_of = dict(zip(manifest["id"], manifest["path"]))
@@ -133,9 +134,9 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
                              "both kept, always in one split. Below: unrelated.",
                "detail": "Copy-level pairs compared again at 96 px after registration. At or above: copies. Below: "
                          "look-alikes (neighbouring slices): both kept, in one split.",
-               "keypoint copy residual": "Keypoint matches (look-alike links), each slice registered onto the other "
-                                         "and its grey levels mapped. At or below: copies (one kept). Above: "
-                                         "look-alikes: both kept, in one split."}
+               "keypoint copy residual": "Keypoint matches, each slice registered onto the other and its grey "
+                                         "levels mapped. At or below: copies (one kept). Above: look-alikes when "
+                                         "correlated enough after warping (both kept, in one split), else unrelated."}
     scored = [(name, threshold, candidate_ids, np.asarray(candidate_scores), BAND) for name, threshold in thresholds.items()]
     if detail is not None:
         scored.append(("detail", detail[2], detail[0], np.asarray(detail[1]), BAND))
@@ -160,14 +161,13 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
 
 
 def keypoint_links(manifest: pd.DataFrame, search, keypoints) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The keypoint search's look-alike links as manifest id pairs, their copy residuals and the copy
-    threshold: the ``keypoint_residual`` of :func:`duplicates_html`; None when the search made no copies
-    (off, or ``copy_residual`` 0)."""
+    """The keypoint search's matches that could be copies (:func:`could_be_copies`) as manifest id pairs,
+    their copy residuals and the copy threshold: the ``keypoint_residual`` of :func:`duplicates_html`; None
+    when the search made no copies (off, or ``copy_residual`` 0)."""
     if not (keypoints.enabled and keypoints.copy_residual > 0):
         return None
-    linked = ((search.keypoint_inliers >= keypoints.min_inliers)
-              & (search.keypoint_correlation >= keypoints.related_correlation))
-    return (candidate_id_pairs(manifest, search.keypoint_candidates[linked]), search.keypoint_residual[linked],
+    chosen = could_be_copies(search.keypoint_inliers, search.keypoint_correlation, keypoints)
+    return (candidate_id_pairs(manifest, search.keypoint_candidates[chosen]), search.keypoint_residual[chosen],
             keypoints.copy_residual)
 
 

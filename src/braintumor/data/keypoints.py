@@ -112,11 +112,11 @@ def _nearest(codes: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class VocabularyTree:
-    """Visual words in two levels: ``branches`` binary centroids, each with up to ``leaves`` words of its
-    own (word = branch * leaves + leaf). A descriptor takes its branch's nearest word, so it is compared
-    with branches + leaves codes instead of every word: 128 instead of 4,096, which made the vocabulary
-    and the word histograms of Nickparvar + SARTAJ (3.1 million descriptors, each as it is and mirrored)
-    take 5.8 s instead of 88.6 s (BENCHMARKS.md)."""
+    """Visual words in two levels: ``branches`` binary centroids, each with up to ``leaves_per_branch``
+    words of its own (word = branch * leaves_per_branch + leaf). A descriptor takes its branch's nearest
+    word, so it is compared with branches + leaves codes instead of every word: 128 instead of 4,096,
+    which made the vocabulary and the word histograms of Nickparvar + SARTAJ (3.1 million descriptors,
+    each as it is and mirrored) take 5.8 s instead of 88.6 s (BENCHMARKS.md)."""
 
     branches: np.ndarray  # (B, 32) uint8
     leaves: list[np.ndarray]  # per branch (<= L, 32) uint8

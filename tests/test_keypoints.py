@@ -16,8 +16,7 @@ from braintumor.data.dedup import DuplicateSearch, find_duplicate_groups, finger
 from braintumor.data.head import head_bbox
 from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, could_be_copies, keypoint_image,
                                        keypoint_shortlist, likelier_mirrored, links_worth_a_residual, match_keypoints,
-                                       measure_copy_residuals, orb_keypoints, ratio_test_matches, verify_keypoint_pairs,
-                                       vocabulary_tree)
+                                       measure_copy_residuals, orb_keypoints, ratio_test_matches, verify_keypoint_pairs)
 from braintumor.data.merge import merge_json, merge_sources, planted_duplicate_recall
 from braintumor.data.merge_report import duplicates_html, keypoint_links
 from braintumor.data.phantom.source import generate_phantom_source
@@ -143,8 +142,7 @@ def test_a_turned_zoomed_cut_flipped_darker_copy_matches_and_another_slice_does_
     # its word histograms say which way to match it: flipped
     files = sorted((phantom / "images").rglob("*.jpg"))
     found = [keypoints_of(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)) for f in files] + [turned]
-    # 16 x 16 words: a tree of 8 x 8 is too coarse for this copy (shortlisted under 1 of 4 seeds, 16 x 16: 4 of 4)
-    pairs, mirrored = keypoint_shortlist(found, words=256, neighbours=10)
+    pairs, mirrored = keypoint_shortlist(found, words=64, neighbours=10)
     pair = [files.index(sorted((phantom / "images" / "Training" / "glioma").glob("*.jpg"))[0]), len(files)]
     assert pair in pairs.tolist() and mirrored[pairs.tolist().index(pair)]
 
@@ -221,43 +219,25 @@ def test_keypoint_params_are_checked_at_load():
     assert 0 < COPY_RESIDUAL < 0.1  # params.yaml's: matches that are copies remove one image
 
 
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) bit differences between two sets of binary descriptors, the slow plain way."""
-    return np.unpackbits(a[:, None, :] ^ b[None, :, :], axis=2).sum(axis=2)
+def test_the_nearest_code_is_the_nearest_by_hamming_distance():
+    from braintumor.data.keypoints import _nearest
 
-
-def test_the_vocabulary_tree_gives_each_descriptor_the_nearest_word_of_its_nearest_branch():
     rng = np.random.default_rng(0)
-    # 16 clusters of descriptors: centres, each with noisy copies (a few bits flipped)
-    centres = rng.integers(0, 256, (16, 32), dtype=np.uint8)
-    noise = np.packbits(rng.random((16 * 200, 256)) < 0.05, axis=1)
-    descriptors = np.repeat(centres, 200, axis=0) ^ noise
-    tree = vocabulary_tree(descriptors, words=64, seed=0)
-    assert tree.words == 64 and tree.branches.shape == (8, 32) and all(len(leaf) <= 8 for leaf in tree.leaves)
-    queries = rng.integers(0, 256, (300, 32), dtype=np.uint8)
-    words = tree.assign(queries)
-    branch = hamming(queries, tree.branches).argmin(axis=1)
-    for query, word, b in zip(queries, words, branch):
-        assert word // tree.leaves_per_branch == b
-        leaf_distances = hamming(query[None], tree.leaves[b])[0]
-        assert leaf_distances[word % tree.leaves_per_branch] == leaf_distances.min()
-    # a descriptor that is a word takes that word
-    leaf = tree.leaves[3][0]
-    assert tree.assign(leaf[None])[0] == 3 * tree.leaves_per_branch + 0
-    # the words learnt the clusters: a descriptor's word is about as near as its centre (13 bits of
-    # noise), where a random word would be 128 bits away
-    words = tree.assign(descriptors)
-    codes = np.stack([tree.leaves[w // tree.leaves_per_branch][w % tree.leaves_per_branch] for w in words])
-    distances = np.unpackbits(descriptors ^ codes, axis=1).sum(axis=1)
-    assert distances.mean() < 20
+    codes = rng.integers(0, 256, (64, 32), dtype=np.uint8)
+    descriptors = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+    distances = np.unpackbits(descriptors[:, None, :] ^ codes[None, :, :], axis=2).sum(axis=2)  # the slow plain way
+    nearest = _nearest(codes, descriptors)
+    assert (distances[np.arange(500), nearest] == distances.min(axis=1)).all()
+    assert (_nearest(codes, codes) == np.arange(64)).all()
 
 
 def test_a_small_vocabulary_sample_prints_no_faiss_warning(capfd):
+    from braintumor.data.keypoints import _kmeans_vocabulary
+
     descriptors = np.random.default_rng(0).integers(0, 256, (120, 32), dtype=np.uint8)  # under 39 per word
-    tree = vocabulary_tree(descriptors, 100, seed=0)
-    assert tree.words == 100 and tree.branches.dtype == np.uint8
-    assert len(tree.assign(descriptors)) == 120
-    assert capfd.readouterr().err == ""  # FAISS writes "WARNING clustering 120 points to 10 centroids" to fd 2
+    vocabulary = _kmeans_vocabulary(descriptors, 100, seed=0)
+    assert vocabulary.shape == (100, 32) and vocabulary.dtype == np.uint8
+    assert capfd.readouterr().err == ""  # FAISS writes "WARNING clustering 120 points to 100 centroids" to fd 2
 
 
 def test_faiss_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
@@ -303,12 +283,13 @@ def test_a_copy_whose_burnt_in_box_lowers_its_correlation_is_still_a_copy(phanto
     boxed = image.copy()
     cv2.rectangle(boxed, (w // 2, h // 2), (3 * w // 4, 3 * h // 4), 255, -1)  # a filled box over part of the head
     found = match_keypoints(keypoints_of(image), keypoints_of(boxed), min_matches=15)
-    assert found.inliers >= 15 and 0.5 <= found.correlation < 0.7  # no look-alike by its correlation
+    near = load_params(REPO / "params.yaml").merge.near_duplicates
+    floor = near.keypoints.residual_correlation
+    assert found.inliers >= 15 and floor <= found.correlation < near.keypoints.related_correlation  # no look-alike
     assert copy_residual(keypoints_of(image).image, keypoints_of(boxed).image, found.matrix) <= COPY_RESIDUAL
     fingerprints = [fingerprint_image(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), THRESHOLD, keypoint_features=300, detail=True)
                     for f in files] + [fingerprint_image(boxed, THRESHOLD, keypoint_features=300, detail=True)]
-    near = load_params(REPO / "params.yaml").merge.near_duplicates
-    for floor, one_group in ((0.7, False), (0.5, True)):  # residual measured on look-alikes only / from 0.5 on
+    for floor, one_group in ((0.7, False), (floor, True)):  # residual measured on look-alikes only / params.yaml's
         keypoints = near.keypoints.model_copy(update={"residual_correlation": floor})
         search = find_duplicate_groups(fingerprints, THRESHOLD, near.model_copy(update={"keypoints": keypoints}))
         assert bool(search.groups[0] == search.groups[-1]) is one_group

@@ -128,7 +128,7 @@ class KeypointParams(_Section):
 
     enabled: bool = True
     features: int = Field(default=300, ge=20, le=5000, description="ORB keypoints per image")
-    words: int = Field(default=4096, ge=8, le=16384, description="visual words of the shortlist's vocabulary tree, made a square (64 x 64 = 4,096)")
+    words: int = Field(default=4096, ge=8, le=16384, description="visual words of the shortlist's vocabulary")
     neighbours: int = Field(default=20, ge=1, le=100, description="shortlist size per image")
     min_inliers: int = Field(default=15, ge=4, description="RANSAC inliers of the similarity transform")
     related_correlation: float = Field(default=0.7, ge=-1.0, le=1.0, description="after warping: a look-alike")

@@ -290,7 +290,8 @@ def test_a_copy_whose_burnt_in_box_lowers_its_correlation_is_still_a_copy(phanto
     fingerprints = [fingerprint_image(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), THRESHOLD, keypoint_features=300, detail=True)
                     for f in files] + [fingerprint_image(boxed, THRESHOLD, keypoint_features=300, detail=True)]
     for floor, one_group in ((0.7, False), (floor, True)):  # residual measured on look-alikes only / params.yaml's
-        keypoints = near.keypoints.model_copy(update={"residual_correlation": floor})
+        # 256 words: the 4,096-word vocabulary of 93 slices took most of this test's time
+        keypoints = near.keypoints.model_copy(update={"residual_correlation": floor, "words": 256})
         search = find_duplicate_groups(fingerprints, THRESHOLD, near.model_copy(update={"keypoints": keypoints}))
         assert bool(search.groups[0] == search.groups[-1]) is one_group
         assert bool(search.related[0] == search.related[-1]) is one_group

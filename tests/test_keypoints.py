@@ -231,13 +231,31 @@ def test_the_nearest_code_is_the_nearest_by_hamming_distance():
     assert (_nearest(codes, codes) == np.arange(64)).all()
 
 
-def test_a_small_vocabulary_sample_prints_no_faiss_warning(capfd):
-    from braintumor.data.keypoints import _kmeans_vocabulary
+def test_the_vocabulary_finds_the_words_that_descriptors_are_noisy_copies_of():
+    from braintumor.data.keypoints import _kmajority_vocabulary
 
-    descriptors = np.random.default_rng(0).integers(0, 256, (120, 32), dtype=np.uint8)  # under 39 per word
-    vocabulary = _kmeans_vocabulary(descriptors, 100, seed=0)
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 256, (16, 32), dtype=np.uint8)
+    bits = np.unpackbits(words[rng.integers(0, 16, 3000)], axis=1)
+    flipped = rng.random(bits.shape) < 0.1  # 26 of 256 bits, as a re-encoded keypoint's descriptor moves
+    descriptors = np.packbits(bits ^ flipped, axis=1)
+    vocabulary = _kmajority_vocabulary(descriptors, 16, seed=0)
+    distance = np.unpackbits(words[:, None, :] ^ vocabulary[None, :, :], axis=2).sum(axis=2)
+    # a word the iterations settle on is recovered bit for bit by the majority of its ~190 noisy members
+    # (the mean of any other bits would sit ~26 bits off); like any k-means from random starting points,
+    # a start or two can settle between two words instead (here one, 117 bits off its nearest)
+    assert (distance.min(axis=1) == 0).sum() >= 14
+
+
+def test_a_vocabulary_of_a_small_sample_has_its_words_and_prints_nothing(capfd):
+    from braintumor.data.keypoints import _kmajority_vocabulary
+
+    descriptors = np.random.default_rng(0).integers(0, 256, (120, 32), dtype=np.uint8)
+    vocabulary = _kmajority_vocabulary(descriptors, 100, seed=0)
     assert vocabulary.shape == (100, 32) and vocabulary.dtype == np.uint8
-    assert capfd.readouterr().err == ""  # FAISS writes "WARNING clustering 120 points to 100 centroids" to fd 2
+    assert len(np.unique(vocabulary, axis=0)) == 100
+    assert capfd.readouterr().err == ""
+    assert _kmajority_vocabulary(descriptors[:30], 100, seed=0).shape == (30, 32)  # never more words than descriptors
 
 
 def test_faiss_threads_sleep_while_they_wait_unless_the_user_says_otherwise():

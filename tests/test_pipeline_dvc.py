@@ -136,9 +136,9 @@ def test_repro_on_the_shared_real_datasets(tmp_path, venv_env):
     assert leaky["leakage"]["duplicate_groups_spanning_splits"] > 500
     # The same folders made clean: 1,098 of the 1,311 Testing files have a copy or look-alike in
     # Training (1,045 by the head-box search alone: the keypoint search links 53 more); 191 distinct
-    # slices remain, and nothing leaks. That is on an Intel Xeon; an AMD EPYC links one Testing slice
-    # more (1,099 and 190): a link at the edge of its threshold flips on another CPU (most likely FAISS's
-    # k-means vocabulary or OpenCV's float paths rounding differently; not traced). Hence a band.
+    # slices remain, and nothing leaks. A link at the edge of its threshold flips with the CPU or the
+    # vocabulary (the earlier k-means vocabulary linked 1,099 on an AMD EPYC, 1,098 on an Intel Xeon;
+    # most likely FAISS's or OpenCV's float paths rounding differently, not traced). Hence a band.
     set_params(repo, {"split.strategy": "source_folders_clean"})
     assert ran_stages(dvc(repo, venv_env, "repro", "split")) == {"split"}
     clean = json.loads((repo / "reports/data/split.json").read_text())

@@ -7,7 +7,7 @@ with every cut and every annotation, so its shortlist and its aligned correlatio
 Local features do not depend on the box:
 
 1. ORB keypoints (OpenCV) on the whole slice, CLAHE-equalised, of the image and its mirror;
-2. shortlist: a bag of visual words (binary k-means vocabulary, TF-IDF, square-rooted counts) and the
+2. shortlist: a bag of visual words (k-majority vocabulary, TF-IDF, square-rooted counts) and the
    nearest neighbours by cosine, of the image and of its mirror image;
 3. verification: ratio-test matches, a RANSAC-estimated similarity transform (rotation, scale,
    shift), and the correlation of the two heads after warping one onto the other, over the pixels
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import scipy.sparse
 
 from braintumor.core.parallel import map_positions_in_threads, on_one_thread
 
@@ -89,18 +90,38 @@ def orb_keypoints(detail: np.ndarray, features: int) -> Keypoints:
     return Keypoints(detail, *found)
 
 
-def _kmeans_vocabulary(descriptors: np.ndarray, words: int, seed: int) -> np.ndarray:
-    """``words`` binary centroids (W, 32) of a sample of descriptors: k-means on the bits, rounded."""
+def _kmajority_vocabulary(descriptors: np.ndarray, words: int, seed: int, iterations: int = 15) -> np.ndarray:
+    """``words`` binary centroids (W, 32) of a sample of descriptors: k-majority, the binary k-means.
+
+    Each descriptor joins its nearest centroid by Hamming distance, and each centroid bit becomes the
+    majority of its members' bits (a tie keeps it; an empty word restarts on a random descriptor). The
+    float k-means it replaces (FAISS's, on the unpacked bits, rounded) took 33 s of the Nickparvar + SARTAJ
+    merge; this takes 8 s, and its words sit nearer the descriptors (mean Hamming distance 58.1 against
+    58.7 bits), README "Merge".
+    """
     faiss = load_faiss()
 
     rng = np.random.default_rng(seed)
     sample = descriptors[rng.choice(len(descriptors), min(len(descriptors), 40 * words), replace=False)]
+    sample = np.ascontiguousarray(sample)
     words = min(words, len(sample))
-    # min_points_per_centroid 1: a small dataset (a few hundred slices) has fewer than FAISS's 39 sampled
-    # descriptors per word; it then prints a warning to the terminal, which would change nothing here.
-    kmeans = faiss.Kmeans(_BITS, words, niter=15, seed=seed, verbose=False, min_points_per_centroid=1)
-    kmeans.train(np.unpackbits(sample, axis=1).astype(np.float32))
-    return np.packbits(kmeans.centroids > 0.5, axis=1)
+    bits = np.unpackbits(sample, axis=1).astype(np.float32)
+    centroids = np.ascontiguousarray(sample[rng.choice(len(sample), words, replace=False)])
+    previous = None
+    for _ in range(iterations):
+        assigned = faiss.knn_hamming(sample, centroids, 1)[1][:, 0]
+        if previous is not None and np.array_equal(assigned, previous):
+            break
+        previous = assigned
+        members = scipy.sparse.csr_matrix((np.ones(len(sample), np.float32), (assigned, np.arange(len(sample)))),
+                                          shape=(words, len(sample)))
+        ones, sizes = members @ bits, np.bincount(assigned, minlength=words)[:, None]
+        old = np.unpackbits(centroids, axis=1)
+        majority = np.where(2 * ones > sizes, 1, np.where(2 * ones < sizes, 0, old)).astype(np.uint8)
+        empty = np.flatnonzero(sizes[:, 0] == 0)
+        majority[empty] = bits[rng.choice(len(sample), len(empty), replace=False)].astype(np.uint8)
+        centroids = np.ascontiguousarray(np.packbits(majority, axis=1))
+    return centroids
 
 
 def _nearest(codes: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
@@ -122,7 +143,7 @@ def bag_of_words(keypoints: list[Keypoints], words: int, seed: int = 0) -> tuple
     if len(every) == 0:
         empty = np.zeros((len(keypoints), 1), np.float32)
         return empty, empty
-    vocabulary = _kmeans_vocabulary(every, words, seed)
+    vocabulary = _kmajority_vocabulary(every, words, seed)
 
     def histograms(descriptor_sets: list[np.ndarray]) -> np.ndarray:
         image = np.repeat(np.arange(len(descriptor_sets)), [len(d) for d in descriptor_sets])

@@ -214,10 +214,12 @@ def _head_outline(head: np.ndarray, threshold: int) -> np.ndarray:
     """Convex hull (K, 2) of the head's foreground pixels, as x, y points."""
     y0, y1, x0, x1 = head_bbox(head, threshold)
     _, mask = cv2.threshold(cv2.GaussianBlur(head, (3, 3), 0)[y0:y1, x0:x1], threshold, 255, cv2.THRESH_BINARY)
-    points = cv2.findNonZero(mask)
-    if points is None:  # nothing above the threshold: the box is the whole image
-        points = np.array([[[0, 0]], [[x1 - x0 - 1, y1 - y0 - 1]]], np.int32)
-    return cv2.convexHull(points).reshape(-1, 2).astype(np.float32) + np.float32([x0, y0])
+    # the hull of the outer contours is the hull of every foreground pixel, from a few hundred points
+    # instead of thousands (the detail check's hulls: 11.8 s -> ~2 s on Nickparvar + SARTAJ)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:  # nothing above the threshold: the box is the whole image
+        contours = [np.array([[[0, 0]], [[x1 - x0 - 1, y1 - y0 - 1]]], np.int32)]
+    return cv2.convexHull(np.concatenate(contours)).reshape(-1, 2).astype(np.float32) + np.float32([x0, y0])
 
 
 def _turned_head_box(turned: np.ndarray, outline: np.ndarray, threshold: int) -> tuple[int, int, int, int]:

@@ -155,3 +155,25 @@ def test_detail_check_in_two_threads_gives_what_one_gives():
     np.testing.assert_array_equal(one, two)
     assert one[0] >= 0.98 > one[1]  # the copy passes, the neighbouring slice does not
     assert _detail_check(prints, pairs[:0], THRESHOLD, near, poses.take(np.arange(0)), workers=2).shape == (0,)
+
+
+def test_a_heads_outline_is_the_convex_hull_of_all_its_foreground_pixels():
+    from braintumor.data.dedup import _head_outline
+    from braintumor.data.head import head_bbox
+
+    rng = np.random.default_rng(0)
+    heads = [head_slice(), different_slice()]
+    for _ in range(3):  # a head with stray bright islands, as real slices have (text, a scanner's marks)
+        image = head_slice(int(rng.integers(0, 5)))
+        for _ in range(4):
+            cv2.circle(image, tuple(int(v) for v in rng.integers(2, 94, 2)), int(rng.integers(1, 4)), 200, -1)
+        heads.append(image)
+    heads.append(np.zeros((96, 96), np.uint8))  # nothing above the threshold
+    for head in heads:
+        y0, y1, x0, x1 = head_bbox(head, THRESHOLD)
+        _, mask = cv2.threshold(cv2.GaussianBlur(head, (3, 3), 0)[y0:y1, x0:x1], THRESHOLD, 255, cv2.THRESH_BINARY)
+        pixels = cv2.findNonZero(mask)
+        expected = (cv2.convexHull(pixels).reshape(-1, 2) + [x0, y0] if pixels is not None
+                    else np.array([[x0, y0], [x1 - 1, y1 - 1]]))
+        outline = _head_outline(head, THRESHOLD)
+        assert set(map(tuple, outline.astype(int).tolist())) == set(map(tuple, expected.tolist()))

@@ -237,7 +237,7 @@ def test_the_vocabulary_finds_the_words_that_descriptors_are_noisy_copies_of():
     rng = np.random.default_rng(0)
     words = rng.integers(0, 256, (16, 32), dtype=np.uint8)
     bits = np.unpackbits(words[rng.integers(0, 16, 3000)], axis=1)
-    flipped = rng.random(bits.shape) < 0.1  # 26 of 256 bits, as a re-encoded keypoint's descriptor moves
+    flipped = rng.random(bits.shape) < 0.1  # about 26 of the 256 bits of each descriptor
     descriptors = np.packbits(bits ^ flipped, axis=1)
     vocabulary = _kmajority_vocabulary(descriptors, 16, seed=0)
     distance = np.unpackbits(words[:, None, :] ^ vocabulary[None, :, :], axis=2).sum(axis=2)

@@ -14,9 +14,10 @@ from pydantic import ValidationError
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
 from braintumor.data.dedup import DuplicateSearch, find_duplicate_groups, fingerprint_image
 from braintumor.data.head import head_bbox
-from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, could_be_copies, keypoint_image,
-                                       keypoint_shortlist, likelier_mirrored, links_worth_a_residual, match_keypoints,
-                                       measure_copy_residuals, orb_keypoints, ratio_test_matches, verify_keypoint_pairs)
+from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, could_be_copies,
+                                       fit_and_correlate, keypoint_image, keypoint_shortlist, likelier_mirrored,
+                                       links_worth_a_residual, match_keypoints, measure_copy_residuals, orb_keypoints,
+                                       ratio_test_matches, verify_keypoint_pairs)
 from braintumor.data.merge import merge_json, merge_sources, planted_duplicate_recall
 from braintumor.data.merge_report import duplicates_html, keypoint_links
 from braintumor.data.phantom.source import generate_phantom_source
@@ -145,6 +146,24 @@ def test_a_turned_zoomed_cut_flipped_darker_copy_matches_and_another_slice_does_
     pairs, mirrored = keypoint_shortlist(found, words=64, neighbours=10)
     pair = [files.index(sorted((phantom / "images" / "Training" / "glioma").glob("*.jpg"))[0]), len(files)]
     assert pair in pairs.tolist() and mirrored[pairs.tolist().index(pair)]
+
+
+def test_a_fit_with_too_few_inliers_is_not_warped_or_correlated(phantom):
+    image = slice_image(phantom)
+    h, w = image.shape
+    copy = cv2.warpAffine(image, cv2.getRotationMatrix2D((w / 2, h / 2), 9.0, 1.1), (w, h))
+    original, turned = keypoints_of(image), keypoints_of(copy)
+    measured = match_keypoints(original, turned, min_matches=15, mirrored=False)
+    assert measured.inliers >= 15 and measured.correlation >= 0.75
+    # the same matches, a minimum the fit cannot reach: its inliers and transform are kept, the correlation
+    # (two warps) is not measured, so the pair cannot become a link
+    (query, train), = ratio_test_matches(original.descriptors, [turned.descriptors], 0.8)
+    unreached = fit_and_correlate(original, turned.points[query], original.points[train], turned.image,
+                                  min_inliers=measured.inliers + 1)
+    assert unreached.inliers == measured.inliers and unreached.correlation == -1.0
+    np.testing.assert_array_equal(unreached.matrix, measured.matrix)
+    assert fit_and_correlate(original, turned.points[query], original.points[train], turned.image,
+                             min_inliers=measured.inliers) == measured
 
 
 def test_a_copy_saved_much_darker_matches_although_its_head_box_shrinks(phantom):

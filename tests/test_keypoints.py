@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from braintumor.core.config import KeypointParams, NearDuplicateParams, PhantomDuplicates, PhantomSource, load_params
-from braintumor.data.dedup import DuplicateSearch, find_duplicate_groups, fingerprint_image
+from braintumor.data.dedup import (DuplicateSearch, find_duplicate_groups, fingerprint_image, head_box_similarity,
+                                   verify_pairs_posed)
 from braintumor.data.head import head_bbox
 from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual, correlation, could_be_copies,
                                        fit_and_correlate, keypoint_image, keypoint_shortlist, likelier_mirrored,
@@ -71,7 +72,8 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom_with_
     assert len(search.keypoint_inliers) == len(search.keypoint_residual) == len(search.keypoint_candidates)
     # where the time went, part by part, the decoding first (the merge stage logs it)
     assert list(search.seconds) == ["inspect", "head_box_shortlist", "head_box_verification", "detail_check",
-                                    "keypoint_shortlist", "keypoint_verification", "keypoint_copy_residual"]
+                                    "keypoint_shortlist", "keypoint_verification", "keypoint_agreement",
+                                    "keypoint_copy_residual"]
     assert all(seconds >= 0 for seconds in search.seconds.values())
     counts = merge_json(manifest, search, {}, {})["near_duplicate_search"]  # in merge.json
     assert counts["keypoint_residuals_measured"] >= counts["keypoint_copy_pairs"] == int(search.keypoint_copy.sum()) >= 6
@@ -233,8 +235,11 @@ def test_keypoint_params_are_checked_at_load():
         KeypointParams(copy_residual=-0.1)
     with pytest.raises(ValidationError, match="residual_correlation"):
         KeypointParams(residual_correlation=1.5)
+    with pytest.raises(ValidationError, match="agreement_similarity"):
+        KeypointParams(agreement_similarity=1.2)
     defaults = NearDuplicateParams().keypoints  # the model's default: on, links only
     assert defaults.enabled is True and defaults.copy_residual == 0.0 and defaults.related_correlation == 0.7
+    assert defaults.agreement_correlation == 0.0  # no look-alikes by agreement unless params.yaml asks
     assert 0 < COPY_RESIDUAL < 0.1  # params.yaml's: matches that are copies remove one image
 
 
@@ -328,7 +333,9 @@ def test_a_copy_whose_burnt_in_box_lowers_its_correlation_is_still_a_copy(phanto
                     for f in files] + [fingerprint_image(boxed, THRESHOLD, keypoint_features=300, detail=True)]
     for floor, one_group in ((0.7, False), (floor, True)):  # residual measured on look-alikes only / params.yaml's
         # 256 words: the 4,096-word vocabulary of 93 slices took most of this test's time
-        keypoints = near.keypoints.model_copy(update={"residual_correlation": floor, "words": 256})
+        # (agreement off: it links this pair as a look-alike as well, its head-box score agrees)
+        keypoints = near.keypoints.model_copy(update={"residual_correlation": floor, "words": 256,
+                                                      "agreement_correlation": 0.0})
         search = find_duplicate_groups(fingerprints, THRESHOLD, near.model_copy(update={"keypoints": keypoints}))
         assert bool(search.groups[0] == search.groups[-1]) is one_group
         assert bool(search.related[0] == search.related[-1]) is one_group
@@ -349,3 +356,47 @@ def test_the_residual_is_measured_on_the_best_links_of_each_pair_of_copy_groups(
     assert links_worth_a_residual(pairs, correlations, groups, 2).tolist() == [1, 2, 5, 6, 7]
     assert links_worth_a_residual(pairs, correlations, groups, 5).tolist() == list(range(8))
     assert links_worth_a_residual(pairs[:0], correlations[:0], groups, 2).tolist() == []
+
+
+def test_a_match_under_the_look_alike_level_links_when_the_head_box_search_agrees(phantom_with_neighbours):
+    """Neighbouring slices that each search alone scores just under its look-alike level: the keypoint
+    match (here: its look-alike level raised out of reach) links them when the head-box score agrees."""
+    planted = json.loads((phantom_with_neighbours / "planted.json").read_text())
+    neighbours = [r for r in planted if r["kind"] == "adjacent_slice"]
+    files = sorted(f.relative_to(phantom_with_neighbours / "images").as_posix()
+                   for f in (phantom_with_neighbours / "images").rglob("*.jpg"))  # all: the vocabulary needs them
+    fingerprints = [fingerprint_image(cv2.imread(str(phantom_with_neighbours / "images" / f), cv2.IMREAD_GRAYSCALE),
+                                      THRESHOLD, keypoint_features=300, detail=True) for f in files]
+    pairs = {tuple(sorted((files.index(r["original"]), files.index(r["copy"])))) for r in neighbours}
+    near = load_params(REPO / "params.yaml").merge.near_duplicates
+    # neither search links anything on its own: both levels at 1.0
+    apart = near.model_copy(update={"verify_similarity": 1.0, "related_similarity": 1.0, "keypoints": near.keypoints.model_copy(
+        update={"related_correlation": 1.0, "residual_correlation": 1.0, "agreement_correlation": 0.0, "words": 256})})
+
+    def joined(agreement_correlation: float, agreement_similarity: float) -> set[tuple[int, int]]:
+        keypoints = apart.keypoints.model_copy(update={"agreement_correlation": agreement_correlation,
+                                                       "agreement_similarity": agreement_similarity})
+        search = find_duplicate_groups(fingerprints, THRESHOLD, apart.model_copy(update={"keypoints": keypoints}))
+        assert len(search.related_pairs) == search.keypoint_agreed.sum()  # the only links: by agreement
+        return {pair for pair in pairs if search.related[pair[0]] == search.related[pair[1]]}
+
+    assert joined(0.0, 0.5) == set()  # off
+    agreed = joined(0.3, 0.5)
+    assert len(agreed) >= 3  # the neighbours match (15 inliers, 0.3) and their heads score 0.5 or more
+    assert joined(0.3, 0.999) == set()  # no head-box score that high: no link
+    assert joined(0.999, 0.5) == set()  # no match that well correlated: no link
+
+
+def test_head_box_similarity_reuses_the_shortlists_scores_and_verifies_the_other_pairs(phantom):
+    files = sorted((phantom / "images").rglob("*.jpg"))[:6]
+    fingerprints = [fingerprint_image(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), THRESHOLD) for f in files]
+    heads, canonical = np.stack([f.head for f in fingerprints]), np.stack([f.canonical for f in fingerprints])
+    near = NearDuplicateParams()
+    pairs = np.array([[0, 1], [0, 4], [2, 3], [3, 5]])
+    verified, _ = verify_pairs_posed(heads, canonical, pairs, THRESHOLD, near.max_rotation_deg, near.rotation_step_deg)
+    shortlisted, scores = np.array([[0, 4], [1, 2], [3, 5]]), np.float32([0.123, 0.5, 0.456])  # sorted, as the shortlist's
+    similarity = head_box_similarity(pairs, shortlisted, scores, heads, canonical, THRESHOLD, near)
+    np.testing.assert_allclose(similarity, [verified[0], 0.123, verified[2], 0.456], rtol=1e-6)
+    np.testing.assert_allclose(head_box_similarity(pairs, shortlisted[:0], scores[:0], heads, canonical, THRESHOLD, near),
+                               verified, rtol=1e-6)
+    assert len(head_box_similarity(pairs[:0], shortlisted, scores, heads, canonical, THRESHOLD, near)) == 0

@@ -137,6 +137,11 @@ class KeypointParams(_Section):
     residual_correlation: float = Field(default=0.7, ge=-1.0, le=1.0, description=(
         "a match correlated at least this after warping has its copy residual measured, and is a copy at or "
         "under copy_residual even when it is no look-alike (burnt-in marks lower the correlation)"))
+    agreement_correlation: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "a match correlated at least this after warping, under related_correlation, is a look-alike too when "
+        "the head-box search scores the pair agreement_similarity or more: two weaker signals that agree (0: off)"))
+    agreement_similarity: float = Field(default=0.9, ge=0.0, le=1.0,
+                                        description="the head-box score that agreement_correlation needs")
 
 
 class NearDuplicateParams(_Section):

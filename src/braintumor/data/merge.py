@@ -344,6 +344,7 @@ def merge_json(manifest: pd.DataFrame, search: DuplicateSearch, planted: dict[st
         "related_pairs": int(len(search.related_pairs)),
         "keypoint_pairs_checked": int(len(search.keypoint_candidates)),
         "keypoint_copy_pairs": int(search.keypoint_copy.sum()),
+        "keypoint_agreement_links": int(search.keypoint_agreed.sum()),
         "keypoint_residuals_measured": int(np.isfinite(search.keypoint_residual).sum()),
         "detail_pairs_checked": int(len(search.detail_pairs)),
         "detail_pairs_kept_apart": int(search.detail_apart.sum()),

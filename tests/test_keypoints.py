@@ -20,7 +20,7 @@ from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual
                                        links_worth_a_residual, match_keypoints, measure_copy_residuals, orb_keypoints,
                                        ratio_test_matches, verify_keypoint_pairs)
 from braintumor.data.merge import merge_json, merge_sources, planted_duplicate_recall
-from braintumor.data.merge_report import duplicates_html, keypoint_links
+from braintumor.data.merge_report import agreement_links, duplicates_html, keypoint_links
 from braintumor.data.phantom.source import generate_phantom_source
 
 from conftest import REPO
@@ -81,9 +81,14 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom_with_
     keypoints = load_params(REPO / "params.yaml").merge.near_duplicates.keypoints
     ids, residuals, threshold = keypoint_links(manifest, search, keypoints)
     assert len(ids) == len(residuals) >= 12 and threshold == COPY_RESIDUAL and set(ids.ravel()) <= set(manifest["id"])
+    # and the matches the agreement rule scored, on both sides of its head-box level
+    agreement = agreement_links(manifest, search, keypoints)
+    assert len(agreement[0]) == len(agreement[1]) == len(search.agreement_pairs) and agreement[2] == 0.9
+    assert set(agreement[0].ravel()) <= set(manifest["id"])
     html = duplicates_html(manifest, np.empty((0, 2), object), np.empty(0), phantom_with_neighbours, {},
-                           keypoint_residual=(ids, residuals, threshold))
+                           keypoint_residual=(ids, residuals, threshold), agreement=agreement)
     assert f"Pairs just below the keypoint copy residual threshold ({COPY_RESIDUAL:.3f})" in html
+    assert "Pairs just above the agreement threshold (0.900)" in html
 
 
 def test_with_copy_residual_0_its_matches_keep_both_images_in_one_split_group(phantom):
@@ -94,6 +99,7 @@ def test_with_copy_residual_0_its_matches_keep_both_images_in_one_split_group(ph
     assert np.isinf(search.keypoint_residual).all()  # and no residual measured
     keypoints = NearDuplicateParams().keypoints
     assert keypoint_links(manifest, search, keypoints) is None  # so the merge report shows no residual band
+    assert agreement_links(manifest, search, keypoints) is None  # nor an agreement band (the model's default: off)
 
 
 def test_verification_in_two_threads_gives_what_one_gives(phantom):

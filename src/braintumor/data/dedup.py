@@ -458,6 +458,10 @@ class DuplicateSearch:
     # (M,) keypoint links made by agreement (matched under the look-alike correlation, head-box score high
     # enough) between split groups that the other links left apart
     keypoint_agreed: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    # the keypoint matches the agreement rule scored (A, 2) and their head-box similarity (A,): the merge report
+    # samples them around agreement_similarity
+    agreement_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    agreement_scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
 
 class _PartClock:
@@ -517,6 +521,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
     keypoint = near.keypoints
     extra, inliers, correlation, residual = empty, np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float32)
     copy, agreed = np.empty(0, bool), np.empty(0, bool)
+    agreement_pairs, agreement_scores = empty, np.empty(0, np.float32)
     if near.enabled and keypoint.enabled and n > 1:
         if any(f.keypoints is None for f in fingerprints):
             raise ValueError("merge.near_duplicates.keypoints is on, but the fingerprints carry no keypoints "
@@ -537,8 +542,9 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
             # only where the link would join two split groups: on nickparvar-224, 1,093 of 3,797 pairs
             so_far = group_ids(n, np.concatenate([exact, near_pairs, related_pairs, extra[linked]]))
             weaker = weaker[so_far[extra[weaker, 0]] != so_far[extra[weaker, 1]]]
-            similarity = head_box_similarity(extra[weaker], candidates, scores, heads, canonical, head_threshold, near)
-            agreed[weaker[similarity >= keypoint.agreement_similarity]] = True
+            agreement_pairs = extra[weaker]
+            agreement_scores = head_box_similarity(agreement_pairs, candidates, scores, heads, canonical, head_threshold, near)
+            agreed[weaker[agreement_scores >= keypoint.agreement_similarity]] = True
             linked |= agreed
             clock.lap("keypoint_agreement")
         residual = np.full(len(extra), np.inf, np.float32)
@@ -556,7 +562,7 @@ def find_duplicate_groups(fingerprints: list[Fingerprint], head_threshold: int, 
     related = group_ids(n, np.concatenate([exact, near_pairs, related_pairs]))
     return DuplicateSearch(groups, related, exact, near_pairs, near_scores, related_pairs, shortlisted, candidates, scores,
                            extra, inliers, correlation, residual, copy, detail_pairs, detail_checked_scores, detail_apart, clock.seconds,
-                           keypoint_agreed=agreed)
+                           keypoint_agreed=agreed, agreement_pairs=agreement_pairs, agreement_scores=agreement_scores)
 
 
 def head_box_similarity(pairs: np.ndarray, candidates: np.ndarray, candidate_scores: np.ndarray, heads: np.ndarray,

@@ -106,6 +106,7 @@ def _template() -> jinja2.Template:
 def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate_scores: np.ndarray, root: Path,
                     thresholds: dict[str, float], *, detail: tuple[np.ndarray, np.ndarray, float] | None = None,
                     keypoint_residual: tuple[np.ndarray, np.ndarray, float] | None = None,
+                    agreement: tuple[np.ndarray, np.ndarray, float] | None = None,
                     groups: int = 12, conflicts: int = 20, pairs: int = 6, seed: int = 0,
                     quarantined_listed: int = 200) -> str:
     """The page.
@@ -117,6 +118,8 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
         detail: the detail check's pairs (K, 2) as manifest ids, their scores (K,) and its threshold, when it is on.
         keypoint_residual: the keypoint search's matches that could be copies (L, 2) as manifest ids, their copy
             residuals (L,) and ``keypoints.copy_residual``, when it is above 0 (at or below it: copies).
+        agreement: the keypoint matches under the look-alike correlation that the agreement rule scored (A, 2) as
+            manifest ids, their head-box similarity (A,) and ``keypoints.agreement_similarity``, when the rule is on.
     """
     path_of = dict(zip(manifest["id"], manifest["path"]))
     record = manifest.set_index("id")
@@ -136,13 +139,18 @@ def duplicates_html(manifest: pd.DataFrame, candidate_ids: np.ndarray, candidate
                          "look-alikes (neighbouring slices): both kept, in one split.",
                "keypoint copy residual": "Keypoint matches, each slice registered onto the other and its grey "
                                          "levels mapped. At or below: copies (one kept). Above: look-alikes when "
-                                         "correlated enough after warping (both kept, in one split), else unrelated."}
+                                         "correlated enough after warping (both kept, in one split), else unrelated.",
+               "agreement": "Keypoint matches correlated under the look-alike level (but at least "
+                            "keypoints.agreement_correlation), scored by the head-box search. At or above: look-alikes "
+                            "(both kept, in one split). Below: apart."}
     scored = [(name, threshold, candidate_ids, np.asarray(candidate_scores), BAND) for name, threshold in thresholds.items()]
     if detail is not None:
         scored.append(("detail", detail[2], detail[0], np.asarray(detail[1]), BAND))
     if keypoint_residual is not None:
         scored.append(("keypoint copy residual", keypoint_residual[2], keypoint_residual[0],
                        np.asarray(keypoint_residual[1]), RESIDUAL_BAND))
+    if agreement is not None:
+        scored.append(("agreement", agreement[2], agreement[0], np.asarray(agreement[1]), BAND))
     bands = []
     for name, threshold, ids, scores, band in scored:
         above, below = pairs_near_threshold(scores, threshold, pairs, seed, band)
@@ -171,10 +179,18 @@ def keypoint_links(manifest: pd.DataFrame, search, keypoints) -> tuple[np.ndarra
             keypoints.copy_residual)
 
 
+def agreement_links(manifest: pd.DataFrame, search, keypoints) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The keypoint matches the agreement rule scored, as manifest id pairs, their head-box similarity and
+    ``agreement_similarity``: the ``agreement`` of :func:`duplicates_html`; None when the rule is off."""
+    if not (keypoints.enabled and keypoints.agreement_correlation > 0):
+        return None
+    return candidate_id_pairs(manifest, search.agreement_pairs), search.agreement_scores, keypoints.agreement_similarity
+
+
 def candidate_id_pairs(manifest: pd.DataFrame, candidates: np.ndarray) -> np.ndarray:
     """The search's candidate pairs (positions among the readable rows) as manifest ids, (M, 2)."""
     ok_ids = manifest.loc[manifest["status"] == "ok", "id"].to_numpy()
     return ok_ids[np.asarray(candidates, np.int64)] if len(candidates) else np.empty((0, 2), object)
 
 
-__all__: Sequence[str] = ("duplicates_html", "candidate_id_pairs", "keypoint_links", "largest_groups", "conflict_groups", "pairs_near_threshold")
+__all__: Sequence[str] = ("duplicates_html", "agreement_links", "candidate_id_pairs", "keypoint_links", "largest_groups", "conflict_groups", "pairs_near_threshold")

@@ -16,7 +16,7 @@ from braintumor.core.config import PhantomSource, load_params
 from braintumor.core.logs import setup_logging
 from braintumor.data.merge import MANIFEST_COLUMNS, fetched_class_root, merge_json, merge_sources
 from braintumor.core.paths import ProjectPaths
-from braintumor.data.merge_report import agreement_links, candidate_id_pairs, duplicates_html, keypoint_links
+from braintumor.data.merge_report import merge_page
 
 
 def main() -> dict:
@@ -50,14 +50,8 @@ def main() -> dict:
     conflicts = manifest[manifest["drop_reason"] == "label_conflict"]
     atomic.write_csv(paths.data_reports / "conflicts.csv", conflicts[["group", "id", "path", "folder", "label"]])
     atomic.write_json(paths.data_reports / "merge.json", report)
-    near = params.merge.near_duplicates
-    atomic.write_text(paths.reports / "merge" / "duplicates.html", duplicates_html(
-        manifest, candidate_id_pairs(manifest, search.candidates), search.candidate_scores, paths.root,
-        {"copy": near.verify_similarity, "look-alike": near.related_similarity},
-        detail=(candidate_id_pairs(manifest, search.detail_pairs), search.detail_scores, near.detail_similarity)
-        if near.detail_similarity > 0 else None,
-        keypoint_residual=keypoint_links(manifest, search, near.keypoints),
-        agreement=agreement_links(manifest, search, near.keypoints)))
+    atomic.write_text(paths.reports / "merge" / "duplicates.html",
+                      merge_page(manifest, search, params.merge.near_duplicates, paths.root))
     log.info("where the time went: %s", ", ".join(f"{part} {seconds:.1f} s" for part, seconds in search.seconds.items()))
     log.info(
         "%d files: %d kept, %d removed as duplicates, %d in %d label conflicts, %d quarantined",

@@ -20,7 +20,7 @@ from braintumor.data.keypoints import (DETAIL_SIZE, KeypointMatch, copy_residual
                                        links_worth_a_residual, match_keypoints, measure_copy_residuals, orb_keypoints,
                                        ratio_test_matches, verify_keypoint_pairs)
 from braintumor.data.merge import merge_json, merge_sources, planted_duplicate_recall
-from braintumor.data.merge_report import agreement_links, duplicates_html, keypoint_links
+from braintumor.data.merge_report import agreement_links, keypoint_links, merge_page
 from braintumor.data.phantom.source import generate_phantom_source
 
 from conftest import REPO
@@ -85,8 +85,7 @@ def test_the_keypoint_search_finds_what_the_head_box_search_misses(phantom_with_
     agreement = agreement_links(manifest, search, keypoints)
     assert len(agreement[0]) == len(agreement[1]) == len(search.agreement_pairs) and agreement[2] == 0.9
     assert set(agreement[0].ravel()) <= set(manifest["id"])
-    html = duplicates_html(manifest, np.empty((0, 2), object), np.empty(0), phantom_with_neighbours, {},
-                           keypoint_residual=(ids, residuals, threshold), agreement=agreement)
+    html = merge_page(manifest, search, load_params(REPO / "params.yaml").merge.near_duplicates, phantom_with_neighbours)
     assert f"Pairs just below the keypoint copy residual threshold ({COPY_RESIDUAL:.3f})" in html
     assert "Pairs just above the agreement threshold (0.900)" in html
 

@@ -571,9 +571,11 @@ def head_box_similarity(pairs: np.ndarray, candidates: np.ndarray, candidate_sco
     shortlist held the pair (``candidates``, sorted, and ``candidate_scores``), verified now where it did not."""
     n = len(heads)
     keys, known = pairs[:, 0].astype(np.int64) * n + pairs[:, 1], candidates[:, 0].astype(np.int64) * n + candidates[:, 1]
-    at = np.minimum(np.searchsorted(known, keys), max(len(known) - 1, 0))
-    found = (at < len(known)) & (known[at] == keys) if len(known) else np.zeros(len(pairs), bool)
-    similarity = np.where(found, candidate_scores[at] if len(known) else 0.0, -1.0).astype(np.float32)
+    at = np.searchsorted(known, keys)
+    found = at < len(known)
+    found[found] = known[at[found]] == keys[found]
+    similarity = np.full(len(pairs), -1.0, np.float32)
+    similarity[found] = candidate_scores[at[found]]
     if (~found).any():
         similarity[~found] = verify_pairs_posed(heads, canonical, pairs[~found], threshold, near.max_rotation_deg,
                                                 near.rotation_step_deg)[0]

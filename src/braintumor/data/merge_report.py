@@ -179,6 +179,18 @@ def keypoint_links(manifest: pd.DataFrame, search, keypoints) -> tuple[np.ndarra
             keypoints.copy_residual)
 
 
+def merge_page(manifest: pd.DataFrame, search, near, root: Path) -> str:
+    """``reports/merge/duplicates.html`` for a merge: :func:`duplicates_html` with every band the search's
+    settings (``near``: ``merge.near_duplicates``) turned on."""
+    return duplicates_html(
+        manifest, candidate_id_pairs(manifest, search.candidates), search.candidate_scores, root,
+        {"copy": near.verify_similarity, "look-alike": near.related_similarity},
+        detail=(candidate_id_pairs(manifest, search.detail_pairs), search.detail_scores, near.detail_similarity)
+        if near.detail_similarity > 0 else None,
+        keypoint_residual=keypoint_links(manifest, search, near.keypoints),
+        agreement=agreement_links(manifest, search, near.keypoints))
+
+
 def agreement_links(manifest: pd.DataFrame, search, keypoints) -> tuple[np.ndarray, np.ndarray, float] | None:
     """The keypoint matches the agreement rule scored, as manifest id pairs, their head-box similarity and
     ``agreement_similarity``: the ``agreement`` of :func:`duplicates_html`; None when the rule is off."""
@@ -193,4 +205,4 @@ def candidate_id_pairs(manifest: pd.DataFrame, candidates: np.ndarray) -> np.nda
     return ok_ids[np.asarray(candidates, np.int64)] if len(candidates) else np.empty((0, 2), object)
 
 
-__all__: Sequence[str] = ("duplicates_html", "agreement_links", "candidate_id_pairs", "keypoint_links", "largest_groups", "conflict_groups", "pairs_near_threshold")
+__all__: Sequence[str] = ("duplicates_html", "merge_page", "agreement_links", "candidate_id_pairs", "keypoint_links", "largest_groups", "conflict_groups", "pairs_near_threshold")

@@ -3,6 +3,7 @@ function, and that cached and uncached fine-tuning reach the same weights after 
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from braintumor.core.config import FinetuneParams, ModelParams, RuntimeParams
+from braintumor.core.logs import Progress
 from braintumor.model.backbones import build_model, freeze_backbone, unfreeze_top
 from braintumor.model.activations import cache_outputs, split_at_frozen
 from braintumor.model.train import configure_runtime, finetune_phase
@@ -50,7 +52,7 @@ def test_nothing_to_cache_when_the_whole_backbone_is_unfrozen():
     assert bottom.layers[-1].name == "head_pool" and top.layers[1].name == "head_dense_1"
 
 
-def test_cache_outputs_writes_a_float16_memmap_with_augmented_copies(tmp_path):
+def test_cache_outputs_writes_a_float16_memmap_with_augmented_copies_and_reports_progress(tmp_path, caplog):
     model = build_model(TINY, SIZE)
     unfreeze_top(model, UNFREEZE)
     bottom, _ = split_at_frozen(model)
@@ -58,8 +60,13 @@ def test_cache_outputs_writes_a_float16_memmap_with_augmented_copies(tmp_path):
     rows = np.array([5, 0, 3])
     from braintumor.core.config import AugmentParams
 
-    out, sources = cache_outputs(bottom, images, rows, batch_size=2, augment=AugmentParams(), copies=2, seed=0,
-                                 dtype="float16", path=tmp_path / "outputs.npy")
+    progress = Progress(logging.getLogger("test.cache"), "activation cache", 9, unit="maps", every=0.0)
+    with caplog.at_level(logging.INFO, logger="test.cache"):
+        out, sources = cache_outputs(bottom, images, rows, batch_size=2, augment=AugmentParams(), copies=2, seed=0,
+                                     dtype="float16", path=tmp_path / "outputs.npy", progress=progress)
+    # advanced by every batch (2 rows, then 1, per copy); the last, complete count is the stage's own line
+    assert progress.done == 9
+    assert [m.split(" (")[0] for m in caplog.messages] == [f"activation cache: {k} / 9 maps" for k in (2, 3, 5, 6, 8)]
     assert isinstance(out, np.memmap) and out.dtype == np.float16 and (tmp_path / "outputs.npy").is_file()
     assert out.shape == (9, *bottom.output.shape[1:]) and sources.tolist() == [5, 0, 3] * 3
     exact = np.asarray(bottom(images[rows][..., None].astype("float32"), training=False))

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from braintumor.core import atomic
 from braintumor.core.config import AugmentParams, FinetuneParams
+from braintumor.core.logs import Progress
 from braintumor.model.augment import augment_images
 from braintumor.model.backbones import unfreeze_top
 from braintumor.split.load import SplitRows
@@ -96,12 +97,14 @@ def cache_outputs(
     seed: int,
     dtype: str = "float32",
     path: Path | None = None,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A frozen model's outputs (R * (1 + copies), ...) for the images in ``rows``, and the row each came from.
 
     Copy 0 is the image itself; copies 1..K are augmented with seeds derived from (seed, copy, batch),
     so the cache is reproducible. With ``path`` the outputs go to a memory-mapped ``.npy`` file
-    (an activation cache can be gigabytes); otherwise they are kept in memory.
+    (an activation cache can be gigabytes); otherwise they are kept in memory. ``progress`` is advanced
+    by each batch's rows.
     """
     copies = copies if augment is not None else 0
     shape = (len(rows) * (1 + copies), *model.output.shape[1:])
@@ -118,6 +121,8 @@ def cache_outputs(
             out[filled : filled + len(batch_rows)] = np.asarray(model(x, training=False))
             sources[filled : filled + len(batch_rows)] = batch_rows
             filled += len(batch_rows)
+            if progress is not None:
+                progress.advance(len(batch_rows))
     return out, sources
 
 
@@ -178,16 +183,18 @@ def build_activation_cache(model: keras.Model, images: np.ndarray, split: dict[s
             manifest = {"cut": None, "reason": reason}
         else:
             bottom, _ = split_at(model, cut)
+            copies = finetune.cache_copies if augment is not None else 0
+            progress = Progress(log, "activation cache", len(train.rows) * (1 + copies) + len(val.rows), unit="maps")
             x_train, sources = cache_outputs(bottom, images, train.rows, batch_size=CACHE_BATCH, augment=augment,
-                                             copies=finetune.cache_copies, seed=seed, dtype=finetune.cache_dtype,
-                                             path=staging / "train.npy")
+                                             copies=copies, seed=seed, dtype=finetune.cache_dtype,
+                                             path=staging / "train.npy", progress=progress)
             x_val, _ = cache_outputs(bottom, images, val.rows, batch_size=CACHE_BATCH, augment=None, copies=0, seed=seed,
-                                     dtype=finetune.cache_dtype, path=staging / "val.npy")
+                                     dtype=finetune.cache_dtype, path=staging / "val.npy", progress=progress)
             x_train.flush()
             x_val.flush()
             np.save(staging / "train_sources.npy", sources)
             manifest = {"cut": cut, "layer": model.layers[cut].name, "shape": list(x_train.shape[1:]),
-                        "dtype": finetune.cache_dtype, "copies": finetune.cache_copies if augment is not None else 0,
+                        "dtype": finetune.cache_dtype, "copies": copies,
                         "train_maps": len(x_train), "val_maps": len(x_val),
                         "train_digest": rows_digest(train.rows), "val_digest": rows_digest(val.rows),
                         "megabytes": round((x_train.nbytes + x_val.nbytes) / 1e6, 1)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import tensorflow as tf
 
 from braintumor.core import atomic
 from braintumor.core.config import CLASS_NAMES, AugmentParams, FinetuneParams, PhaseParams, RuntimeParams, TrainBaseParams
+from braintumor.core.logs import Progress
 from braintumor.model.inputs import make_dataset, predict_split, sample_weights
 from braintumor.split.load import SplitRows
 from braintumor.model.activations import (CACHE_BATCH, ActivationCache, build_activation_cache, cache_outputs,
@@ -88,15 +90,31 @@ def configure_runtime(params: RuntimeParams) -> Runtime:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """One concise line per epoch (no per-batch progress bars in CI logs); measures images/s."""
+    """One concise line per epoch (no per-batch progress bars in CI logs); measures images/s. An epoch
+    longer than a minute (on real data on 2 cores, about 5) also logs how far it has come, once a minute."""
 
-    def __init__(self, phase: str, images_per_epoch: int):
+    # Keras may call the batch hook from its thread pool, so the training loop never waits on it (a hook
+    # called in line makes every step wait for the one before); hence the lock
+    async_safe = True
+
+    def __init__(self, phase: str, images_per_epoch: int, progress_every: float = 60.0):
         super().__init__()
-        self.phase, self.images_per_epoch = phase, images_per_epoch
+        self.phase, self.images_per_epoch, self.progress_every = phase, images_per_epoch, progress_every
         self.seconds: list[float] = []
+        self._progress: Progress | None = None
+        self._lock = threading.Lock()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        steps = (self.params or {}).get("steps")
+        with self._lock:
+            self._progress = (Progress(log, f"{self.phase} epoch {epoch + 1}", steps, unit="batches",
+                                       every=self.progress_every) if steps else None)
+
+    def on_train_batch_end(self, batch, logs=None):
+        with self._lock:
+            if self._progress is not None:
+                self._progress.advance(1)
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)

@@ -20,9 +20,9 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Logs how far a long loop has come, at most once every ``every`` seconds: done / total, the rate and
     the time left. On real data a stage's loop can run for a quarter of an hour (the activation cache:
-    13-23 minutes on 2 cores, README "Real data"), and its terminal would otherwise show nothing between the stage's first line
-    and its last. Nothing is logged once the loop is done (the stage's own summary line says that) or when
-    it ends within ``every`` seconds (the demo and the tests stay as quiet as before)."""
+    13-23 minutes on 2 cores, README "Real data"), and its terminal would otherwise show nothing between
+    the stage's first line and its last. Nothing is logged once the loop is done (the stage's own summary
+    line says that) or when it ends within ``every`` seconds (the demo and the tests stay as quiet as before)."""
 
     def __init__(self, log: logging.Logger, what: str, total: int, *, unit: str = "images", every: float = 60.0,
                  clock=time.monotonic) -> None:

@@ -91,7 +91,7 @@ def configure_runtime(params: RuntimeParams) -> Runtime:
 
 class EpochLog(keras.callbacks.Callback):
     """One concise line per epoch (no per-batch progress bars in CI logs); measures images/s. An epoch
-    longer than a minute (on real data on 2 cores, 3-10) also logs how far it has come, once a minute."""
+    longer than a minute (on real data on 2 cores, 3-11) also logs how far it has come, once a minute."""
 
     # Keras may call the batch hook from its thread pool, so the training loop never waits on it (a hook
     # called in line makes every step wait for the one before); hence the lock

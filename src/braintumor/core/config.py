@@ -306,6 +306,8 @@ class PhaseParams(_Section):
         "stops early, reduces the rate on a plateau and decides whether the weight average is kept")
     class_weights: bool = Field(default=True, description="weight classes by inverse frequency")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="targets (1 - e) one-hot + e / classes")
+    mixup: float = Field(default=0.0, ge=0.0, description="0 = off; a: each training item blended with another of its "
+                         "batch, with the same blend of their labels and weights, the share ~ Beta(a, a)")
     average_weights_from: int = Field(
         default=0, ge=0, description="0 = off; N: the trainable weights at the end of epoch N and every later epoch "
         "are averaged, and the average replaces the best epoch's weights if it is better on select_on")
@@ -454,14 +456,20 @@ class Params(_Section):
     app: AppParams = AppParams()
 
     @model_validator(mode="after")
-    def _weight_averaging_runs_on_one_process(self) -> "Params":
+    def _weight_averaging_and_mixup_run_on_one_process(self) -> "Params":
+        if self.runtime.distribution != "multi_worker":
+            return self
         averaged = [f"{name}.average_weights_from" for name in ("train_base", "finetune")
                     if getattr(self, name).average_weights_from]
-        if averaged and self.runtime.distribution == "multi_worker":
+        if averaged:
             # choosing between the average and the best epoch takes a validation pass of its own,
             # which the workers would have to take in step
             raise ValueError(f"{', '.join(averaged)} must be 0 with runtime.distribution multi_worker: "
                              "weight averaging runs on one process only")
+        mixed = [f"{name}.mixup" for name in ("train_base", "finetune") if getattr(self, name).mixup]
+        if mixed:  # the workers' own training step counts and scores integer labels only
+            raise ValueError(f"{', '.join(mixed)} must be 0 with runtime.distribution multi_worker: "
+                             "mixup runs on one process only")
         return self
 
     @model_validator(mode="after")

@@ -8,8 +8,8 @@ with one fused affine transform per image (:mod:`braintumor.model.augment`).
 
 Determinism: each pass over a training dataset (each ``iter()``, which is what ``model.fit`` does
 once per epoch) is the next epoch e = 0, 1, 2, ...; its order is a stateless shuffle seeded by
-(seed, e), and batch b's augmentation is seeded by (seed, e, b). Two datasets made with the same
-arguments therefore yield identical batches, pass for pass, whatever TensorFlow's global seed.
+(seed, e), and batch b's augmentation and mixup are seeded by (seed, e, b). Two datasets made with the
+same arguments therefore yield identical batches, pass for pass, whatever TensorFlow's global seed.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import numpy as np
 import tensorflow as tf
 
 from braintumor.model.augment import augment_images, is_identity
-from braintumor.core.config import AugmentParams
+from braintumor.core.config import CLASS_NAMES, AugmentParams
 from braintumor.split.load import SplitRows
 
 # Separate random streams derived from the user's seed, so the shuffle and the augmentation of
 # the same epoch never share random numbers.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+_MIXUP_STREAM = 2
 
 
 def class_weights(labels: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> dict[int, float]:
@@ -133,6 +134,40 @@ def _row_reader(images: np.ndarray):
     return read
 
 
+def mixup_batch(x: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor | None, alpha: float, seed: tf.Tensor,
+                num_classes: int = len(CLASS_NAMES)) -> tuple[tf.Tensor, ...]:
+    """Mixup (Zhang et al., 2018) within one batch: item i becomes l_i * item i + (1 - l_i) * item p(i).
+
+    p is a seeded permutation of the batch and l_i ~ Beta(alpha, alpha), one per item; the targets are the
+    same blend of the two one-hot labels, and the training weights (copy and class weights) the same blend
+    of the two weights. On the activation cache the blend is of the frozen layers' outputs ("manifold
+    mixup", Verma et al., 2019): new training inputs every epoch at no extra cost.
+
+    Args:
+        x: (B, ...) float32 images or activations.
+        labels: (B,) integer class ids.
+        weights: (B,) per-item weights, or None.
+        alpha: the Beta distribution's parameter, > 0.
+        seed: shape-[2] stateless seed for this batch.
+
+    Returns:
+        (x, targets (B, num_classes) float32[, weights (B,)]).
+    """
+    size = tf.shape(x)[0]
+    partner = tf.random.experimental.stateless_shuffle(tf.range(size),
+                                                       tf.random.experimental.stateless_fold_in(seed, 0))
+    gamma = [tf.random.stateless_gamma([size], tf.random.experimental.stateless_fold_in(seed, stream), alpha)
+             for stream in (1, 2)]
+    share = gamma[0] / (gamma[0] + gamma[1])  # Beta(alpha, alpha) from two Gamma(alpha, 1) draws
+    broadcast = tf.reshape(share, tf.concat([[size], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0))
+    mixed = broadcast * x + (1.0 - broadcast) * tf.gather(x, partner)
+    one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
+    targets = share[:, None] * one_hot + (1.0 - share[:, None]) * tf.gather(one_hot, partner)
+    if weights is None:
+        return mixed, targets
+    return mixed, targets, share * weights + (1.0 - share) * tf.gather(weights, partner)
+
+
 def make_dataset(
     images: np.ndarray,
     rows: np.ndarray,
@@ -143,6 +178,7 @@ def make_dataset(
     augment: AugmentParams | None,
     seed: int,
     weights: np.ndarray | None = None,
+    mixup: float = 0.0,
 ) -> tf.data.Dataset:
     """Batches (x (B, S, S, 1) float32 in 0..255, y (B,) int32[, w (B,) float32]) of one split of the image cache.
 
@@ -165,11 +201,15 @@ def make_dataset(
         seed: seeds the shuffle and the augmentation of every epoch.
         weights: (n,) per-item training weights aligned with ``rows`` (:func:`sample_weights`), yielded
             as the third element of each batch; None yields (x, y) pairs.
+        mixup: Beta(mixup, mixup) blends of each batch's items (:func:`mixup_batch`), after augmentation;
+            y is then (B, classes) float32 soft targets. 0 = off; training only.
     """
     rows, labels = np.asarray(rows), np.asarray(labels)
     _check_inputs(images, rows, labels, batch_size)
     if weights is not None and np.shape(weights) != rows.shape:
         raise ValueError(f"make_dataset: weights must be aligned with rows {rows.shape}, got shape {np.shape(weights)}")
+    if mixup < 0 or (mixup > 0 and not training):
+        raise ValueError(f"make_dataset: mixup must be >= 0 and only for training, got {mixup} (training={training})")
     image_cache = is_image_cache(images)
     item_shape = [images.shape[1], images.shape[2], 1] if image_cache else list(images.shape[1:])
     if training:
@@ -190,9 +230,11 @@ def make_dataset(
         if augment is not None:
             batch_seed = tf.random.experimental.stateless_fold_in(_stream_seed(seed, _AUGMENT_STREAM, epoch), index)
             x = augment_images(x, augment, batch_seed)
-        if weights_t is None:
-            return x, tf.gather(labels_t, positions)
-        return x, tf.gather(labels_t, positions), tf.gather(weights_t, positions)
+        y, w = tf.gather(labels_t, positions), None if weights_t is None else tf.gather(weights_t, positions)
+        if mixup > 0:
+            return mixup_batch(x, y, w, mixup,
+                               tf.random.experimental.stateless_fold_in(_stream_seed(seed, _MIXUP_STREAM, epoch), index))
+        return (x, y) if w is None else (x, y, w)
 
     dataset = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))

@@ -35,7 +35,7 @@ from braintumor.model.activations import (CACHE_BATCH, ActivationCache, build_ac
                                           check_cache_matches, features_from_activations, finetuning_cut,
                                           read_activation_cache, split_at, split_at_frozen)
 from braintumor.model.backbones import build_model, freeze_backbone
-from braintumor.model.losses import training_loss
+from braintumor.model.losses import training_loss, training_metrics
 from braintumor.model.multi_worker import ClusterRole, fit_in_step, local_copy, multi_worker_strategy
 from braintumor.model.weights import ResolvedWeights
 
@@ -224,11 +224,12 @@ def learning_rate_for(phase: PhaseParams, images_per_epoch: int) -> float | kera
 
 
 def compile_for(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
-                jit_compile: bool, label_smoothing: float = 0.0) -> None:
+                jit_compile: bool, label_smoothing: float = 0.0, mixup: float = 0.0) -> None:
+    """Adam on the training loss; with ``mixup`` the loss and accuracy also take the soft targets it makes."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=training_loss(label_smoothing),
-        metrics=["accuracy"],
+        loss=training_loss(label_smoothing, soft_targets=mixup > 0),
+        metrics=training_metrics(soft_targets=mixup > 0),
         jit_compile=jit_compile,
     )
 
@@ -350,9 +351,10 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
     if not phase.feature_cache:
-        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing)
+        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing,
+                    phase.mixup)
         return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
-                                       augment=augment, seed=seed, weights=weight),
+                                       augment=augment, seed=seed, weights=weight, mixup=phase.mixup),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
                    phase, "train_base", len(train.rows), runtime)
     started = time.perf_counter()
@@ -362,16 +364,16 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     log.info("feature cache: %d training and %d validation vectors %s in %.1f s", len(x_train), len(x_val), how,
              cache_seconds)
     _, head = split_at_frozen(model)
-    compile_for(head, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
-    if runtime.cluster is None:
+    compile_for(head, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing, phase.mixup)
+    if runtime.cluster is None and not phase.mixup:
         train_data, val_data = (x_train, y_train, w_train), (x_val, val.labels)
-    else:  # workers in step need the same seeded batches: the pipeline, not fit's array shuffling
+    else:  # workers in step need the same seeded batches, and mixup blends them: the pipeline, not fit's shuffling
         train_data = make_dataset(x_train, np.arange(len(x_train)), y_train, batch_size=phase.batch_size,
-                                  training=True, augment=None, seed=seed, weights=w_train)
+                                  training=True, augment=None, seed=seed, weights=w_train, mixup=phase.mixup)
         val_data = make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
                                 training=False, augment=None, seed=seed)
-    result = fit(head, train_data, val_data, phase, "train_base", len(x_train), runtime,
-                 batch_size=phase.batch_size, shuffle=True)
+    arrays = {"batch_size": phase.batch_size, "shuffle": True} if isinstance(train_data, tuple) else {}
+    result = fit(head, train_data, val_data, phase, "train_base", len(x_train), runtime, **arrays)
     result["feature_cache_seconds"] = round(cache_seconds, 2)
     return result
 
@@ -398,10 +400,11 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     weight = training_weights(train, phase.class_weights)
     if cut is None:
         log.info("fine-tuning end to end (%s)", reason)
-        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing)
+        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing,
+                    phase.mixup)
         result = fit(model,
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
-                                  augment=augment, seed=seed, weights=weight),
+                                  augment=augment, seed=seed, weights=weight, mixup=phase.mixup),
                      make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
                      phase, "finetune", len(train.rows), runtime)
         return {**result, "unfrozen": counts}
@@ -410,10 +413,10 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     log.info("fine-tuning from the activation cache: %d training and %d validation maps %s at %s",
              len(x_train), len(x_val), tuple(x_train.shape[1:]), activations.layer)
     y_train, w_train = labels_of(activations.sources, train), per_item(activations.sources, train.rows, weight)
-    compile_for(top, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing)
+    compile_for(top, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing, phase.mixup)
     result = fit(top,
                  make_dataset(x_train, np.arange(len(x_train)), y_train, batch_size=phase.batch_size, training=True,
-                              augment=None, seed=seed, weights=w_train),
+                              augment=None, seed=seed, weights=w_train, mixup=phase.mixup),
                  make_dataset(x_val, np.arange(len(x_val)), val.labels, batch_size=phase.batch_size,
                               training=False, augment=None, seed=seed),
                  phase, "finetune", len(x_train), runtime)

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
-from braintumor.core.config import ModelParams  # noqa: E402
+from braintumor.core.config import FinetuneParams, ModelParams  # noqa: E402
 from braintumor.model.backbones import build_model, unfreeze_top  # noqa: E402
 from braintumor.model.inputs import make_dataset  # noqa: E402
 from braintumor.model.activations import cache_outputs, split_at_frozen  # noqa: E402
@@ -43,7 +43,7 @@ BATCH = 32
 
 def epoch_seconds(model: keras.Model, data: np.ndarray, labels: np.ndarray, epochs: int) -> list[float]:
     """Wall seconds of each timed epoch of ``model.fit`` on ``data`` (after one warm-up epoch)."""
-    compile_for(model, 1e-4, jit_compile=False)
+    compile_for(model, FinetuneParams(learning_rate=1e-4, batch_size=BATCH), len(data), jit_compile=False)
     dataset = make_dataset(data, np.arange(len(data)), labels, batch_size=BATCH, training=True, augment=None, seed=0)
     model.fit(dataset, epochs=1, verbose=0)  # traces the step function
     seconds = []

@@ -132,13 +132,14 @@ def _dense_steps(images: np.ndarray, labels: np.ndarray, copy_weights: np.ndarra
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
-    compile_for(model, 1e-2, jit_compile=False)
+    phase = FinetuneParams(learning_rate=1e-2, epochs=5, early_stopping_patience=5, reduce_lr_patience=5)
+    compile_for(model, phase, len(images), jit_compile=False)
     weights = sample_weights(labels, 4, copy_weights, balance_classes=True)
     rows = np.arange(len(images))
     result = fit(model, make_dataset(images, rows, labels, batch_size=len(rows), training=True, augment=None, seed=0,
                                      weights=weights),
                  make_dataset(images, rows, labels, batch_size=len(rows), training=False, augment=None, seed=0),
-                 FinetuneParams(epochs=5, early_stopping_patience=5, reduce_lr_patience=5), "weights", len(rows))
+                 phase, "weights", len(rows))
     return [*model.get_weights(), np.array(result["history"]["loss"])]
 
 

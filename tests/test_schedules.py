@@ -22,7 +22,7 @@ def _fit_dense(phase: FinetuneParams, images: int = 24) -> tuple[keras.Model, di
     y = (np.arange(images) % 4).astype(np.int32)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
-    compile_for(model, learning_rate_for(phase, images), jit_compile=False)
+    compile_for(model, phase, images, jit_compile=False)
     rows = np.arange(images)
     result = fit(model, make_dataset(x, rows, y, batch_size=phase.batch_size, training=True, augment=None, seed=0),
                  make_dataset(x, rows, y, batch_size=phase.batch_size, training=False, augment=None, seed=0),
@@ -83,7 +83,7 @@ def _fit_with_noisy_validation(select_on: str) -> tuple[keras.Model, dict, tuple
                            reduce_lr_patience=8, select_on=select_on)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
-    compile_for(model, learning_rate_for(phase, 32), jit_compile=False)
+    compile_for(model, phase, 32, jit_compile=False)
     rows = np.arange(32)
     validation = make_dataset(x, rows, y_val, batch_size=8, training=False, augment=None, seed=0)
     result = fit(model, make_dataset(x, rows, y, batch_size=8, training=True, augment=None, seed=0),

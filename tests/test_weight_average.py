@@ -10,7 +10,7 @@ import yaml
 
 from braintumor.core.config import FinetuneParams, ParamsError, parse_params
 from braintumor.model.inputs import make_dataset
-from braintumor.model.train import (WeightAverage, compile_for, fit, keep_better_of_average, learning_rate_for,
+from braintumor.model.train import (WeightAverage, compile_for, fit, keep_better_of_average,
                                     saved_weights, summary_metrics)
 
 from conftest import REPO
@@ -29,7 +29,7 @@ def _data(images: int = 32):
 def _dense(phase: FinetuneParams) -> keras.Model:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
-    compile_for(model, learning_rate_for(phase, 32), jit_compile=False)
+    compile_for(model, phase, 32, jit_compile=False)
     return model
 
 

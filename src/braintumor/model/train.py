@@ -223,13 +223,14 @@ def learning_rate_for(phase: PhaseParams, images_per_epoch: int) -> float | kera
                                                   alpha=min(phase.min_lr / phase.learning_rate, 1.0))
 
 
-def compile_for(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
-                jit_compile: bool, label_smoothing: float = 0.0, mixup: float = 0.0) -> None:
-    """Adam on the training loss; with ``mixup`` the loss and accuracy also take the soft targets it makes."""
+def compile_for(model: keras.Model, phase: PhaseParams, images_per_epoch: int, jit_compile: bool) -> None:
+    """Adam at the phase's rate (its schedule spread over ``images_per_epoch``) on the phase's training loss;
+    with ``phase.mixup`` the loss and accuracy also take the soft targets it makes."""
+    soft_targets = phase.mixup > 0
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=training_loss(label_smoothing, soft_targets=mixup > 0),
-        metrics=training_metrics(soft_targets=mixup > 0),
+        optimizer=keras.optimizers.Adam(learning_rate_for(phase, images_per_epoch)),
+        loss=training_loss(phase.label_smoothing, soft_targets=soft_targets),
+        metrics=training_metrics(soft_targets=soft_targets),
         jit_compile=jit_compile,
     )
 
@@ -351,8 +352,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     train, val = split["train"], split["val"]
     weight = training_weights(train, phase.class_weights)
     if not phase.feature_cache:
-        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing,
-                    phase.mixup)
+        compile_for(model, phase, len(train.rows), runtime.jit_compile)
         return fit(model, make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                        augment=augment, seed=seed, weights=weight, mixup=phase.mixup),
                    make_dataset(images, val.rows, val.labels, batch_size=phase.batch_size, training=False, augment=None, seed=seed),
@@ -364,7 +364,7 @@ def train_base_phase(model: keras.Model, images: np.ndarray, split: dict[str, Sp
     log.info("feature cache: %d training and %d validation vectors %s in %.1f s", len(x_train), len(x_val), how,
              cache_seconds)
     _, head = split_at_frozen(model)
-    compile_for(head, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing, phase.mixup)
+    compile_for(head, phase, len(x_train), runtime.jit_compile)
     if runtime.cluster is None and not phase.mixup:
         train_data, val_data = (x_train, y_train, w_train), (x_val, val.labels)
     else:  # workers in step need the same seeded batches, and mixup blends them: the pipeline, not fit's shuffling
@@ -400,8 +400,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     weight = training_weights(train, phase.class_weights)
     if cut is None:
         log.info("fine-tuning end to end (%s)", reason)
-        compile_for(model, learning_rate_for(phase, len(train.rows)), runtime.jit_compile, phase.label_smoothing,
-                    phase.mixup)
+        compile_for(model, phase, len(train.rows), runtime.jit_compile)
         result = fit(model,
                      make_dataset(images, train.rows, train.labels, batch_size=phase.batch_size, training=True,
                                   augment=augment, seed=seed, weights=weight, mixup=phase.mixup),
@@ -413,7 +412,7 @@ def finetune_phase(model: keras.Model, images: np.ndarray, split: dict[str, Spli
     log.info("fine-tuning from the activation cache: %d training and %d validation maps %s at %s",
              len(x_train), len(x_val), tuple(x_train.shape[1:]), activations.layer)
     y_train, w_train = labels_of(activations.sources, train), per_item(activations.sources, train.rows, weight)
-    compile_for(top, learning_rate_for(phase, len(x_train)), runtime.jit_compile, phase.label_smoothing, phase.mixup)
+    compile_for(top, phase, len(x_train), runtime.jit_compile)
     result = fit(top,
                  make_dataset(x_train, np.arange(len(x_train)), y_train, batch_size=phase.batch_size, training=True,
                               augment=None, seed=seed, weights=w_train, mixup=phase.mixup),

@@ -164,15 +164,16 @@ def main() -> int:
 
 
 def test_split_accuracy(root: Path, candidates: list[tuple[str, Path, int]]) -> dict | None:
-    """Accuracy of Keras and each export on the folder's test split (flip-averaged, as params.yaml's
-    evaluate.tta says), and each export's agreement with Keras; None without a split."""
+    """Accuracy of Keras and each export on the folder's test split (averaged over the views params.yaml's
+    evaluate.tta names), and each export's agreement with Keras; None without a split."""
     split_csv, images_npy = root / "data" / "split" / "split.csv", root / "data" / "processed" / "images.npy"
     if not (split_csv.is_file() and images_npy.is_file()):
         return None
     import pandas as pd
 
     from braintumor.core.config import CLASS_NAMES, load_params
-    from braintumor.model.export import load_exported, predict_with_flip
+    from braintumor.model.export import load_exported, predict_with_tta
+    from braintumor.model.tta import mean_of_views, tta_views
 
     tta = load_params(root / "params.yaml").evaluate.tta
     test = pd.read_csv(split_csv).query("split == 'test'").sort_values("row")
@@ -182,12 +183,11 @@ def test_split_accuracy(root: Path, candidates: list[tuple[str, Path, int]]) -> 
     for kind, path, _ in candidates:
         if kind == KERAS:
             run = load_runner(kind, path)
-            probabilities = np.concatenate([run(images[i:i + 32]) for i in range(0, len(images), 32)])
-            if tta == "flip":
-                mirrored = images[:, :, ::-1].copy()
-                probabilities = (probabilities + np.concatenate([run(mirrored[i:i + 32]) for i in range(0, len(images), 32)])) / 2
+            probabilities = mean_of_views([np.concatenate([run(np.ascontiguousarray(view[i:i + 32]))
+                                                           for i in range(0, len(view), 32)])
+                                           for view in tta_views(images, tta)])
         else:
-            probabilities = predict_with_flip(load_exported(path), images, tta)
+            probabilities = predict_with_tta(load_exported(path), images, tta)
         predicted[kind] = probabilities.argmax(axis=1)
     result = {"n": int(len(labels)), "tta": tta}
     for kind, guess in predicted.items():

@@ -433,21 +433,31 @@ def test_loader_says_what_is_missing(trained, tmp_path):
     assert not real.synthetic_only and real.provenance().startswith("Trained on: nickparvar (kaggle); 48 training images")
 
 
-def test_a_flip_tta_model_is_served_as_the_evaluate_stage_predicted(trained, tmp_path):
-    from braintumor.evaluate.calibration import apply_temperature, flip_averaged
+@pytest.mark.parametrize("tta", ["flip", "flip_shift"])
+def test_a_tta_model_is_served_as_the_evaluate_stage_predicted(trained, tmp_path, tta):
+    from braintumor.evaluate.calibration import apply_temperature
+    from braintumor.serve.app import identity_markdown
     from braintumor.serve.bundle import ServingSettings, load_bundle, predict_upload
 
-    model_file = copy_model(trained, tmp_path / "flip", card=True, calibration=False)
-    entry = {**json.loads((trained["root"] / "models/calibration.json").read_text())["finetuned"], "tta": "flip"}
+    model_file = copy_model(trained, tmp_path / tta, card=True, calibration=False)
+    entry = {**json.loads((trained["root"] / "models/calibration.json").read_text())["finetuned"], "tta": tta}
     (model_file.parent / "calibration.json").write_text(json.dumps({"finetuned": entry}))
     bundle = load_bundle(model_file, tmp_path, PREPROCESS)
-    assert bundle.calibration.tta == "flip"
-    result = predict_upload(bundle, trained["upload"], ServingSettings.from_params(load_params(REPO / "params.yaml")))
+    assert bundle.calibration.tta == tta
+    settings = ServingSettings.from_params(load_params(REPO / "params.yaml"))
+    result = predict_upload(bundle, trained["upload"], settings)
     image = pipeline_arrays([trained["upload"]])[0][None, ..., None].astype("float32")
     model = trained["model"]
-    expected = apply_temperature(flip_averaged(model.predict(image, verbose=0), model.predict(image[:, :, ::-1], verbose=0)),
-                                 TEMPERATURE)[0]
+    mirrored = image[:, :, ::-1]
+    views = [image, mirrored]
+    if tta == "flip_shift":  # each moved right, left, down and up by 10 / 224 of the side, black filling in
+        d = round(SIZE * 10 / 224)
+        pad = [(0, 0), (d, d), (d, d), (0, 0)]
+        views = [np.pad(v, pad)[:, d + dy:d + SIZE + dy, d + dx:d + SIZE + dx] for v in views
+                 for dy, dx in [(0, 0), (0, -d), (0, d), (-d, 0), (d, 0)]]
+    expected = apply_temperature(np.mean([model.predict(v, verbose=0) for v in views], axis=0), TEMPERATURE)[0]
     np.testing.assert_allclose([result.probabilities[c] for c in CLASS_NAMES], expected, atol=1e-5)
+    assert ("10 views" if tta == "flip_shift" else "mirror image's probabilities") in identity_markdown(bundle, settings)
 
 
 def test_unusable_model_stops_the_app_with_a_message(tmp_path, monkeypatch):

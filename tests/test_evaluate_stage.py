@@ -84,7 +84,7 @@ def test_calibration_file_matches_the_metrics(evaluated_repo):
     metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
     assert list(calibration) == list(MODELS)
     for name, entry in calibration.items():
-        assert entry["tta"] == "flip"  # params.yaml's evaluate.tta, for the app to predict the same way
+        assert entry["tta"] == "flip_shift"  # params.yaml's evaluate.tta, for the app to predict the same way
         assert entry["temperature"] == pytest.approx(metrics[name]["temperature"], abs=1e-6)
         quantiles = entry["val_max_probability_quantiles"]
         assert 1 / len(CLASS_NAMES) - 1e-6 <= quantiles["0.01"] <= quantiles["0.05"] <= quantiles["0.10"] <= 1
@@ -111,8 +111,8 @@ def test_feature_check_is_fitted_on_training_and_scored_on_test_and_shifted_imag
         keras_model = keras.saving.load_model(evaluated_repo / f"models/{name}.keras")
         model = features_and_probabilities_model(keras_model, check.layer)
         test_features, _ = predict_features(model, data.images, data.split["test"], 32)
-        # The test probabilities are the mean of each slice's and its mirror image's (evaluate.tta: flip).
-        _, averaged = predict_features(features_and_probabilities_model(keras_model, check.layer, "flip"), data.images,
+        # The test probabilities are the mean over the slice's ten views (evaluate.tta: flip_shift).
+        _, averaged = predict_features(features_and_probabilities_model(keras_model, check.layer, "flip_shift"), data.images,
                                        data.split["test"], 32)
         predictions = pd.read_csv(evaluated_repo / f"reports/evaluate/predictions_{name}.csv")
         np.testing.assert_allclose(predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(), averaged, atol=1e-4)
@@ -132,13 +132,15 @@ def test_feature_check_is_fitted_on_training_and_scored_on_test_and_shifted_imag
     assert "## Out-of-distribution check" in report and "| flagged: checkers |" in report
 
 
-def test_validation_scores_are_the_models_flip_averaged_predictions(evaluated_repo):
-    """What hyperparameters are chosen on: the validation split predicted as the test split is (evaluate.tta: flip)."""
+def test_validation_scores_are_the_models_view_averaged_predictions(evaluated_repo):
+    """What hyperparameters are chosen on: the validation split predicted as the test split is (evaluate.tta:
+    flip_shift, the mean over the ten views of each slice)."""
     import keras
 
     import braintumor.model.backbones  # noqa: F401  registers the custom layers
     from braintumor.core.paths import ProjectPaths
     from braintumor.model.inputs import predict_split
+    from braintumor.model.tta import tta_views
     from braintumor.split.load import load_training_data
 
     metrics = json.loads((evaluated_repo / "reports/metrics.json").read_text())
@@ -146,8 +148,8 @@ def test_validation_scores_are_the_models_flip_averaged_predictions(evaluated_re
     val = data.split["val"]
     for name in MODELS:
         model = keras.saving.load_model(evaluated_repo / f"models/{name}.keras")
-        mirrored = np.ascontiguousarray(data.images[:, :, ::-1])
-        predicted = (predict_split(model, data.images, val, 32) + predict_split(model, mirrored, val, 32)).argmax(1)
+        views = [np.ascontiguousarray(view) for view in tta_views(np.asarray(data.images), "flip_shift")]
+        predicted = np.sum([predict_split(model, view, val, 32) for view in views], axis=0).argmax(1)
         assert metrics[name]["validation"]["accuracy"] == pytest.approx((predicted == val.labels).mean(), abs=1e-6)
         assert metrics[name]["validation"]["macro_f1"] == pytest.approx(
             f1_score(val.labels, predicted, average="macro", labels=sorted(set(val.labels)), zero_division=0), abs=1e-6)

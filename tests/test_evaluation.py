@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, roc_auc_score
 
 from braintumor.evaluate.calibration import (apply_temperature, calibration_entry, expected_calibration_error,
-                                    fit_temperature, flip_averaged, load_calibration, max_probability_quantiles, negative_log_likelihood,
+                                    fit_temperature, load_calibration, max_probability_quantiles, negative_log_likelihood,
                                     reliability_bins)
 from braintumor.evaluate.metrics import (_macro_f1_from_counts, bootstrap_intervals, classification_metrics,
                                    comparison_table, confusion_counts, evaluation_report, flat_metrics, image_paths,
@@ -256,7 +256,7 @@ def test_load_calibration_names_the_missing_file_and_the_bad_key(tmp_path):
     with pytest.raises(ValueError, match="base: missing key 'val_max_probability_quantiles'"):
         load_calibration(bad)
     bad.write_text(json.dumps({"base": {**calibration_entry(1.5, PROBS), "tta": "rotate"}}))
-    with pytest.raises(ValueError, match=r"base.tta must be one of \['none', 'flip'\], got 'rotate'"):
+    with pytest.raises(ValueError, match=r"base.tta must be one of \['none', 'flip', 'flip_shift'\], got 'rotate'"):
         load_calibration(bad)
 
 
@@ -264,9 +264,6 @@ def test_calibration_entry_records_how_the_probabilities_were_made():
     assert calibration_entry(1.5, PROBS)["tta"] == "none" and calibration_entry(1.5, PROBS, "flip")["tta"] == "flip"
     with pytest.raises(ValueError, match="tta must be one of"):
         calibration_entry(1.5, PROBS, "mirror")
-    mirrored = PROBS[::-1]
-    np.testing.assert_allclose(flip_averaged(PROBS, mirrored), (PROBS + mirrored) / 2, rtol=1e-6)
-    np.testing.assert_allclose(flip_averaged(PROBS, mirrored).sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_max_probability_quantiles_refuses_levels_outside_zero_one():

@@ -12,7 +12,8 @@ import pytest
 from braintumor.core.config import ModelParams, load_params
 from braintumor.model.backbones import build_model
 from braintumor.model.export import (EXPORT_FORMATS, ExportError, export_file_name, export_model, layer_errors,
-                                     layers_to_keep_float, load_exported, predict_with_flip)
+                                     layers_to_keep_float, load_exported, predict_with_tta)
+from braintumor.model.tta import tta_views
 
 from conftest import copy_built_pipeline
 
@@ -51,9 +52,13 @@ def test_every_format_converts_and_predicts_like_keras(tiny_model, tiny_exports,
         # float16 weights and ONNX compute in float32; int8 quantises activations too
         tolerance = 0.1 if "int8" in name else 1e-2
         assert np.abs(probabilities - reference).max() < tolerance, name
-    flipped = predict_with_flip(load_exported(tmp_path / "finetuned.onnx"), images, "flip")
+    flipped = predict_with_tta(load_exported(tmp_path / "finetuned.onnx"), images, "flip")
     mirrored = model.predict(images[:, :, ::-1, None].astype(np.float32), verbose=0)
     np.testing.assert_allclose(flipped, (reference + mirrored) / 2, atol=1e-2)
+    moved = predict_with_tta(load_exported(tmp_path / "finetuned.onnx"), images, "flip_shift")
+    views = [model.predict(np.ascontiguousarray(view)[..., None].astype(np.float32), verbose=0)
+             for view in tta_views(images, "flip_shift")]
+    np.testing.assert_allclose(moved, np.mean(views, axis=0), atol=1e-2)
 
 
 def test_int8_keeps_float_exactly_the_layers_above_the_error_threshold(tiny_model, tiny_exports, tmp_path):

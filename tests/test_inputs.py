@@ -303,5 +303,14 @@ def test_flip_tta_model_averages_the_slice_and_its_mirror_image():
     assert not np.allclose(plain, mirrored, atol=1e-4)  # the mirror image really predicts differently
     np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-6)
     np.testing.assert_allclose(flip_features, plain_features, atol=1e-6)  # the check reads the slice itself
-    with pytest.raises(ValueError, match="tta must be 'none' or 'flip'"):
+    # flip_shift: the mean over the ten views, the mirror image's too, each moved 2 px (10 / 224 of 48)
+    shift_features, shifted = features_and_probabilities_model(model, layer, "flip_shift").predict(images, verbose=0)
+    pad = [(0, 0), (2, 2), (2, 2), (0, 0)]
+    views = [np.pad(v, pad)[:, 2 + dy:50 + dy, 2 + dx:50 + dx] for v in (images, images[:, :, ::-1])
+             for dy, dx in [(0, 0), (0, 2), (0, -2), (2, 0), (-2, 0)]]
+    expected = np.mean([model.predict(v, verbose=0) for v in views], axis=0)
+    assert not np.allclose(shifted, averaged, atol=1e-4)
+    np.testing.assert_allclose(shifted, expected, atol=1e-5)
+    np.testing.assert_allclose(shift_features, plain_features, atol=1e-6)
+    with pytest.raises(ValueError, match=r"tta must be one of \['none', 'flip', 'flip_shift'\], got 'rotate'"):
         features_and_probabilities_model(model, layer, "rotate")

@@ -391,9 +391,10 @@ class EvaluateParams(_Section):
     bootstrap_seed: int = 0
     calibration_bins: int = Field(default=15, ge=2)
     errors_listed: int = Field(default=10, ge=0, description="most confident misclassifications shown in reports/evaluation.md")
-    tta: Literal["none", "flip"] = Field(
+    tta: Literal["none", "flip", "flip_shift"] = Field(
         default="none", description="test-time augmentation: flip = the mean of the slice's and its mirror image's "
-                                    "probabilities; recorded in models/calibration.json, so the app predicts the same way")
+                                    "probabilities; flip_shift = also of both moved left, right, up and down (10 views); "
+                                    "recorded in models/calibration.json, so the app predicts the same way")
     feature_check: FeatureCheckParams = FeatureCheckParams()
 
 

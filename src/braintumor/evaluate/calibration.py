@@ -14,8 +14,9 @@ reads with :func:`load_calibration`::
                    "tta": "flip"},
      "finetuned": {...}}
 
-``tta`` is how the probabilities were made (``evaluate.tta``): "flip" = the mean of the slice's and its
-mirror image's softmax (:func:`flip_averaged`), which the app then does too; missing means "none".
+``tta`` is how the probabilities were made (``evaluate.tta``, :mod:`braintumor.model.tta`): "flip" = the
+mean of the slice's and its mirror image's softmax, "flip_shift" = also of both moved left, right, up and
+down; the app then predicts the same way. Missing means "none".
 
 The quantiles are of the largest *calibrated* probability over the validation images: an upload
 whose top probability falls below, say, the 1% quantile is less confident than 99% of validation
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+
+from braintumor.model.tta import TTA_MODES
 
 log = logging.getLogger(__name__)
 
@@ -217,24 +220,13 @@ def max_probability_quantiles(probabilities: np.ndarray,
     return {f"{q:.2f}": float(v) for q, v in zip(quantiles, values)}
 
 
-TTA_MODES = ("none", "flip")
-
-
-def flip_averaged(probabilities: np.ndarray, mirrored_probabilities: np.ndarray) -> np.ndarray:
-    """Flip test-time augmentation: the mean of each slice's softmax and its left-right mirror image's."""
-    p, q = np.asarray(probabilities), np.asarray(mirrored_probabilities)
-    if p.shape != q.shape:
-        raise ValueError(f"flip_averaged: shapes differ: {p.shape} and {q.shape}")
-    return ((p.astype(np.float64) + q) / 2).astype(p.dtype)
-
-
 def calibration_entry(temperature: float, val_probabilities: np.ndarray, tta: str = "none") -> dict:
     """One model's entry of ``models/calibration.json``.
 
     Args:
         temperature: the fitted temperature.
-        val_probabilities: (n, k) the model's *uncalibrated* validation probabilities (flip-averaged when
-            ``tta`` is "flip"); the quantiles are taken after applying ``temperature``, as the app sees them.
+        val_probabilities: (n, k) the model's *uncalibrated* validation probabilities (averaged over the
+            views of ``tta``); the quantiles are taken after applying ``temperature``, as the app sees them.
         tta: how those probabilities were made, and how the app must make them.
     """
     if tta not in TTA_MODES:

@@ -492,7 +492,7 @@ def export_comparison(labels: np.ndarray, keras_probabilities: np.ndarray, expor
 def exports_section(exports: Mapping[str, Mapping]) -> str:
     """Markdown: each exported model beside the Keras model on the test split."""
     lines = ["Each export of the fine-tuned model (`models/exports/`, the `export` stage) on the same test images, "
-             "with the same flip averaging; differences are export minus Keras, with paired bootstrap intervals.\n",
+             "with the same test-time augmentation; differences are export minus Keras, with paired bootstrap intervals.\n",
              "| export | file | accuracy | macro-F1 | agreement with Keras | accuracy difference | macro-F1 difference |",
              "|---|---|---|---|---|---|---|"]
     for fmt, e in exports.items():

@@ -23,7 +23,7 @@ from braintumor.evaluate.metrics import (MODEL_TITLES, confusion_counts, evaluat
                                          export_comparison, image_paths, prediction_table, roc_curves, training_curves,
                                          tumor_vs_no_tumor, validation_scores)
 from braintumor.model.activations import ActivationCache, cached_layer_input_means
-from braintumor.model.export import EXPORTS_CARD, load_exported, predict_with_flip
+from braintumor.model.export import EXPORTS_CARD, load_exported, predict_with_tta
 from braintumor.model.inputs import features_and_probabilities_model, predict_features
 from braintumor.split.load import TUMOR_ID, SplitRows, TrainingData
 
@@ -135,7 +135,7 @@ def evaluate_exports(folder: Path, data: TrainingData, keras_probabilities: np.n
     images = np.asarray(data.images[test.rows])
     scored = {}
     for record in card["exports"]:
-        probabilities = predict_with_flip(load_exported(folder / record["file"]), images, params.tta, params.batch_size)
+        probabilities = predict_with_tta(load_exported(folder / record["file"]), images, params.tta, params.batch_size)
         scored[record["format"]] = {"file": record["file"], "megabytes": round(record["bytes"] / 1e6, 3),
                                     "size_share_of_keras": round(record["bytes"] / card["keras_bytes"], 4),
                                     **export_comparison(test.labels, keras_probabilities, probabilities,
@@ -155,7 +155,7 @@ def evaluate_model(model_file: Path, data: TrainingData, params: EvaluateParams,
     The training split is only needed for the check's features: when the tensor the check reads is the
     activation cache's cut or lies above it, they come from the cached maps (the layers between the cut
     and that tensor run on them: with ``finetune.unfreeze: block12_sepconv1``, block 12), instead of the
-    whole model running, with flip averaging, over every training image.
+    whole model running, with test-time augmentation, over every training image.
 
     Returns:
         The metrics.json entry (with the check's flag rates and AUROCs under ``ood``), the

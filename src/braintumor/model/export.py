@@ -315,13 +315,12 @@ def load_exported(path: Path, threads: int | None = None) -> ExportedModel:
     raise ValueError(f"{path}: not an exported model (expected .tflite or .onnx)")
 
 
-def predict_with_flip(model: ExportedModel, images: np.ndarray, tta: str, batch_size: int = 32) -> np.ndarray:
-    """Probabilities as the evaluate stage computes them for Keras: with ``tta == "flip"`` the mean of the
-    slice's and its mirror image's."""
-    probabilities = model.predict(images, batch_size)
-    if tta == "flip":
-        probabilities = (probabilities + model.predict(np.ascontiguousarray(images[:, :, ::-1]), batch_size)) / 2
-    return probabilities
+def predict_with_tta(model: ExportedModel, images: np.ndarray, tta: str, batch_size: int = 32) -> np.ndarray:
+    """Probabilities as the evaluate stage computes them for Keras: the mean over the views of ``tta``
+    (:func:`braintumor.model.tta.tta_views`)."""
+    from braintumor.model.tta import mean_of_views, tta_views
+
+    return mean_of_views([model.predict(np.ascontiguousarray(view), batch_size) for view in tta_views(images, tta)])
 
 
 if __name__ == "__main__":  # export_model's child: model file, SavedModel folder, calibration .npy, int8_float_above, FORMAT=OUTPUT...

@@ -253,20 +253,21 @@ def features_and_probabilities_model(model: keras.Model, feature_layer: str, tta
     Args:
         feature_layer: a layer whose input, averaged over space, are the features
             (:func:`braintumor.model.backbones.feature_check_tensor`).
-        tta: "flip": the softmax is the mean of the image's and its left-right mirror image's
-            (the features stay the image's own).
+        tta: the softmax is the mean over the views of :func:`braintumor.model.tta.tta_views` ("flip": the
+            image's and its left-right mirror image's); the features stay the image's own.
     """
     from braintumor.model.backbones import feature_check_tensor
+    from braintumor.model.tta import tta_views
 
     features = keras.Model(model.inputs, [feature_check_tensor(model, feature_layer), model.output])
     if tta == "none":
         return features
-    if tta != "flip":
-        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
     image = keras.Input(model.inputs[0].shape[1:], name="image")
-    pooled, probabilities = features(image)
-    _, mirrored = features(keras.ops.flip(image, axis=2))
-    return keras.Model(image, [pooled, (probabilities + mirrored) / 2], name=f"{model.name}_features_flip")
+    views = tta_views(image, tta)
+    pooled, probabilities = features(views[0])
+    others = [features(view)[1] for view in views[1:]]
+    averaged = keras.ops.mean(keras.ops.stack([probabilities, *others]), axis=0)
+    return keras.Model(image, [pooled, averaged], name=f"{model.name}_features_{tta}")
 
 
 def predict_features(model: keras.Model, images: np.ndarray, split: SplitRows,

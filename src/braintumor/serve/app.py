@@ -34,6 +34,7 @@ from braintumor.core.scratch import exit_on_sigterm, process_scratch_folder
 from braintumor.serve.bundle import (ModelBundle, ModelLoadError, ModelNotFoundError, PredictionResult, ServingSettings,
                                 load_bundle, predict_upload)
 from braintumor.core.tracking import resolve_tracking_uri
+from braintumor.model.tta import TTA_DESCRIPTIONS
 from braintumor.serve.uploads import UploadError
 
 log = logging.getLogger("braintumor.serve.app")
@@ -75,8 +76,7 @@ def identity_markdown(bundle: ModelBundle | None, settings: ServingSettings) -> 
         ("Preprocessing", f"from the model card {ident.card_file}" if ident.card_file
          else "**params.yaml's `preprocess` section (no model card)**"),
         ("Calibration", calibration),
-        ("Prediction", "mean of the slice's and its mirror image's probabilities (flip test-time augmentation)"
-         if cal.tta == "flip" else "the slice alone"),
+        ("Prediction", TTA_DESCRIPTIONS[cal.tta]),
         ("Training-data check", f"Mahalanobis distance at `{bundle.feature_check.layer}` above "
                                 f"{bundle.feature_check.threshold:.0f} (flags {bundle.feature_check.flag_share:.0%} of validation)"
          if bundle.feature_check else "off (no ood.npz)"),

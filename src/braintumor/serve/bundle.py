@@ -96,7 +96,7 @@ class Calibration:
     temperature: float
     val_max_probability_quantiles: dict[str, float]
     source: str | None
-    tta: str = "none"  # "flip": the mean of the slice's and its mirror image's softmax, as the evaluate stage did
+    tta: str = "none"  # the views whose softmax is averaged, as the evaluate stage did (braintumor.model.tta)
 
 
 @dataclass
@@ -486,34 +486,35 @@ def read_upload(upload: bytes | str | os.PathLike, max_bytes: int) -> bytes:
 
 def predict_with_gradcam(bundle: ModelBundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """((N, S, S) Grad-CAM, (N, C) softmax, (N, F) feature-check features) of (N, S, S) preprocessed slices, the
-    way the evaluate stage predicted (``calibration.tta``): with "flip", each softmax is the mean of the slice's
-    and its mirror image's, in one batch of 2N; the heatmaps and the features are the slices' own, for the class
-    of that mean."""
-    from braintumor.evaluate.calibration import flip_averaged
-    from braintumor.explain.gradcam import grad_cam_with_features
+    way the evaluate stage predicted (``calibration.tta``): each softmax is the mean over the views of
+    :func:`braintumor.model.tta.tta_views` ("flip": the slice's and its mirror image's); the heatmaps and
+    the features are the slices' own, for the class of that mean. Only the slice itself is differentiated;
+    the other views are plain forward passes, in one batch."""
+    from braintumor.explain.gradcam import grad_cam_with_features, predict_probabilities
+    from braintumor.model.tta import mean_of_views, tta_views
 
     if bundle.exported is not None:
         return _predict_exported(bundle, images)
-    if bundle.calibration.tta == "none":
-        return grad_cam_with_features(bundle.gradcam_model, images)
-    count = len(images)
-    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, np.concatenate([images, images[:, :, ::-1]]))
-    averaged = flip_averaged(raw[:count], raw[count:])
-    heatmaps = heatmaps[:count]
+    views = tta_views(images, bundle.calibration.tta)
+    heatmaps, raw, features = grad_cam_with_features(bundle.gradcam_model, images)
+    if len(views) == 1:
+        return heatmaps, raw, features
+    others = predict_probabilities(bundle.model, np.concatenate(views[1:]))
+    averaged = mean_of_views([raw, *np.split(others, len(views) - 1)])
     # Explain the class the mean predicts, not the slice's own top class, where the two differ.
-    changed = np.flatnonzero(averaged.argmax(axis=1) != raw[:count].argmax(axis=1))
+    changed = np.flatnonzero(averaged.argmax(axis=1) != raw.argmax(axis=1))
     if changed.size:
         heatmaps[changed] = grad_cam_with_features(bundle.gradcam_model, images[changed], averaged[changed].argmax(axis=1))[0]
-    return heatmaps, averaged, features[:count]
+    return heatmaps, averaged, features
 
 
 def _predict_exported(bundle: ModelBundle, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
-    """The export's probabilities (flip-averaged like the evaluate stage's); Grad-CAM of the class they
-    predict and the features from the Keras model when the bundle has it, else None."""
+    """The export's probabilities (averaged over the views like the evaluate stage's); Grad-CAM of the class
+    they predict and the features from the Keras model when the bundle has it, else None."""
     from braintumor.explain.gradcam import grad_cam_with_features
-    from braintumor.model.export import predict_with_flip
+    from braintumor.model.export import predict_with_tta
 
-    probabilities = predict_with_flip(bundle.exported, images, bundle.calibration.tta, batch_size=len(images))
+    probabilities = predict_with_tta(bundle.exported, images, bundle.calibration.tta, batch_size=len(images))
     if bundle.gradcam_model is None:
         return None, probabilities, None
     heatmaps, _, features = grad_cam_with_features(bundle.gradcam_model, images, probabilities.argmax(axis=1))

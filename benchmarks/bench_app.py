@@ -7,7 +7,7 @@ cost is the same) is saved with a model card and a calibration file into a temp 
 calls. One call is the user's wait: upload, decode, preprocessing, prediction with Grad-CAM,
 calibration, the out-of-distribution rule, PNG encoding of both images, and their download.
 
-    .venv/bin/python benchmarks/bench_app.py [--calls 20] [--warmup 3]
+    .venv/bin/python benchmarks/bench_app.py [--calls 20] [--warmup 3] [--tta flip_shift]
 
 Prints one JSON line: p50/p90/max of the call (``api_s``) and of the server's own share (``server_s``,
 from the result's details), and ``other_cpu_s``, CPU time other programs took during the timed calls
@@ -35,7 +35,8 @@ import requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams  # noqa: E402
+from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams, load_params  # noqa: E402
+from braintumor.model.tta import TTA_MODES  # noqa: E402
 
 SIZE = 224
 TARGET_P50_S = 1.5
@@ -51,8 +52,9 @@ def cpu_seconds(server_pid: int) -> tuple[float, float]:
     return busy / ticks, mine.user + mine.system + (int(server[11]) + int(server[12])) / ticks  # utime, stime
 
 
-def write_model(models: Path) -> None:
-    """models/finetuned.keras (ResNet50, 224 px, random weights) with its card and a calibration entry."""
+def write_model(models: Path, tta: str) -> None:
+    """models/finetuned.keras (ResNet50, 224 px, random weights) with its card and a calibration entry that
+    says the evaluate stage predicted with ``tta``, so the app predicts each upload the same way."""
     import keras
 
     from braintumor.evaluate.calibration import calibration_entry
@@ -69,7 +71,7 @@ def write_model(models: Path) -> None:
     (models / "finetuned.json").write_text(json.dumps(card))
     probabilities = model.predict(np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE, 1)).astype("float32"), verbose=0)
     # Quantile 0 so that every upload is labelled and gets its Grad-CAM overlay: the full path is timed.
-    entry = calibration_entry(1.0, probabilities)
+    entry = calibration_entry(1.0, probabilities, tta)
     entry["val_max_probability_quantiles"] = {key: 0.0 for key in entry["val_max_probability_quantiles"]}
     (models / "calibration.json").write_text(json.dumps({"finetuned": entry}))
 
@@ -103,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tta", choices=TTA_MODES, default=load_params(REPO / "params.yaml").evaluate.tta,
+                        help="test-time augmentation the app predicts with (default: params.yaml's evaluate.tta)")
     args = parser.parse_args()
     from gradio_client import Client, handle_file
 
@@ -110,7 +114,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_model(tmp / "models")
+        write_model(tmp / "models", args.tta)
         upload = tmp / "slice.png"
         cv2.imwrite(str(upload), render_slice(np.random.default_rng(3), "glioma", 512)[0])
         process, url = start_server(tmp / "models" / "finetuned.keras", tmp / "server.log")
@@ -132,7 +136,7 @@ def main() -> None:
             process.wait(timeout=30)
     result = {
         "benchmark": "app_upload_to_result", "backbone": "resnet50", "image_size": SIZE, "upload": "512x512 PNG",
-        "calls": args.calls, "api_s": percentiles(api), "server_s": percentiles(server),
+        "tta": args.tta, "calls": args.calls, "api_s": percentiles(api), "server_s": percentiles(server),
         "target_p50_s": TARGET_P50_S, "meets_target": bool(np.percentile(api, 50) < TARGET_P50_S),
         "nproc": os.cpu_count(), "python": platform.python_version(),
         "other_cpu_s": round((machine_after - machine_before) - (mine_after - mine_before), 1),

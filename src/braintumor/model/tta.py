@@ -82,11 +82,6 @@ def tta_views(images: Any, mode: str) -> list[Any]:
     return [_shifted(view, axis, pixels) for view in (images, mirrored) for axis, pixels in moves]
 
 
-def view_count(mode: str) -> int:
-    """How many forward passes ``mode`` costs per slice."""
-    return {"none": 1, "flip": 2, "flip_shift": 10}[check_tta_mode(mode)]
-
-
 def mean_of_views(probabilities: list[np.ndarray]) -> np.ndarray:
     """The averaged softmax: the mean over views of (N, k) probabilities, computed in float64."""
     shapes = {np.shape(p) for p in probabilities}

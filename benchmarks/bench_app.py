@@ -29,12 +29,17 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from braintumor.core.quiet import rerun_script_filtered  # noqa: E402
+
+if __name__ == "__main__":  # before TensorFlow is imported: its start-up chatter filtered out of stderr
+    rerun_script_filtered(__file__)
+
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 from braintumor.core.config import CLASS_NAMES, ModelParams, PreprocessParams, load_params  # noqa: E402
 from braintumor.model.tta import TTA_MODES  # noqa: E402
 

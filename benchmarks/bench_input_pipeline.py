@@ -28,12 +28,17 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from braintumor.core.quiet import rerun_script_filtered  # noqa: E402
+
+if __name__ == "__main__":  # before TensorFlow is imported: its start-up chatter filtered out of stderr
+    rerun_script_filtered(__file__)
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 from machine import cpu_seconds, machine  # noqa: E402  (benchmarks/machine.py)
 from braintumor.core.config import AugmentParams  # noqa: E402
 from braintumor.model.inputs import make_dataset  # noqa: E402

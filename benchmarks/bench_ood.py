@@ -29,11 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from braintumor.core.quiet import rerun_script_filtered  # noqa: E402
+
+if __name__ == "__main__":  # before TensorFlow is imported: its start-up chatter filtered out of stderr
+    rerun_script_filtered(__file__)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 from braintumor.core.config import CLASS_NAMES, load_params  # noqa: E402
 

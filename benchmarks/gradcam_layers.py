@@ -21,17 +21,22 @@ import dataclasses
 import json
 import time
 
-import keras
-import numpy as np
-import pandas as pd
+from braintumor.core.quiet import rerun_script_filtered
 
-import braintumor.model.backbones  # noqa: F401  (registers the model's custom layers for loading)
-from braintumor.core.config import CLASS_NAMES, load_params
-from braintumor.core.paths import ProjectPaths
-from braintumor.explain.boxes import BoxedImages, baseline_scores, model_scores
-from braintumor.explain.gradcam import grad_cam, make_gradcam_model
-from braintumor.explain.run import load_box_sets, spread_over_classes
-from braintumor.split.load import load_training_data
+if __name__ == "__main__":  # before TensorFlow is imported: its start-up chatter filtered out of stderr
+    rerun_script_filtered(__file__)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import braintumor.model.backbones  # noqa: E402, F401  (registers the model's custom layers for loading)
+from braintumor.core.config import CLASS_NAMES, load_params  # noqa: E402
+from braintumor.core.paths import ProjectPaths  # noqa: E402
+from braintumor.explain.boxes import BoxedImages, baseline_scores, model_scores  # noqa: E402
+from braintumor.explain.gradcam import grad_cam, make_gradcam_model  # noqa: E402
+from braintumor.explain.run import load_box_sets, spread_over_classes  # noqa: E402
+from braintumor.split.load import load_training_data  # noqa: E402
 
 
 def summarise(scores: dict[str, np.ndarray], labels: np.ndarray) -> dict:

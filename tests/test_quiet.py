@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from braintumor.core.quiet import FILTERED_ENV, is_noise, rerun_filtered, run_quietly
 
@@ -84,3 +86,35 @@ def test_a_command_reruns_itself_filtered_once(tmp_path, monkeypatch):
     # In a process already filtered, it is the work itself: None, nothing started.
     monkeypatch.setenv(FILTERED_ENV, "1")
     assert rerun_filtered(["-c", "raise SystemExit(9)"]) is None
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# A benchmark that imports any of these (at the top or inside a function) starts TensorFlow.
+TENSORFLOW_IMPORT = re.compile(r"^\s*(import (keras|tensorflow)\b|from (keras|tensorflow)\b|"
+                               r"(from|import) braintumor\.(model|explain|serve|evaluate|predict)\b)", re.M)
+GUARD = re.compile(r'^if __name__ == "__main__":.*\n    rerun_script_filtered\(__file__\)$', re.M)
+
+
+def test_every_benchmark_that_starts_tensorflow_reruns_itself_filtered_before_it_does():
+    """Importing TensorFlow prints its chatter (TF_CPP_MIN_LOG_LEVEL does not stop it): the rerun must come first.
+    real_data.py and peers.py import no TensorFlow at the top and rerun in main() instead."""
+    starting = {}
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        source = path.read_text()
+        first = TENSORFLOW_IMPORT.search(source)
+        if first is None or path.name in {"real_data.py", "peers.py"}:
+            continue
+        guard = GUARD.search(source)
+        starting[path.name] = guard is not None and guard.start() < first.start()
+    assert len(starting) >= 7, sorted(starting)
+    assert all(starting.values()), sorted(name for name, ok in starting.items() if not ok)
+
+
+def test_a_benchmark_run_shows_no_tensorflow_chatter():
+    """bench_gradcam.py imports Keras at the top; its --help still prints nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in (FILTERED_ENV, "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_gradcam.py"), "--help"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    assert result.stderr == ""

@@ -94,5 +94,14 @@ def rerun_filtered(python_args: list[str]) -> int | None:
     return main(python_args)
 
 
+def rerun_script_filtered(script: str) -> None:
+    """For a script run as ``python SCRIPT ARGS...`` (a benchmark), called before it imports TensorFlow, whose
+    import alone prints the chatter: unless its stderr is filtered already, run the same command as a filtered
+    child (:func:`rerun_filtered`) and exit with the child's status."""
+    status = rerun_filtered([script, *sys.argv[1:]])
+    if status is not None:
+        sys.exit(status)
+
+
 if __name__ == "__main__":
     sys.exit(main())
